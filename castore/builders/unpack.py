@@ -1,0 +1,155 @@
+"""unpack: a tar (plain, gz, xz, zst) or .deb archive into a tree, refusing hostile entries.
+
+Nothing is extracted onto the host: entries become manifest entries and file
+contents become blobs, so links are recorded and never followed. Refused:
+absolute paths, ``..`` components, relative symlinks that climb above the
+root, entries reached through a symlink, hard links to anything but an
+earlier regular file. Ownership and modes are kept from the archive.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+from pathlib import Path
+from typing import IO, Any
+
+from castore.builders import BuildContext, FnBuilder, Result, TreeResult
+from castore.errors import CastoreError, UnsafeArchive
+from castore.hashing import hash_bytes
+from castore.manifest import Entry, Tree, normalize_path
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_AR_MAGIC = b"!<arch>\n"
+
+
+def safe_path(name: str) -> str:
+    if name.startswith("/"):
+        raise UnsafeArchive(f"archive entry {name!r} has an absolute path")
+    path = normalize_path(name, "archive entry")
+    return path
+
+
+def check_symlink(path: str, target: str) -> None:
+    if target.startswith("/"):
+        return  # absolute targets resolve inside the image's own root at run time
+    depth = len(path.split("/")) - 1
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise UnsafeArchive(f"symlink {path} -> {target} points outside the tree root")
+        elif part not in ("", "."):
+            depth += 1
+
+
+def _open_tar(f: IO[bytes], what: str) -> tarfile.TarFile:
+    head = f.read(8)
+    f.seek(0)
+    if head.startswith(_ZSTD_MAGIC):
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        return tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload, no-any-return]
+    try:
+        return tarfile.open(fileobj=f, mode="r|*")
+    except tarfile.TarError as exc:
+        raise CastoreError(f"{what} is not a tar archive (plain, gz, bz2, xz or zst): {exc}") from exc
+
+
+def _zstd_error() -> type[Exception]:
+    import zstandard
+
+    return zstandard.ZstdError  # type: ignore[no-any-return]
+
+
+def _deb_data(f: IO[bytes], what: str) -> IO[bytes]:
+    """The data.tar.* member of a .deb (an ar archive), as a file object."""
+    f.seek(len(_AR_MAGIC))
+    while True:
+        header = f.read(60)
+        if len(header) < 60:
+            raise CastoreError(f"{what}: .deb has no data.tar member")
+        name = header[:16].decode("ascii", "replace").strip().rstrip("/")
+        try:
+            size = int(header[48:58].decode("ascii").strip())
+        except ValueError as exc:
+            raise CastoreError(f"{what}: corrupt .deb member header") from exc
+        if name.startswith("data.tar"):
+            return io.BytesIO(f.read(size))
+        f.seek(size + (size & 1), io.SEEK_CUR)
+
+
+def unpack_archive(archive: Path, scratch: Path) -> TreeResult:
+    with open(archive, "rb") as raw:
+        what = archive.name
+        f: IO[bytes] = raw
+        if raw.read(8) == _AR_MAGIC:
+            f = _deb_data(raw, what)
+        entries: dict[str, Entry] = {}
+        new_blobs: dict[str, Path] = {}
+        try:
+            with _open_tar(f, what) as tar:
+                for n, member in enumerate(tar):
+                    _member(tar, member, n, entries, new_blobs, scratch)
+        except (tarfile.TarError, EOFError, OSError, _zstd_error()) as exc:
+            raise CastoreError(f"{what}: corrupt archive: {exc}") from exc
+    return TreeResult(Tree.build(entries.values()), new_blobs)
+
+
+def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: dict[str, Entry],
+            new_blobs: dict[str, Path], scratch: Path) -> None:
+    path = safe_path(m.name)
+    if not path:
+        return  # "./" itself: the root is implicit
+    mode = m.mode & 0o7777
+    owner: dict[str, Any] = {"uid": m.uid, "gid": m.gid}
+    # A parent that is a symlink would let later entries write through it.
+    parent = posixpath.dirname(path)
+    while parent:
+        e = entries.get(parent)
+        if e is not None and e.type != "dir":
+            raise UnsafeArchive(f"archive entry {m.name!r} lies beneath {parent!r}, which is a {e.type}")
+        parent = posixpath.dirname(parent)
+    old = entries.get(path)
+    if old is not None and old.type == "dir" and not m.isdir():
+        for key in [k for k in entries if k.startswith(path + "/")]:
+            del entries[key]
+    if m.isdir():
+        entries[path] = Entry(path, "dir", mode, **owner)
+    elif m.isreg():
+        src = tar.extractfile(m)
+        assert src is not None
+        data = src.read()
+        oid = hash_bytes(data)
+        if oid not in new_blobs:
+            dest = scratch / f"f{n}"
+            dest.write_bytes(data)
+            new_blobs[oid] = dest
+        entries[path] = Entry(path, "file", mode, blob=oid, size=len(data), **owner)
+    elif m.issym():
+        check_symlink(path, m.linkname)
+        entries[path] = Entry(path, "symlink", 0o777, target=m.linkname, **owner)
+    elif m.islnk():
+        if m.linkname.startswith("/"):
+            raise UnsafeArchive(f"hard link {m.name!r} has an absolute target {m.linkname!r}")
+        target = normalize_path(m.linkname, "hard link target")
+        t = entries.get(target)
+        if t is None or t.type != "file":
+            raise UnsafeArchive(f"hard link {m.name!r} -> {m.linkname!r} does not name an earlier file")
+        entries[path] = Entry(path, "hardlink", 0, target=target, **owner)
+    elif m.ischr() or m.isblk():
+        kind = "char" if m.ischr() else "block"
+        entries[path] = Entry(path, kind, mode, major=m.devmajor, minor=m.devminor, **owner)
+    elif m.isfifo():
+        entries[path] = Entry(path, "fifo", mode, **owner)
+    else:
+        raise UnsafeArchive(f"archive entry {m.name!r} has an unsupported type {m.type!r}")
+
+
+def _unpack(ctx: BuildContext) -> Result:
+    return unpack_archive(ctx.blob("archive").path, ctx.scratch)
+
+
+UNPACK = FnBuilder("unpack", 1, (), _unpack)

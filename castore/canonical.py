@@ -1,0 +1,65 @@
+"""Canonical msgpack: the one encoding every hashed record goes through.
+
+Grammar (a restriction of msgpack, so any msgpack reader can read it)::
+
+    value  := nil | bool | int | str | bin | array | map
+    int    := the shortest msgpack encoding of the integer (fixint first)
+    str    := UTF-8 text, shortest str header
+    bin    := raw bytes, shortest bin header
+    array  := shortest array header, then its values in order
+    map    := shortest map header, then key/value pairs with str keys,
+              sorted by the UTF-8 bytes of the key, no duplicates
+
+Floats, ext types and non-str map keys are refused. ``decode`` refuses bytes
+that are not exactly what ``encode`` would produce for the decoded value, so a
+record has one byte form and therefore one hash. This is the only module that
+imports msgpack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+
+from castore.errors import EncodingError
+
+Value = Any  # None | bool | int | str | bytes | list[Value] | dict[str, Value]
+
+
+def _normalize(value: Value, where: str) -> Value:
+    if value is None or isinstance(value, bool | int | str | bytes):
+        return value
+    if isinstance(value, float):
+        raise EncodingError(f"floats are not allowed in canonical records (at {where})")
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, Mapping):
+        items = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EncodingError(f"map keys must be str, got {type(key).__name__} at {where}")
+            items.append((key.encode(), key, _normalize(item, f"{where}.{key}")))
+        items.sort()
+        return {key: item for _, key, item in items}
+    if isinstance(value, Sequence):
+        return [_normalize(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise EncodingError(f"cannot encode {type(value).__name__} canonically (at {where})")
+
+
+def encode(value: Value) -> bytes:
+    data: bytes = msgpack.packb(_normalize(value, "$"), use_bin_type=True)
+    return data
+
+
+def decode(data: bytes, what: str = "record") -> Value:
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise EncodingError(f"{what} is not valid msgpack: {exc}") from exc
+    except TypeError as exc:
+        raise EncodingError(f"{what} has a non-str map key") from exc
+    if encode(value) != data:
+        raise EncodingError(f"{what} is not in canonical form")
+    return value

@@ -1,0 +1,406 @@
+"""The castore command line: parsing and printing only.
+
+Every command takes ``--store`` (or CASTORE_STORE) and prints JSON with
+``--json``. A :class:`CastoreError` becomes ``error: ...`` plus its hint and a
+non-zero exit; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from castore.errors import CastoreError
+
+app = typer.Typer(
+    name="castore",
+    help="Build, share and deploy Firecracker microVM images from a content-addressed store.\n\n"
+    "Start with `castore realize recipes/app.py`: it builds the kernel, the squashfs rootfs "
+    "and the image that bundles them, and prints the image id.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state: dict[str, Any] = {"store": None, "debug": False}
+
+StoreOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer reads the annotation at runtime
+    typer.Option("--store", help="Store directory [env CASTORE_STORE; default /var/lib/castore "
+                 "for root, else $XDG_DATA_HOME/castore].", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+@app.callback()
+def _main(
+    store: StoreOpt = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and every command run.")] = False,
+) -> None:
+    _state["store"] = store
+    _state["debug"] = debug
+    if debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(message)s")
+
+
+def _store(create: bool = True) -> Any:
+    from castore.config import default_store
+    from castore.store import LocalStore
+
+    return LocalStore(_state["store"] or default_store(), create=create)
+
+
+def _emit(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+@app.command()
+def realize(
+    target: Annotated[str, typer.Argument(help="FILE[:NAME]: a recipe file, and which recipe in it "
+                                          "(default: 'default', else the only one).")],
+    out_link: Annotated[Optional[str], typer.Option("-o", "--out-link",  # noqa: UP045
+                        help="Make a symlink NAME to the result and keep it from gc.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be built or fetched, "
+                       "and build nothing.")] = False,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep the scratch directory "
+                           "of a failed build for inspection.")] = False,
+    jobs: Annotated[int, typer.Option("-j", "--jobs", help="Parallel jobs inside a build "
+                    "(make -j, compressor threads). 0: one per core.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build what a recipe describes, or reuse what the store already has; print the result's id.
+
+    Evaluating the recipe builds nothing; then each step, inputs first, is looked
+    up in the store by its plan hash and built only if missing. Running it again
+    changes nothing and takes a fraction of a second.
+
+    Example: castore realize recipes/app.py -o result
+    """
+    from castore.realize import Realizer
+    from castore.recipes import evaluate_target
+
+    _, plan = evaluate_target(target)
+    with _store() as store:
+        live = not as_json and not dry_run and sys.stderr.isatty()
+        from castore.progress import LiveReporter, PlainReporter
+
+        reporter: Any = LiveReporter() if live else PlainReporter(quiet=as_json)
+        realizer = Realizer(store, reporter, jobs=jobs or None, keep_failed=keep_failed)
+        if dry_run:
+            steps = realizer.steps(plan)
+            todo = [s for s in steps if s.oid is None]
+            if as_json:
+                _emit({"plans": [{"name": s.plan.label, "builder": s.plan.builder, "plan": s.hash,
+                                  "object": s.oid, "action": "present" if s.oid else (
+                                      "fetch" if s.plan.builder in ("fetch", "debian_package") else "build")}
+                                 for s in steps]})
+                return
+            if not todo:
+                print(f"nothing to do: {steps[-1].plan.label} is {steps[-1].oid}")
+                return
+            print(f"{len(todo)} of {len(steps)} steps would run:")
+            for s in todo:
+                verb = "fetch" if s.plan.builder in ("fetch", "debian_package") else "build"
+                print(f"  {verb:5} {s.plan.label:28} {s.plan.builder:14} plan {s.hash[:16]}  ({s.plan.origin})")
+            return
+        if live:
+            with reporter:
+                outcome = realizer.realize(plan)
+        else:
+            outcome = realizer.realize(plan)
+        oid = outcome.root.oid
+        assert oid is not None
+        if out_link:
+            link = Path(out_link).absolute()
+            tmp = link.with_name(f".{link.name}.{os.getpid()}")
+            os.symlink(store.blob_path(oid), tmp)
+            os.replace(tmp, link)
+            store.add_root(str(link), oid, link=True)
+        info = store.info(oid)
+        details = _details(store, oid, info.kind)
+        if as_json:
+            _emit({"id": oid, "kind": info.kind, "path": str(store.blob_path(oid)),
+                   "plan": outcome.root.hash, "built": [s.plan.label for s in outcome.built],
+                   **details})
+            return
+        print(oid)
+        if not outcome.built:
+            _err(f"{outcome.root.plan.label}: already in the store, nothing built")
+        for key, value in details.items():
+            if key == "layers":
+                for i, layer in enumerate(value):
+                    _err(f"  rootfs{i if len(value) > 1 else ''}  {layer}")
+            elif key == "kernel":
+                _err(f"  kernel  {value}")
+        if info.kind != "image":
+            _err(f"  path    {store.blob_path(oid)}")
+
+
+def _details(store: Any, oid: str, kind: str) -> dict[str, Any]:
+    if kind != "image":
+        return {}
+    img = store.read_image(oid)
+    return {"kernel": str(store.blob_path(img.kernel)),
+            "layers": [str(store.blob_path(layer.blob)) for layer in img.layers],
+            "cmdline": img.cmdline}
+
+
+@app.command()
+def add(
+    path: Annotated[Path, typer.Argument(help="A file (vmlinux, rootfs.img, ...) or a directory.")],
+    all_root: Annotated[bool, typer.Option("--all-root", help="Record every entry of a directory "
+                        "as owned by root (0:0) instead of its owner on this host.")] = False,
+    root_name: Annotated[Optional[str], typer.Option("--root", help="Keep the result as a named "  # noqa: UP045
+                         "gc root.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import an existing file as a blob, or a directory as a tree; print its id.
+
+    Example: castore add vmlinux; castore add --all-root ./rootfs-dir
+    """
+    with _store() as store:
+        if path.is_dir():
+            oid = store.add_dir(path, all_root=all_root)
+        elif path.exists():
+            oid = store.add_file(path)
+        else:
+            raise CastoreError(f"{path} does not exist")
+        if root_name:
+            store.add_root(root_name, oid)
+        info = store.info(oid)
+        if as_json:
+            _emit({"id": oid, "kind": info.kind, "size": info.size, "path": str(store.blob_path(oid))})
+        else:
+            print(oid)
+
+
+@app.command()
+def export(
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id or unique prefix.")],
+    dest: Annotated[Path, typer.Argument(help="Where to write: a file for a blob, a new "
+                    "directory for a tree or an image.")],
+) -> None:
+    """Write an object out of the store: a blob as a file (holes kept), a tree as a directory,
+    an image as a directory with vmlinux, rootfs layers and image.json."""
+    from castore.fsutil import copy_sparse, materialize
+
+    with _store(create=False) as store:
+        oid = store.resolve(object_id)
+        kind = store.info(oid).kind
+        if dest.exists():
+            raise CastoreError(f"{dest} already exists", "export writes only new paths")
+        if kind == "blob":
+            copy_sparse(store.blob_path(oid), dest)
+            os.chmod(dest, 0o644)
+        elif kind == "tree":
+            materialize(store.read_tree(oid), dest, store.blob_path, warn=lambda m: _err(f"warning: {m}"))
+        else:
+            img = store.read_image(oid)
+            dest.mkdir(parents=True)
+            copy_sparse(store.blob_path(img.kernel), dest / "vmlinux")
+            for i, layer in enumerate(img.layers):
+                copy_sparse(store.blob_path(layer.blob), dest / f"rootfs{i}.{layer.format}")
+            (dest / "image.json").write_text(json.dumps(img.to_record(), indent=2, sort_keys=True) + "\n")
+        print(dest)
+
+
+@app.command()
+def path(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id or unique prefix.")]) -> None:
+    """Print the store path of an object (read-only; Firecracker can open it directly)."""
+    with _store(create=False) as store:
+        print(store.blob_path(store.resolve(object_id)))
+
+
+@app.command()
+def show(
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id or unique prefix.")],
+    entries: Annotated[bool, typer.Option("--entries", help="List a tree's entries.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show an object: kind, size, references, and the plan that made it."""
+    with _store(create=False) as store:
+        oid = store.resolve(object_id)
+        info = store.info(oid)
+        plans = store.plans_for(oid)
+        data: dict[str, Any] = {"id": oid, "kind": info.kind, "size": info.size, "refs": list(info.refs),
+                                "path": str(store.blob_path(oid)),
+                                "plans": [{"plan": h, "name": n, "record": _jsonable(r)} for h, n, r in plans]}
+        if info.kind == "image":
+            data["image"] = store.read_image(oid).to_record()
+        if info.kind == "tree" and (entries or as_json):
+            data["entries"] = [_jsonable(e.to_record()) for e in store.read_tree(oid)]
+        if as_json:
+            _emit(data)
+            return
+        print(f"id      {oid}\nkind    {info.kind}\nsize    {info.size}\npath    {data['path']}")
+        if info.refs:
+            print(f"refs    {len(info.refs)}" + "".join(f"\n  {r}" for r in info.refs[:20])
+                  + ("\n  ..." if len(info.refs) > 20 else ""))
+        if info.kind == "image":
+            for k, v in data["image"].items():
+                if k not in ("format", "kind"):
+                    print(f"{k:8}{v}")
+        for h, name, record in plans:
+            print(f"made by plan {h}  ({name})")
+            print(f"  builder {record['builder']} v{record['version']}")
+            for t, v in record["tools"].items():
+                print(f"  tool    {t}: {v}")
+            for k, v in record["inputs"].items():
+                print(f"  input   {k}: {next(iter(v))} {next(iter(v.values()))}")
+            for k, v in record["params"].items():
+                text = repr(v)
+                print(f"  param   {k}: {text[:100]}{'...' if len(text) > 100 else ''}")
+        if not plans:
+            print("made by  (added directly, no plan)")
+        if info.kind == "tree" and entries:
+            for e in data["entries"]:
+                extra = e.get("blob") or e.get("target") or (f"{e['major']},{e['minor']}" if "major" in e else "")
+                print(f"{e['type']:8} {e['mode']:04o} {e['uid']}:{e['gid']} {e['path']} {extra}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@app.command(name="ls")
+def ls(
+    kind: Annotated[Optional[str], typer.Option("--kind", help="Only blob, tree or image.")] = None,  # noqa: UP045
+    as_json: JsonOpt = False,
+) -> None:
+    """List the objects in the store, with the names of the plans that made them."""
+    with _store(create=False) as store:
+        names = {oid: n for oid, n in store._q("SELECT object, name FROM realisations")}
+        roots = {o for _, o, _ in store.roots()}
+        objs = store.list(kind)
+        if as_json:
+            _emit([{"id": o.id, "kind": o.kind, "size": o.size, "name": names.get(o.id),
+                    "root": o.id in roots} for o in objs])
+            return
+        for o in objs:
+            mark = "*" if o.id in roots else " "
+            print(f"{o.id}{mark} {o.kind:5} {_human(o.size):>9}  {names.get(o.id, '')}")
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+@app.command()
+def verify(
+    no_contents: Annotated[bool, typer.Option("--no-contents", help="Check sizes and records only, "
+                           "do not re-hash.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash every object and check references and realisations; exit 1 on corruption."""
+    with _store(create=False) as store:
+        problems, notes = store.verify(contents=not no_contents)
+        count = len(store.list())
+        if as_json:
+            _emit({"objects": count, "problems": problems, "notes": notes, "ok": not problems})
+        else:
+            for p in problems:
+                print(f"corrupt: {p}")
+            for n in notes:
+                print(f"note: {n}")
+            print(f"{count} objects checked, {len(problems)} problem(s)")
+        if problems:
+            raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete every object that no root reaches (out-links from realize -o, named roots)."""
+    with _store(create=False) as store:
+        dead, freed = store.gc(dry_run=dry_run)
+        if as_json:
+            _emit({"deleted": dead, "bytes": freed, "dry_run": dry_run})
+        else:
+            verb = "would delete" if dry_run else "deleted"
+            print(f"{verb} {len(dead)} objects, {_human(freed)}")
+
+
+@app.command()
+def roots(as_json: JsonOpt = False) -> None:
+    """List the gc roots: out-links and named roots."""
+    with _store(create=False) as store:
+        store.live_roots()
+        rows = store.roots()
+        if as_json:
+            _emit([{"name": n, "id": o, "link": link} for n, o, link in rows])
+            return
+        for n, o, link in rows:
+            print(f"{o}  {'link' if link else 'name'}  {n}")
+
+
+@app.command()
+def log(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (or prefix), or a plan hash.")]) -> None:
+    """Print the build log of the plan that made an object (or of a failed plan, by plan hash)."""
+    with _store(create=False) as store:
+        candidate = store.logs / f"{object_id}.log"
+        if not candidate.exists():
+            oid = store.resolve(object_id)
+            plans = store.plans_for(oid)
+            if not plans:
+                raise CastoreError(f"{oid} was added directly; it has no build log")
+            candidate = store.logs / f"{plans[-1][0]}.log"
+        if not candidate.exists():
+            raise CastoreError(f"no log kept for {object_id}")
+        sys.stdout.write(candidate.read_text(errors="replace"))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CastoreError as exc:
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        _err(f"error: {exc.message}")
+        if exc.hint:
+            _err(f"hint: {exc.hint}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted; the store is unchanged by the step that was running")
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

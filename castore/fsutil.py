@@ -1,0 +1,82 @@
+"""Filesystem helpers with no castore state: hole-preserving copies, materializing trees."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from castore.errors import CastoreError
+from castore.manifest import Tree
+
+
+def copy_sparse(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Copy src to a new file dest, keeping holes as holes (SEEK_DATA/SEEK_HOLE)."""
+    with open(src, "rb") as fi, open(dest, "xb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                data = os.lseek(fi.fileno(), offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    break
+                raise
+            hole = os.lseek(fi.fileno(), data, os.SEEK_HOLE)
+            pos = data
+            while pos < hole:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), hole - pos, pos, pos)
+                if n == 0:
+                    break
+                pos += n
+            offset = hole
+        os.ftruncate(fo.fileno(), size)
+
+
+def materialize(tree: Tree, dest: Path, blob_path: Callable[[str], Path], *,
+                warn: Callable[[str], None] = lambda m: None) -> None:
+    """Write a tree out as a real directory; owners and device nodes need root."""
+    root = os.geteuid() == 0
+    dest.mkdir(parents=True, exist_ok=False)
+    dirs: list[tuple[Path, int, int, int]] = []
+    skipped = 0
+    for e in tree:
+        p = dest / e.path
+        if e.type == "dir":
+            p.mkdir()
+            dirs.append((p, e.mode, e.uid, e.gid))
+            continue
+        if e.type == "file":
+            assert e.blob is not None
+            copy_sparse(blob_path(e.blob), p)
+        elif e.type == "symlink":
+            os.symlink(e.target or "", p)
+        elif e.type == "hardlink":
+            os.link(dest / (e.target or ""), p)
+            continue
+        elif e.type in ("char", "block", "fifo"):
+            if e.type == "fifo":
+                os.mkfifo(p, e.mode)
+            elif root:
+                kind = 0o020000 if e.type == "char" else 0o060000
+                os.mknod(p, kind | e.mode, os.makedev(e.major or 0, e.minor or 0))
+            else:
+                skipped += 1
+                continue
+        if root:
+            os.lchown(p, e.uid, e.gid)
+        if e.type != "symlink":
+            os.chmod(p, e.mode)
+    if skipped:
+        warn(f"{skipped} device node(s) skipped: creating them needs root")
+    for p, mode, uid, gid in reversed(dirs):
+        if root:
+            os.lchown(p, uid, gid)
+        os.chmod(p, mode)
+
+
+def check_free(path: Path, need: int) -> None:
+    st = os.statvfs(path)
+    if st.f_bavail * st.f_frsize < need:
+        raise CastoreError(f"not enough free space in {path}: {need >> 20} MiB needed")

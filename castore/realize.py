@@ -1,0 +1,230 @@
+"""Realize plans: walk the graph in dependency order; for each plan use the local
+realisation if there is one, else build it. The only code that moves build
+outputs into the store and records realisations.
+
+Builds run in a scratch directory under the store's ``tmp/`` with a fixed
+environment; the output is hashed and renamed into place only when the
+builder succeeded, so a failure or a kill leaves the store as it was. A
+per-plan lock makes concurrent realizes of the same plan build it once; a
+shared gc lock keeps ``gc`` from deleting what a realize is using.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from castore.builders import (
+    BlobInput,
+    BlobResult,
+    Builder,
+    BuildContext,
+    ExistingResult,
+    ImageResult,
+    Input,
+    TreeInput,
+    TreeResult,
+    registry,
+)
+from castore.errors import BuildError, CastoreError, HashMismatch, StoreError
+from castore.plan import Plan, hash_graph
+from castore.store import LocalStore, remove_tree
+from castore.tools import tool_version
+
+
+class Reporter(Protocol):
+    def start(self, plan: Plan, plan_hash: str, index: int, total: int) -> None: ...
+    def status(self, plan: Plan, text: str) -> None: ...
+    def done(self, plan: Plan, oid: str, how: str, seconds: float) -> None: ...
+    def failed(self, plan: Plan, error: CastoreError, log: Path | None) -> None: ...
+
+
+class NullReporter:
+    def start(self, plan: Plan, plan_hash: str, index: int, total: int) -> None:
+        pass
+
+    def status(self, plan: Plan, text: str) -> None:
+        pass
+
+    def done(self, plan: Plan, oid: str, how: str, seconds: float) -> None:
+        pass
+
+    def failed(self, plan: Plan, error: CastoreError, log: Path | None) -> None:
+        pass
+
+
+@dataclass
+class Step:
+    plan: Plan
+    hash: str
+    record: bytes
+    oid: str | None = None
+    how: str = ""  # "present", "built"
+
+
+@dataclass
+class Outcome:
+    root: Step
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def built(self) -> list[Step]:
+        return [s for s in self.steps if s.how == "built"]
+
+
+class Realizer:
+    def __init__(self, store: LocalStore, reporter: Reporter | None = None, *, jobs: int | None = None,
+                 keep_failed: bool = False) -> None:
+        self.store = store
+        self.reporter = reporter or NullReporter()
+        self.jobs = jobs or os.cpu_count() or 1
+        self.keep_failed = keep_failed
+        self._builders: dict[str, Builder] = registry()
+        self._tool_cache: dict[str, str] | None = None
+        self._tool_cache_dirty = False
+
+    # -- hashing ------------------------------------------------------------
+
+    def builder(self, plan: Plan) -> Builder:
+        try:
+            return self._builders[plan.builder]
+        except KeyError:
+            raise CastoreError(f"{plan.origin}: unknown builder {plan.builder!r}") from None
+
+    def _describe(self, plan: Plan) -> tuple[int, dict[str, str]]:
+        b = self.builder(plan)
+        if self._tool_cache is None:
+            self._tool_cache = self.store.kv_get("tool:")
+        before = len(self._tool_cache)
+        tools = {t: tool_version(t, self._tool_cache) for t in b.tools}
+        if len(self._tool_cache) != before:
+            self._tool_cache_dirty = True
+        return b.version, tools
+
+    def steps(self, root: Plan) -> list[Step]:
+        order, hashes = hash_graph(root, self._describe)
+        if self._tool_cache_dirty and self._tool_cache is not None:
+            self.store.kv_put("tool:", self._tool_cache)
+            self._tool_cache_dirty = False
+        steps = []
+        for plan in order:
+            h, record = hashes[id(plan)]
+            steps.append(Step(plan, h, record, self.store.realisation(h)))
+        return steps
+
+    # -- realizing -------------------------------------------------------------
+
+    def realize(self, root: Plan) -> Outcome:
+        with self.store.lock("gc", shared=True):
+            steps = self.steps(root)
+            results: dict[int, str] = {}
+            total = len(steps)
+            for index, step in enumerate(steps):
+                self.reporter.start(step.plan, step.hash, index, total)
+                t0 = time.monotonic()
+                if step.oid is not None:
+                    step.how = "present"
+                else:
+                    with self.store.lock(step.hash):
+                        step.oid = self.store.realisation(step.hash)
+                        if step.oid is not None:
+                            step.how = "present"
+                        else:
+                            step.oid = self._build(step, results)
+                            step.how = "built"
+                results[id(step.plan)] = step.oid
+                self.reporter.done(step.plan, step.oid, step.how, time.monotonic() - t0)
+            return Outcome(steps[-1], steps)
+
+    def _inputs(self, plan: Plan, results: dict[int, str]) -> dict[str, Input]:
+        inputs: dict[str, Input] = {}
+        for name, value in plan.inputs.items():
+            if isinstance(value, Plan):
+                oid = results[id(value)]
+            else:
+                try:
+                    oid = self.store.add_file(value.path, expect=value.id)
+                except HashMismatch as exc:
+                    raise CastoreError(
+                        f"{plan.origin}: {value.path} changed after the recipe was evaluated",
+                        "run realize again",
+                    ) from exc
+            info = self.store.info(oid)
+            if info.kind == "tree":
+                inputs[name] = TreeInput(oid, self.store.read_tree(oid))
+            else:
+                inputs[name] = BlobInput(oid, self.store.blob_path(oid), info.size)
+        return inputs
+
+    def _build(self, step: Step, results: dict[int, str]) -> str:
+        plan = step.plan
+        builder = self.builder(plan)
+        inputs = self._inputs(plan, results)
+        scratch = self.store.staging_dir(plan.builder)
+        log_path = self.store.logs / f"{step.hash}.log"
+        ok = False
+        try:
+            with open(log_path, "wb") as log:
+                log.write(f"# {plan.builder} {plan.label} ({plan.origin})\n# plan {step.hash}\n".encode())
+                ctx = BuildContext(
+                    scratch=scratch,
+                    out=scratch / "out",
+                    params=plan.params,
+                    inputs=inputs,
+                    plan_hash=step.hash,
+                    blob_path=self.store.blob_path,
+                    log=log,
+                    status=lambda text: self.reporter.status(plan, text),
+                    jobs=self.jobs,
+                )
+                try:
+                    result = builder.build(ctx)
+                    oid = self._import(ctx, result)
+                except StoreError:
+                    raise
+                except CastoreError as exc:
+                    log.write(f"\nerror: {exc.message}\n".encode())
+                    error = BuildError(
+                        f"{plan.origin}: building {plan.label} ({plan.builder}) failed:\n{exc.message}",
+                        exc.hint or f"the build log is {log_path}",
+                    )
+                    self.reporter.failed(plan, error, log_path)
+                    raise error from exc
+            self.store.record_realisation(step.hash, oid, step.record, plan.label)
+            ok = True
+            return oid
+        finally:
+            if ok or not self.keep_failed:
+                remove_tree(scratch)
+
+    def _import(self, ctx: BuildContext, result: Any) -> str:
+        if isinstance(result, BlobResult):
+            if not ctx.out.is_file():
+                raise BuildError(f"builder {ctx.plan_hash} wrote no output")
+            return self.store.add_file(ctx.out, move=True)
+        if isinstance(result, ExistingResult):
+            if not self.store.has(result.id):
+                raise BuildError(f"builder named object {result.id}, which is not in the store")
+            return result.id
+        if isinstance(result, TreeResult):
+            with self.store.batch():
+                for oid, path in result.new_blobs.items():
+                    self.store.add_file(path, move=True, expect=oid)
+                return self.store.add_tree(result.tree)
+        if isinstance(result, ImageResult):
+            return self.store.add_image(result.image)
+        raise BuildError(f"builder returned {result!r}")
+
+
+@contextlib.contextmanager
+def open_store(path: str | os.PathLike[str]) -> Iterator[LocalStore]:
+    store = LocalStore(path)
+    try:
+        yield store
+    finally:
+        store.close()

@@ -1,0 +1,489 @@
+"""Recipes: ``@recipe`` functions, recipe files, and the DSL that returns plans.
+
+Evaluation is pure: it reads the local files a recipe names (to hash them),
+runs no process, opens no socket and writes nothing. Every DSL call records
+where in the recipe file it was made, so an error names the file and line.
+Local paths are resolved relative to the file of the calling recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from castore.errors import CastoreError, RecipeError
+from castore.hashing import hash_file
+from castore.manifest import normalize_path
+from castore.plan import Plan, Source
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule overlay_root=vdb"
+
+
+# -- where am I called from ------------------------------------------------
+
+
+def _caller() -> FrameType | None:
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+    return frame
+
+
+def _origin() -> tuple[str, Path]:
+    frame = _caller()
+    if frame is None:
+        return "<unknown>", Path.cwd()
+    filename = frame.f_code.co_filename
+    return f"{_display(filename)}:{frame.f_lineno}", Path(filename).resolve().parent
+
+
+def _display(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("../..") else rel
+
+
+def _fail(message: str, hint: str | None = None) -> RecipeError:
+    origin, _ = _origin()
+    return RecipeError(f"{origin}: {message}", hint)
+
+
+def _source(path: str | os.PathLike[str], what: str) -> Source:
+    _, base = _origin()
+    full = (base / path).resolve()
+    try:
+        st = full.stat()
+    except FileNotFoundError:
+        raise _fail(
+            f"{what} {os.fspath(path)!r} not found (looked for {full})",
+            "paths are relative to the recipe file's folder",
+        ) from None
+    except OSError as exc:
+        raise _fail(f"cannot read {what} {os.fspath(path)!r}: {exc.strerror}") from exc
+    if not full.is_file():
+        raise _fail(f"{what} {os.fspath(path)!r} is not a regular file")
+    return Source(str(full), hash_file(full), st.st_size)
+
+
+def _plan(builder: str, output: str, name: str, **kw: Any) -> Plan:
+    origin, _ = _origin()
+    try:
+        return Plan(builder, output, name=name, origin=origin, **kw)
+    except CastoreError as exc:
+        raise RecipeError(f"{origin}: {exc.message}", exc.hint) from exc
+
+
+def _need_plan(value: Any, what: str, kinds: Sequence[str]) -> Plan:
+    if isinstance(value, TreeExpr):
+        value = value.plan()
+    if isinstance(value, Recipe):
+        value = value.evaluate()
+    if not isinstance(value, Plan):
+        raise _fail(f"{what} must be a plan (from a builder or a recipe), got {value!r}")
+    if value.output not in kinds:
+        raise _fail(f"{what} must produce a {' or '.join(kinds)}, but {value!r} makes a {value.output}")
+    return value
+
+
+_SIZE_RE = re.compile(r"(\d+)\s*(|B|K|KiB|M|MiB|G|GiB|T|TiB)")
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KiB": 1 << 10, "M": 1 << 20, "MiB": 1 << 20,
+          "G": 1 << 30, "GiB": 1 << 30, "T": 1 << 40, "TiB": 1 << 40}
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m:
+            return int(m.group(1)) * _UNITS[m.group(2)]
+    raise _fail(f"size {value!r} is not understood", "write bytes as an int, or like '512MiB', '1GiB'")
+
+
+def _mode(value: int, what: str) -> int:
+    if not isinstance(value, int) or not 0 <= value <= 0o7777:
+        raise _fail(f"{what} mode {value!r} must be an int between 0 and 0o7777")
+    return value
+
+
+# -- builders' front ends --------------------------------------------------
+
+
+def fetch(
+    url: str, *, sha256: str | None = None, blake3: str | None = None, name: str | None = None
+) -> Plan:
+    """Download a file (http, https or file URL); a declared hash is required.
+
+    The only builder with network access; its output is checked against the
+    declared sha256 or blake3 before it enters the store.
+    """
+    if not url.startswith(("http://", "https://", "file://")):
+        raise _fail(f"fetch URL {url!r} must start with http://, https:// or file://")
+    if (sha256 is None) == (blake3 is None):
+        raise _fail("fetch needs exactly one of sha256= or blake3=", "run it once with a dummy hash to see the real one")
+    algo, digest = ("sha256", sha256) if sha256 is not None else ("blake3", blake3)
+    assert digest is not None
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise _fail(f"{algo} {digest!r} must be 64 lowercase hex digits")
+    return _plan(
+        "fetch", "blob", name or url.rsplit("/", 1)[-1], params={"url": url, algo: digest}
+    )
+
+
+def debian_package(name: str, version: str, *, sha256: str, arch: str = "amd64") -> Plan:
+    """A Debian package fetched through the machine's apt configuration (``apt-get download``)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+        raise _fail(f"debian_package {name}: sha256 must be 64 lowercase hex digits")
+    return _plan(
+        "debian_package",
+        "blob",
+        f"{name}_{version}",
+        params={"package": name, "version": version, "arch": arch, "sha256": sha256},
+    )
+
+
+def unpack(archive: Any, *, name: str | None = None) -> Plan:
+    """A tar, tar.gz, tar.xz, tar.zst or .deb archive, as a tree (format found from its bytes).
+
+    Entries that would escape the root (``..``, links climbing out, paths
+    through symlinks) are refused; links are recorded, never followed.
+    """
+    plan = _need_plan(archive, "unpack's archive", ["blob"])
+    return _plan("unpack", "tree", name or f"unpack({plan.label})", inputs={"archive": plan})
+
+
+def squashfs(
+    rootfs: Any, *, compression: str = "zstd", block_size: int = 131072, name: str | None = None
+) -> Plan:
+    """A squashfs image of a tree, built rootless with ``gensquashfs --pack-file``."""
+    plan = _need_plan(rootfs, "squashfs' tree", ["tree"])
+    if compression not in ("gzip", "xz", "zstd", "lz4", "lzo"):
+        raise _fail(f"squashfs compression {compression!r} is not one of gzip, xz, zstd, lz4, lzo")
+    if block_size & (block_size - 1) or not 4096 <= block_size <= 1 << 20:
+        raise _fail(f"squashfs block_size {block_size} must be a power of two from 4096 to 1MiB")
+    return _plan(
+        "squashfs",
+        "blob",
+        name or f"squashfs({plan.label})",
+        params={"compression": compression, "block_size": block_size},
+        inputs={"tree": plan},
+    )
+
+
+def ext4(size: int | str, *, label: str = "", name: str | None = None) -> Plan:
+    """An empty sparse ext4 filesystem with UUID, hash seed and times fixed by the plan."""
+    nbytes = parse_size(size)
+    if nbytes < 1 << 20 or nbytes % 4096:
+        raise _fail(f"ext4 size {size!r} must be at least 1MiB and a multiple of 4KiB")
+    if len(label) > 16:
+        raise _fail(f"ext4 label {label!r} is longer than 16 bytes")
+    return _plan("ext4", "blob", name or f"ext4({size})", params={"size": nbytes, "label": label})
+
+
+def kernel(
+    *, source: Any, config: str | os.PathLike[str], base: str = "tinyconfig",
+    arch: str = "x86_64", name: str | None = None,
+) -> Plan:
+    """``make vmlinux`` of a Linux source tarball with a config fragment on top of ``base``.
+
+    Every option the fragment sets must survive ``olddefconfig``; the build
+    runs sandboxed with KBUILD_BUILD_TIMESTAMP, USER, HOST and VERSION fixed.
+    """
+    src = _need_plan(source, "kernel source", ["blob"])
+    if base not in ("tinyconfig", "allnoconfig", "defconfig"):
+        raise _fail(f"kernel base {base!r} must be tinyconfig, allnoconfig or defconfig")
+    return _plan(
+        "kernel",
+        "blob",
+        name or "vmlinux",
+        params={"base": base, "arch": arch},
+        inputs={"source": src, "config": _source(config, "kernel config")},
+    )
+
+
+def image(
+    *, kernel: Any, rootfs: Any, cmdline: str = DEFAULT_CMDLINE, overlay_size: int | str = "1GiB",
+    vcpus: int = 1, mem_mib: int = 128, name: str | None = None,
+) -> Plan:
+    """The bootable bundle: a kernel, rootfs layers (bottom first) and machine defaults."""
+    k = _need_plan(kernel, "image's kernel", ["blob"])
+    layers = rootfs if isinstance(rootfs, list | tuple) else [rootfs]
+    if not layers:
+        raise _fail("image needs at least one rootfs layer")
+    inputs: dict[str, Plan | Source] = {"kernel": k}
+    for i, layer in enumerate(layers):
+        inputs[f"layer{i}"] = _need_plan(layer, f"image's rootfs layer {i}", ["blob"])
+    if not (isinstance(vcpus, int) and 1 <= vcpus <= 32):
+        raise _fail(f"vcpus {vcpus!r} must be an int from 1 to 32")
+    if not (isinstance(mem_mib, int) and mem_mib >= 16):
+        raise _fail(f"mem_mib {mem_mib!r} must be an int of at least 16")
+    return _plan(
+        "image",
+        "image",
+        name or "image",
+        params={
+            "cmdline": cmdline,
+            "layers": len(layers),
+            "overlay_size": parse_size(overlay_size),
+            "vcpus": vcpus,
+            "mem_mib": mem_mib,
+        },
+        inputs=inputs,
+    )
+
+
+def local_file(path: str | os.PathLike[str], *, name: str | None = None) -> Plan:
+    """A file next to the recipe, as a blob (its content is hashed into the plan)."""
+    src = _source(path, "file")
+    return _plan("source", "blob", name or os.path.basename(src.path), inputs={"file": src})
+
+
+def get(tree_plan: Any, path: str) -> Plan:
+    """One file of a tree, as a blob."""
+    plan = _need_plan(tree_plan, "get's tree", ["tree"])
+    norm = normalize_path(path)
+    return _plan("tree_get", "blob", f"{plan.label}:{norm}", params={"path": norm}, inputs={"tree": plan})
+
+
+Plan.get = lambda self, path: get(self, path)  # type: ignore[attr-defined]
+
+
+class TreeExpr:
+    """A tree being described: each method appends one operation and returns self.
+
+    Operations apply in order when the tree is realized. Parent directories
+    are created 0755 root:root as needed; later operations win.
+    """
+
+    def __init__(self) -> None:
+        self._ops: list[dict[str, Any]] = []
+        self._inputs: dict[str, Plan | Source] = {}
+        self._origin, _ = _origin()
+        self._plan: Plan | None = None
+
+    def _add(self, op: dict[str, Any]) -> TreeExpr:
+        if self._plan is not None:
+            raise _fail("this tree was already used as a plan; start a new tree()")
+        self._ops.append(op)
+        return self
+
+    def _input(self, value: Plan | Source) -> str:
+        key = f"in{len(self._inputs)}"
+        self._inputs[key] = value
+        return key
+
+    @staticmethod
+    def _path(path: str) -> str:
+        try:
+            norm = normalize_path(path)
+        except CastoreError as exc:
+            raise _fail(exc.message) from None
+        if not norm:
+            raise _fail(f"path {path!r} names the tree root")
+        return norm
+
+    def merge(self, layer: Any, *, only: Iterable[str] | None = None, prefix: str = "/") -> TreeExpr:
+        """Copy entries of another tree (all, or those under the paths in ``only``)."""
+        plan = _need_plan(layer, "merge's layer", ["tree"])
+        op: dict[str, Any] = {"op": "merge", "input": self._input(plan), "prefix": normalize_path(prefix)}
+        if only is not None:
+            op["only"] = [self._path(p) for p in only]
+        return self._add(op)
+
+    def file(self, path: str, *, source: str | os.PathLike[str] | Plan, mode: int = 0o644,
+             uid: int = 0, gid: int = 0) -> TreeExpr:
+        """A file whose bytes come from a file beside the recipe, or from a blob plan."""
+        value = _need_plan(source, "file source", ["blob"]) if isinstance(source, Plan) else _source(source, "file")
+        return self._add({"op": "file", "path": self._path(path), "input": self._input(value),
+                          "mode": _mode(mode, path), "uid": uid, "gid": gid})
+
+    def text(self, path: str, content: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0) -> TreeExpr:
+        """A file with the given text (UTF-8)."""
+        if not isinstance(content, str):
+            raise _fail(f"text for {path} must be a str")
+        return self._add({"op": "text", "path": self._path(path), "content": content,
+                          "mode": _mode(mode, path), "uid": uid, "gid": gid})
+
+    def dirs(self, *paths: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> TreeExpr:
+        for path in paths:
+            self._add({"op": "dir", "path": self._path(path), "mode": _mode(mode, path), "uid": uid, "gid": gid})
+        return self
+
+    def symlink(self, path: str, target: str, *, uid: int = 0, gid: int = 0) -> TreeExpr:
+        if not target or "\0" in target:
+            raise _fail(f"symlink {path}: target {target!r} is empty or has a NUL")
+        return self._add({"op": "symlink", "path": self._path(path), "target": target, "uid": uid, "gid": gid})
+
+    def device(self, path: str, kind: str, major: int, minor: int, *, mode: int = 0o600,
+               uid: int = 0, gid: int = 0) -> TreeExpr:
+        """A character (``"c"``) or block (``"b"``) device node."""
+        if kind not in ("c", "b"):
+            raise _fail(f"device {path}: kind must be 'c' or 'b', got {kind!r}")
+        return self._add({"op": "device", "path": self._path(path), "type": "char" if kind == "c" else "block",
+                          "major": major, "minor": minor, "mode": _mode(mode, path), "uid": uid, "gid": gid})
+
+    def fifo(self, path: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0) -> TreeExpr:
+        return self._add({"op": "fifo", "path": self._path(path), "mode": _mode(mode, path), "uid": uid, "gid": gid})
+
+    def remove(self, *paths: str) -> TreeExpr:
+        """Remove entries and everything under them; a missing path is an error at build time."""
+        for path in paths:
+            self._add({"op": "remove", "path": self._path(path)})
+        return self
+
+    def chmod(self, path: str, mode: int) -> TreeExpr:
+        return self._add({"op": "chmod", "path": self._path(path), "mode": _mode(mode, path)})
+
+    def chown(self, path: str, uid: int, gid: int, *, recursive: bool = False) -> TreeExpr:
+        return self._add({"op": "chown", "path": self._path(path), "uid": uid, "gid": gid,
+                          "recursive": recursive})
+
+    def plan(self) -> Plan:
+        if self._plan is None:
+            try:
+                self._plan = Plan("tree", "tree", params={"ops": self._ops}, inputs=self._inputs,
+                                  name="tree", origin=self._origin)
+            except CastoreError as exc:
+                raise RecipeError(f"{self._origin}: {exc.message}", exc.hint) from exc
+        return self._plan
+
+    def get(self, path: str) -> Plan:
+        return get(self.plan(), path)
+
+
+def tree() -> TreeExpr:
+    """Start an empty tree; chain operations on it."""
+    return TreeExpr()
+
+
+# -- @recipe and recipe files ---------------------------------------------
+
+
+class Recipe:
+    """A function that returns a plan; other recipes come in as default arguments."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.name = fn.__name__
+        code = fn.__code__
+        self.file = code.co_filename
+        self.line = code.co_firstlineno
+        self._plan: Plan | None = None
+
+    def __repr__(self) -> str:
+        return f"<recipe {self.name} at {_display(self.file)}:{self.line}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Plan:
+        if args or kwargs:
+            return self._run(args, kwargs)
+        return self.evaluate()
+
+    def evaluate(self) -> Plan:
+        if self._plan is None:
+            self._plan = self._run((), {})
+        return self._plan
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
+        sig = inspect.signature(self.fn)
+        bound = sig.bind_partial(*args, **kwargs)
+        for pname, param in sig.parameters.items():
+            if pname not in bound.arguments and isinstance(param.default, Recipe):
+                bound.arguments[pname] = param.default.evaluate()
+        try:
+            result = self.fn(*bound.args, **bound.kwargs)
+        except CastoreError:
+            raise
+        except RecursionError:
+            raise RecipeError(f"{_display(self.file)}:{self.line}: recipe {self.name} recurses without end") from None
+        except Exception as exc:
+            raise RecipeError(f"{_where(exc, self)}: recipe {self.name} raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(result, TreeExpr):
+            result = result.plan()
+        if not isinstance(result, Plan):
+            raise RecipeError(
+                f"{_display(self.file)}:{self.line}: recipe {self.name} returned {result!r}, not a plan",
+                "return the result of a builder such as squashfs(...) or image(...)",
+            )
+        result.name = self.name
+        return result
+
+
+def _where(exc: BaseException, recipe: Recipe) -> str:
+    """file:line of the innermost frame of the traceback that lies outside castore."""
+    best = f"{_display(recipe.file)}:{recipe.line}"
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_PACKAGE_DIR):
+            best = f"{_display(filename)}:{lineno}"
+    return best
+
+
+def recipe(fn: Callable[..., Any]) -> Recipe:
+    """Mark a function as a recipe."""
+    return Recipe(fn)
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
+    """Execute a recipe file and return its recipes by name, in file order."""
+    p = Path(path)
+    shown = _display(str(p))
+    try:
+        text = p.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {shown} not found") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {shown}: {exc.strerror}") from exc
+    filename = str(p.resolve())
+    try:
+        code = compile(text, filename, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise RecipeError(f"{shown}:{exc.lineno}: syntax error: {exc.msg}") from None
+    module_name = f"castore_recipe_{abs(hash(filename))}"
+    namespace: dict[str, Any] = {"__name__": module_name, "__file__": filename}
+    sys.path.insert(0, str(p.resolve().parent))
+    try:
+        exec(code, namespace)
+    except CastoreError:
+        raise
+    except Exception as exc:
+        line = next((ln for fr, ln in traceback.walk_tb(exc.__traceback__)
+                     if fr.f_code.co_filename == filename), None)
+        raise RecipeError(f"{shown}:{line}: loading the recipe file raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(str(p.resolve().parent))
+    return {k: v for k, v in namespace.items() if isinstance(v, Recipe) and v.file == filename}
+
+
+def select(recipes: dict[str, Recipe], name: str | None, shown: str) -> Recipe:
+    if name is not None:
+        if name not in recipes:
+            raise RecipeError(f"{shown} has no recipe {name!r}", f"its recipes: {', '.join(recipes) or 'none'}")
+        return recipes[name]
+    if "default" in recipes:
+        return recipes["default"]
+    if len(recipes) == 1:
+        return next(iter(recipes.values()))
+    if not recipes:
+        raise RecipeError(f"{shown} defines no @recipe functions")
+    raise RecipeError(f"{shown} has several recipes and none is called 'default'",
+                      f"name one: {shown}:{next(iter(recipes))} (choices: {', '.join(recipes)})")
+
+
+def evaluate_target(target: str) -> tuple[Recipe, Plan]:
+    """``FILE[:NAME]`` -> the selected recipe and its plan."""
+    file, _, name = target.partition(":")
+    recipes = load_file(file)
+    r = select(recipes, name or None, _display(file))
+    return r, r.evaluate()

@@ -1,0 +1,629 @@
+"""LocalStore: content-addressed blobs, trees and images with SQLite metadata.
+
+Layout under the store root::
+
+    blobs/ab/abcdef...   object bytes, read-only (0444); trees and images are
+                         stored as their canonical manifests
+    db.sqlite            objects, references, realisations, roots
+    tmp/                 staging on the same filesystem
+    locks/               one lock file per plan being built, plus the gc lock
+    logs/                build logs by plan hash
+
+Invariants:
+
+* a file under ``blobs/`` is complete and hashes to its name: bytes are staged
+  in ``tmp/``, hashed, fsynced and only then renamed into place;
+* an ``objects`` row exists only for a file that is in place, and only once
+  every object it references has a row (closures are complete);
+* nothing in ``blobs/`` is modified after it is renamed in.
+
+A crash leaves at worst stray complete files (no row) and staging leftovers,
+which ``gc`` removes and ``verify`` reports without calling them corrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from castore import canonical
+from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
+from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
+from castore.manifest import Entry, Image, Tree, path_key
+
+KINDS = ("blob", "tree", "image")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, added INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS refs (
+    referrer TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (referrer, ref)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refs_ref ON refs (ref);
+CREATE TABLE IF NOT EXISTS realisations (
+    plan TEXT PRIMARY KEY, object TEXT NOT NULL, record BLOB NOT NULL,
+    name TEXT NOT NULL, created INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS realisations_object ON realisations (object);
+CREATE TABLE IF NOT EXISTS roots (name TEXT PRIMARY KEY, object TEXT NOT NULL, link INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_SMALL = 8 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    id: str
+    kind: str
+    size: int
+    refs: tuple[str, ...]
+
+
+@dataclass
+class _Pending:
+    """Staged files waiting for one syncfs and their rename into blobs/."""
+
+    files: dict[str, Path] = field(default_factory=dict)  # id -> staged path
+    rows: dict[str, tuple[str, int, tuple[str, ...]]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root).absolute()
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
+        self.logs = self.root / "logs"
+        if not (self.root / "db.sqlite").exists() and not create:
+            raise StoreError(f"no castore store at {self.root}", "pass --store or set CASTORE_STORE")
+        try:
+            for d in (self.blobs, self.tmp, self.locks, self.logs):
+                d.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.root / "db.sqlite", timeout=60, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store database in {self.root}: {exc}") from exc
+        except PermissionError as exc:
+            raise StoreError(f"cannot write to the store at {self.root}: {exc.strerror}",
+                             "use --store DIR for a store of your own") from exc
+        self._pending: _Pending | None = None
+        self._db_lock = threading.RLock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- database helpers ------------------------------------------------
+
+    def _q(self, sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._db_lock:
+            try:
+                return self.db.execute(sql, tuple(args)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"store database error: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._db_lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.db
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store database error: {exc}") from exc
+
+    def kv_get(self, prefix: str) -> dict[str, str]:
+        return {k[len(prefix):]: v for k, v in self._q(
+            "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (prefix, prefix + "\uffff"))}
+
+    def kv_put(self, prefix: str, values: dict[str, str]) -> None:
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)",
+                           [(prefix + k, v) for k, v in values.items()])
+
+    # -- lookups ----------------------------------------------------------
+
+    def blob_path(self, oid: str) -> Path:
+        return self.blobs / oid[:2] / oid
+
+    def has(self, oid: str) -> bool:
+        return bool(self._q("SELECT 1 FROM objects WHERE id = ?", (oid,)))
+
+    def info(self, oid: str) -> ObjectInfo:
+        rows = self._q("SELECT kind, size FROM objects WHERE id = ?", (oid,))
+        if not rows:
+            raise NotFound(f"object {oid} is not in the store at {self.root}")
+        refs = tuple(r[0] for r in self._q("SELECT ref FROM refs WHERE referrer = ? ORDER BY ref", (oid,)))
+        return ObjectInfo(oid, rows[0][0], rows[0][1], refs)
+
+    def resolve(self, text: str) -> str:
+        """A full id or a unique prefix of at least 8 hex digits -> the full id."""
+        text = text.strip().lower()
+        if not is_prefix(text):
+            raise NotFound(f"{text!r} is not an object id", "ids are hex; give at least 8 digits")
+        if is_id(text):
+            if not self.has(text):
+                raise NotFound(f"object {text} is not in the store at {self.root}")
+            return text
+        rows = self._q("SELECT id FROM objects WHERE id >= ? AND id < ? LIMIT 2", (text, text + "g"))
+        if not rows:
+            raise NotFound(f"no object in the store starts with {text}")
+        if len(rows) > 1:
+            raise AmbiguousId(f"{text} matches several objects", "give more digits")
+        return str(rows[0][0])
+
+    def list(self, kind: str | None = None) -> list[ObjectInfo]:
+        sql = "SELECT id, kind, size FROM objects"
+        rows = self._q(sql + " WHERE kind = ? ORDER BY added, id", (kind,)) if kind else self._q(sql + " ORDER BY added, id")
+        return [ObjectInfo(r[0], r[1], r[2], ()) for r in rows]
+
+    def read_bytes(self, oid: str) -> bytes:
+        try:
+            return self.blob_path(oid).read_bytes()
+        except FileNotFoundError as exc:
+            raise StoreError(f"object {oid} has a row but no file", "run castore verify") from exc
+
+    def read_tree(self, oid: str) -> Tree:
+        return Tree.decode(self.read_bytes(oid))
+
+    def read_image(self, oid: str) -> Image:
+        return Image.decode(self.read_bytes(oid))
+
+    # -- staging ------------------------------------------------------------
+
+    def staging_dir(self, label: str = "build") -> Path:
+        """A fresh scratch directory on the store's filesystem; the caller removes it."""
+        self.clean_stale_staging()
+        path = self.tmp / f"{os.getpid()}-{label}-{os.urandom(4).hex()}"
+        path.mkdir(mode=0o755)
+        return path
+
+    def clean_stale_staging(self) -> int:
+        """Remove staging left by processes that no longer run."""
+        removed = 0
+        try:
+            names = os.listdir(self.tmp)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            pid_text = name.split("-", 1)[0]
+            if not pid_text.isdigit() or _alive(int(pid_text)):
+                continue
+            _remove(self.tmp / name)
+            removed += 1
+        return removed
+
+    def _stage_path(self) -> Path:
+        return self.tmp / f"{os.getpid()}-obj-{os.urandom(8).hex()}"
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group many adds: one syncfs and one transaction instead of one fsync per file."""
+        if self._pending is not None:
+            yield
+            return
+        self._pending = _Pending()
+        try:
+            yield
+            self._flush()
+        finally:
+            pending, self._pending = self._pending, None
+            for p in pending.files.values():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    def _flush(self) -> None:
+        pending = self._pending
+        assert pending is not None
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            _syncfs(fd)  # staged bytes durable before any rename publishes them
+            dirs = set()
+            for oid, staged in list(pending.files.items()):
+                dest = self.blob_path(oid)
+                if dest.parent not in dirs:
+                    dest.parent.mkdir(exist_ok=True)
+                    dirs.add(dest.parent)
+                os.rename(staged, dest)
+                del pending.files[oid]
+            _syncfs(fd)  # renames durable before the rows that announce them
+        except OSError as exc:
+            raise _store_os_error(exc, self.root) from exc
+        finally:
+            os.close(fd)
+        self._insert(pending.rows)
+
+    def _insert(self, rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
+        if not rows:
+            return
+        now = int(time.time())
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?)",
+                           [(oid, k, s, now) for oid, (k, s, _) in rows.items()])
+            db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)",
+                           [(oid, r) for oid, (_, _, refs) in rows.items() for r in refs])
+
+    def _publish(self, oid: str, staged: Path, kind: str, size: int, refs: tuple[str, ...]) -> str:
+        """Move a staged, hashed file into blobs/ (or drop it if present) and record it."""
+        missing = [r for r in refs if not self.has(r) and not (self._pending and r in self._pending.rows)]
+        if missing:
+            staged.unlink(missing_ok=True)
+            raise StoreError(f"{kind} {oid} references {missing[0]}, which is not in the store")
+        os.chmod(staged, 0o444)
+        if self._pending is not None:
+            with self._pending.lock:
+                if self.has(oid) or oid in self._pending.rows:
+                    staged.unlink()
+                else:
+                    self._pending.files[oid] = staged
+                    self._pending.rows[oid] = (kind, size, refs)
+            return oid
+        if self.has(oid):
+            staged.unlink()
+            return oid
+        dest = self.blob_path(oid)
+        try:
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(staged, dest)
+            dfd = os.open(dest.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            raise _store_os_error(exc, self.root) from exc
+        self._insert({oid: (kind, size, refs)})
+        return oid
+
+    # -- adding -------------------------------------------------------------
+
+    def add_bytes(self, data: bytes, kind: str = "blob", refs: Iterable[str] = ()) -> str:
+        oid = hash_bytes(data)
+        if self.has(oid):
+            return oid
+        staged = self._stage_path()
+        try:
+            with open(staged, "xb") as f:
+                f.write(data)
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            raise _store_os_error(exc, self.root) from exc
+        return self._publish(oid, staged, kind, len(data), tuple(sorted(set(refs))))
+
+    def add_file(self, path: str | os.PathLike[str], *, move: bool = False,
+                 expect: str | None = None) -> str:
+        """Copy (or, for staging on this filesystem, move) a file in as a blob."""
+        src = Path(path)
+        staged = self._stage_path()
+        try:
+            if move:
+                os.rename(src, staged)
+                with open(staged, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    oid = hash_fileobj(f, size)
+            else:
+                oid, size = _copy_hashing(src, staged)
+        except FileNotFoundError as exc:
+            staged.unlink(missing_ok=True)
+            raise NotFound(f"{src} does not exist") from exc
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            raise _store_os_error(exc, self.root, src) from exc
+        if expect is not None and oid != expect:
+            staged.unlink(missing_ok=True)
+            raise HashMismatch(str(src), expect, oid)
+        return self._publish(oid, staged, "blob", size, ())
+
+    def add_tree(self, tree: Tree) -> str:
+        return self.add_bytes(tree.encode(), "tree", tree.refs())
+
+    def add_image(self, image: Image) -> str:
+        return self.add_bytes(image.encode(), "image", image.refs())
+
+    def add_dir(self, root: str | os.PathLike[str], *, all_root: bool = False,
+                threads: int = 4) -> str:
+        """Import a directory as a tree: every file becomes a blob, metadata goes in the manifest."""
+        base = Path(root)
+        if not base.is_dir():
+            raise NotFound(f"{base} is not a directory")
+        entries: list[Entry] = []
+        files: list[tuple[int, str, Path]] = []
+        inodes: dict[tuple[int, int], str] = {}
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            try:
+                it = sorted(os.scandir(base / rel if rel else base), key=lambda d: d.name)
+            except OSError as exc:
+                raise _store_os_error(exc, self.root, base / rel) from exc
+            for d in it:
+                path = f"{rel}/{d.name}" if rel else d.name
+                st = d.stat(follow_symlinks=False)
+                uid, gid = (0, 0) if all_root else (st.st_uid, st.st_gid)
+                mode = stat.S_IMODE(st.st_mode)
+                if stat.S_ISDIR(st.st_mode):
+                    entries.append(Entry(path, "dir", mode, uid, gid))
+                    stack.append(path)
+                elif stat.S_ISREG(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    if st.st_nlink > 1 and key in inodes:
+                        entries.append(Entry(path, "hardlink", 0, uid, gid, target=inodes[key]))
+                        continue
+                    inodes[key] = path
+                    files.append((len(entries), path, Path(d.path)))
+                    entries.append(Entry(path, "file", mode, uid, gid, size=st.st_size))
+                elif stat.S_ISLNK(st.st_mode):
+                    entries.append(Entry(path, "symlink", 0o777, uid, gid, target=os.readlink(d.path)))
+                elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                    t = "char" if stat.S_ISCHR(st.st_mode) else "block"
+                    entries.append(Entry(path, t, mode, uid, gid, major=os.major(st.st_rdev), minor=os.minor(st.st_rdev)))
+                elif stat.S_ISFIFO(st.st_mode):
+                    entries.append(Entry(path, "fifo", mode, uid, gid))
+                # sockets are runtime state, not content: left out
+        with self.batch():
+            def one(item: tuple[int, str, Path]) -> tuple[int, str, int]:
+                index, _, full = item
+                staged = self._stage_path()
+                try:
+                    oid, size = _copy_hashing(full, staged)
+                except OSError as exc:
+                    staged.unlink(missing_ok=True)
+                    raise _store_os_error(exc, self.root, full) from exc
+                self._publish(oid, staged, "blob", size, ())
+                return index, oid, size
+
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                for index, oid, size in pool.map(one, files):
+                    e = entries[index]
+                    entries[index] = Entry(e.path, "file", e.mode, e.uid, e.gid, blob=oid, size=size)
+            entries.sort(key=lambda e: path_key(e.path))
+            tree = Tree(tuple(entries))
+            tid = self.add_tree(tree)
+        return tid
+
+    # -- realisations and roots ----------------------------------------------
+
+    def realisation(self, plan_hash: str) -> str | None:
+        rows = self._q("SELECT object FROM realisations WHERE plan = ?", (plan_hash,))
+        if rows and self.has(rows[0][0]):
+            return str(rows[0][0])
+        return None
+
+    def record_realisation(self, plan_hash: str, oid: str, record: bytes, name: str) -> None:
+        if not self.has(oid):
+            raise StoreError(f"cannot record a realisation of {oid}: not in the store")
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO realisations VALUES (?, ?, ?, ?, ?)",
+                       (plan_hash, oid, record, name, int(time.time())))
+
+    def plans_for(self, oid: str) -> list[tuple[str, str, Any]]:
+        """(plan hash, name, decoded plan record) of every realisation that produced oid."""
+        rows = self._q("SELECT plan, name, record FROM realisations WHERE object = ? ORDER BY created", (oid,))
+        return [(p, n, canonical.decode(r, "plan record")) for p, n, r in rows]
+
+    def plan_record(self, plan_hash: str) -> tuple[str, Any] | None:
+        rows = self._q("SELECT object, record FROM realisations WHERE plan = ?", (plan_hash,))
+        if not rows:
+            return None
+        return rows[0][0], canonical.decode(rows[0][1], "plan record")
+
+    def add_root(self, name: str, oid: str, *, link: bool = False) -> None:
+        if not self.has(oid):
+            raise NotFound(f"object {oid} is not in the store")
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO roots VALUES (?, ?, ?)", (name, oid, int(link)))
+
+    def remove_root(self, name: str) -> bool:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM roots WHERE name = ?", (name,)).rowcount > 0
+
+    def roots(self) -> list[tuple[str, str, bool]]:
+        return [(n, o, bool(link)) for n, o, link in self._q("SELECT name, object, link FROM roots ORDER BY name")]
+
+    def closure(self, oids: Iterable[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = list(oids)
+        while todo:
+            oid = todo.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            todo.extend(r[0] for r in self._q("SELECT ref FROM refs WHERE referrer = ?", (oid,)))
+        return seen
+
+    # -- locks ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
+        fd = os.open(self.locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- gc and verify ---------------------------------------------------------
+
+    def live_roots(self) -> list[str]:
+        """Root objects; out-links that were deleted or repointed stop being roots."""
+        live = []
+        for name, oid, link in self.roots():
+            if link:
+                try:
+                    target = os.readlink(name)
+                except OSError:
+                    self.remove_root(name)
+                    continue
+                if os.path.basename(target) != oid:
+                    self.remove_root(name)
+                    continue
+            live.append(oid)
+        return live
+
+    def gc(self, *, dry_run: bool = False) -> tuple[list[str], int]:
+        """Delete every object no root reaches; returns (deleted ids, bytes freed)."""
+        with self.lock("gc"):
+            keep = self.closure(self.live_roots())
+            dead = [(oid, size) for oid, size in self._q("SELECT id, size FROM objects") if oid not in keep]
+            if dry_run:
+                return [d for d, _ in dead], sum(s for _, s in dead)
+            # Rows go first: a crash then leaves stray files, never rows without files.
+            with self._transaction() as db:
+                for oid, _ in dead:
+                    db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+                    db.execute("DELETE FROM refs WHERE referrer = ?", (oid,))
+                    db.execute("DELETE FROM realisations WHERE object = ?", (oid,))
+            freed = 0
+            for oid, size in dead:
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(oid).unlink()
+                    freed += size
+            for stray in self.stray_files():
+                freed += stray.stat().st_size
+                stray.unlink()
+            self.clean_stale_staging()
+            return [d for d, _ in dead], freed
+
+    def stray_files(self) -> list[Path]:
+        known = {r[0] for r in self._q("SELECT id FROM objects")}
+        return [p for d in self.blobs.iterdir() if d.is_dir() for p in d.iterdir() if p.name not in known]
+
+    def verify(self, *, contents: bool = True) -> tuple[list[str], list[str]]:
+        """Check every object; returns (problems, notes). Problems mean corruption."""
+        problems: list[str] = []
+        notes: list[str] = []
+        rows = self._q("SELECT id, kind, size FROM objects")
+        known = {r[0] for r in rows}
+        for oid, kind, size in rows:
+            path = self.blob_path(oid)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                problems.append(f"{oid} ({kind}): file missing")
+                continue
+            if st.st_size != size:
+                problems.append(f"{oid} ({kind}): size {st.st_size}, expected {size}")
+                continue
+            if st.st_mode & 0o222:
+                problems.append(f"{oid} ({kind}): file is writable")
+            if contents:
+                with open(path, "rb") as f:
+                    actual = hash_fileobj(f, st.st_size)
+                if actual != oid:
+                    problems.append(f"{oid} ({kind}): content hashes to {actual}")
+                    continue
+            if kind == "tree":
+                try:
+                    self.read_tree(oid)
+                except CastoreError as exc:
+                    problems.append(f"{oid} (tree): {exc}")
+            elif kind == "image":
+                try:
+                    self.read_image(oid)
+                except CastoreError as exc:
+                    problems.append(f"{oid} (image): {exc}")
+        for referrer, ref in self._q("SELECT referrer, ref FROM refs"):
+            if ref not in known:
+                problems.append(f"{referrer}: references {ref}, which is missing")
+        for plan, oid in self._q("SELECT plan, object FROM realisations"):
+            if oid not in known:
+                problems.append(f"realisation of plan {plan} names missing object {oid}")
+        for stray in self.stray_files():
+            notes.append(f"stray file {stray.name} (no record; castore gc removes it)")
+        for name in os.listdir(self.tmp):
+            pid = name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                notes.append(f"staging left by a stopped process: tmp/{name} (removed by the next realize or gc)")
+        return problems, notes
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        def onerror(func: Any, p: str, exc: Any) -> None:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.dirname(p), 0o755)
+                os.chmod(p, 0o755)
+                func(p)
+        shutil.rmtree(path, onerror=onerror)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def remove_tree(path: Path) -> None:
+    _remove(path)
+
+
+def _copy_hashing(src: Path, dest: Path) -> tuple[str, int]:
+    """Copy src to a new file dest, returning the BLAKE3 id and size of what was copied."""
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= _SMALL:
+            data = f.read()
+            with open(dest, "xb") as out:
+                out.write(data)
+            return hash_bytes(data), len(data)
+        h = Hasher()
+        with open(dest, "xb") as out:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                out.write(chunk)
+        return h.hexdigest(), h.size
+
+
+def _store_os_error(exc: OSError, root: Path, what: Path | None = None) -> CastoreError:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"no space left on the device holding {root}",
+                          "nothing was added; free space (castore gc) and retry")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StoreError(f"permission denied: {exc.filename or what}")
+    return StoreError(f"I/O error on {exc.filename or what}: {exc.strerror}")

@@ -1,0 +1,183 @@
+"""The one way castore starts external programs.
+
+:func:`run` takes an argv list (never a shell string), runs it with a fixed,
+minimal environment, logs ``+ argv`` at debug level, streams output into a
+build log, and turns failures into :class:`ToolError` with the exit code and
+the tail of the output. A missing program raises :class:`ToolMissing` naming
+the Debian package to install. Children die with castore (PR_SET_PDEATHSIG),
+so a killed realize leaves no orphan writing into the store.
+
+:func:`tool_version` is how plans learn the version of each tool they run.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from castore.errors import ToolError, ToolMissing
+
+log = logging.getLogger("castore.tools")
+
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# 2000-01-01T00:00:00Z: every timestamp a builder writes, unless a plan says otherwise.
+SOURCE_DATE_EPOCH = 946684800
+
+
+@dataclass(frozen=True)
+class ToolInfo:
+    package: str
+    version_args: tuple[str, ...] = ("--version",)
+
+
+TOOLS: dict[str, ToolInfo] = {
+    "gensquashfs": ToolInfo("squashfs-tools-ng"),
+    "sqfs2tar": ToolInfo("squashfs-tools-ng"),
+    "unsquashfs": ToolInfo("squashfs-tools", ("-version",)),
+    "mksquashfs": ToolInfo("squashfs-tools", ("-version",)),
+    "mke2fs": ToolInfo("e2fsprogs", ("-V",)),
+    "debugfs": ToolInfo("e2fsprogs", ("-V",)),
+    "e2fsck": ToolInfo("e2fsprogs", ("-V",)),
+    "make": ToolInfo("make"),
+    "gcc": ToolInfo("gcc"),
+    "ld": ToolInfo("binutils"),
+    "flex": ToolInfo("flex"),
+    "bison": ToolInfo("bison"),
+    "bc": ToolInfo("bc"),
+    "perl": ToolInfo("perl"),
+    "tar": ToolInfo("tar"),
+    "xz": ToolInfo("xz-utils"),
+    "bwrap": ToolInfo("bubblewrap"),
+    "apt-get": ToolInfo("apt"),
+    "qemu-system-x86_64": ToolInfo("qemu-system-x86"),
+    "nginx": ToolInfo("nginx", ("-v",)),
+}
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": SYSTEM_PATH,
+        "LC_ALL": "C",  # messages and sort order independent of the user's locale
+        "TZ": "UTC",  # timestamps rendered the same everywhere
+        "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH),  # tools that honour it stamp this time
+        "HOME": "/nonexistent",  # no per-user dotfiles leak into a build
+    }
+    if extra:
+        env.update(extra)
+    return env
+
+
+def which(tool: str) -> str:
+    found = shutil.which(tool, path=SYSTEM_PATH)
+    if found is None:
+        info = TOOLS.get(tool)
+        hint = f"install it: apt-get install {info.package}" if info else None
+        raise ToolMissing(f"{tool} is not installed", hint)
+    return found
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    returncode: int
+    output: bytes
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    log_file: BinaryIO | None = None,
+    on_line: Callable[[str], None] | None = None,
+    stdin: bytes | None = None,
+    check: bool = True,
+    ok_codes: Sequence[int] = (0,),
+    timeout: float | None = None,
+) -> Result:
+    """Run argv; output (stdout and stderr merged) goes to log_file and is returned."""
+    argv = [str(a) for a in argv]
+    exe = argv[0] if "/" in argv[0] else which(argv[0])
+    log.debug("+ %s", shlex.join(argv))
+    if log_file is not None:
+        log_file.write(f"+ {shlex.join(argv)}\n".encode())
+        log_file.flush()
+    tail: collections.deque[bytes] = collections.deque(maxlen=40)
+    chunks: list[bytes] = []
+    try:
+        proc = subprocess.Popen(
+            [exe, *argv[1:]],
+            cwd=cwd,
+            env=base_env(env),
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+    except FileNotFoundError as exc:
+        raise ToolMissing(f"{argv[0]} could not be started: {exc.strerror}") from exc
+    try:
+        if stdin is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line)
+            if log_file is not None:
+                log_file.write(line)
+            else:
+                chunks.append(line)
+            if on_line is not None:
+                on_line(line.decode(errors="replace").rstrip("\n"))
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        proc.kill()
+        proc.wait()
+        raise ToolError(f"{argv[0]} timed out after {timeout} s") from exc
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if log_file is not None:
+        log_file.flush()
+    if check and code not in ok_codes:
+        text = b"".join(tail).decode(errors="replace").rstrip()
+        raise ToolError(
+            f"{argv[0]} failed with exit code {code}:\n{text}" if text else f"{argv[0]} failed with exit code {code}",
+            returncode=code,
+            stderr=text,
+        )
+    return Result(argv, code, b"".join(chunks) if log_file is None else b"".join(tail))
+
+
+def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> str:
+    """The first line a tool prints about its version, cached by its binary's identity."""
+    path = which(tool)
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    if cache is not None and key in cache:
+        return cache[key]
+    info = TOOLS.get(tool, ToolInfo(tool))
+    res = run([path, *info.version_args], check=False)
+    lines = [ln.strip() for ln in res.output.decode(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        raise ToolError(f"{tool} printed no version")
+    version = lines[0]
+    if cache is not None:
+        cache[key] = version
+    return version
