@@ -51,7 +51,7 @@ def _open_tar(f: IO[bytes], what: str) -> tarfile.TarFile:
         import zstandard
 
         reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        return tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload, no-any-return]
+        return tarfile.open(fileobj=io.BytesIO(reader.readall()), mode="r|")
     try:
         return tarfile.open(fileobj=f, mode="r|*")
     except tarfile.TarError as exc:
@@ -87,6 +87,7 @@ def unpack_archive(archive: Path, scratch: Path) -> TreeResult:
         f: IO[bytes] = raw
         if raw.read(8) == _AR_MAGIC:
             f = _deb_data(raw, what)
+        raw.seek(0)
         entries: dict[str, Entry] = {}
         new_blobs: dict[str, Path] = {}
         try:

@@ -1,0 +1,88 @@
+"""Small test helpers: build contexts without a store, tarballs, a local HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from castore.builders import BuildContext, Input
+
+
+def context(tmp_path: Path, params: dict[str, Any], inputs: dict[str, Input] | None = None,
+            blobs: Path | None = None, plan_hash: str = "f" * 64) -> BuildContext:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    log = open(tmp_path / "build.log", "wb")  # noqa: SIM115 - closed with the tmp dir
+    blobs = blobs or tmp_path / "blobs"
+    return BuildContext(scratch=scratch, out=scratch / "out", params=params, inputs=inputs or {},
+                        plan_hash=plan_hash, blob_path=lambda oid: blobs / oid[:2] / oid, log=log)
+
+
+def tarball(members: list[tuple[str, str, Any]], mode: str = "w:gz") -> bytes:
+    """members: (name, type, data-or-linkname); type in file, dir, sym, hard."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            if kind == "file":
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+                continue
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+            elif kind == "sym":
+                info.type = tarfile.SYMTYPE
+                info.linkname = value
+            elif kind == "hard":
+                info.type = tarfile.LNKTYPE
+                info.linkname = value
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    delay: float = 0.0
+
+    def do_GET(self) -> None:  # noqa: N802
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        step = 64 * 1024
+        try:
+            for i in range(0, len(data), step):
+                self.wfile.write(data[i:i + step])
+                if self.delay:
+                    time.sleep(self.delay)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def http_server(files: dict[str, bytes], delay: float = 0.0) -> Iterator[tuple[str, type[_Handler]]]:
+    handler = type("Handler", (_Handler,), {"files": files, "delay": delay})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,6 @@
+from castore import recipe
+
+
+@recipe
+def default():
+    return 42

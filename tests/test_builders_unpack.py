@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from castore.builders.unpack import unpack_archive
+from castore.errors import CastoreError, UnsafeArchive
+from tests.conftest import castore, snapshot
+from tests.helpers import tarball
+
+
+def _write(tmp_path: Path, data: bytes, name: str = "a.tar") -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    (tmp_path / "scratch").mkdir(exist_ok=True)
+    return p
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:xz"])
+def test_formats(tmp_path: Path, mode: str) -> None:
+    data = tarball([("./etc", "dir", None), ("./etc/a", "file", b"A"), ("./etc/b", "hard", "etc/a"),
+                    ("./bin/sh", "sym", "busybox")], mode)
+    res = unpack_archive(_write(tmp_path, data), tmp_path / "scratch")
+    types = {e.path: e.type for e in res.tree}
+    assert types == {"bin": "dir", "bin/sh": "symlink", "etc": "dir", "etc/a": "file", "etc/b": "hardlink"}
+    assert len(res.new_blobs) == 1
+
+
+def test_zstd_and_deb(tmp_path: Path) -> None:
+    plain = tarball([("usr/x", "file", b"x" * 1000)], "w")
+    zst = zstandard.ZstdCompressor().compress(plain)
+    res = unpack_archive(_write(tmp_path, zst, "a.tar.zst"), tmp_path / "scratch")
+    assert res.tree.get("usr/x") is not None
+    # a .deb is an ar archive whose data.tar.* member holds the files
+    def member(name: str, body: bytes) -> bytes:
+        head = f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(body):<10}`\n".encode()
+        return head + body + (b"\n" if len(body) % 2 else b"")
+    deb = b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("control.tar.gz", b"junk") + \
+        member("data.tar.zst", zst)
+    res = unpack_archive(_write(tmp_path, deb, "p.deb"), tmp_path / "scratch")
+    assert res.tree.get("usr/x") is not None
+
+
+@pytest.mark.parametrize("members, message", [
+    ([("../evil", "file", b"x")], "climbs out"),
+    ([("a/../../evil", "file", b"x")], "climbs out"),
+    ([("/etc/passwd", "file", b"x")], "absolute path"),
+    ([("link", "sym", "../../../etc")], "points outside"),
+    ([("d/link", "sym", "../../etc")], "points outside"),
+    ([("link", "sym", "/etc"), ("link/passwd", "file", b"x")], "beneath 'link'"),
+    ([("h", "hard", "/etc/shadow")], "absolute target"),
+    ([("h", "hard", "nothing-here")], "does not name an earlier file"),
+])
+def test_hostile_entries_are_refused(tmp_path: Path, members: list, message: str) -> None:
+    with pytest.raises(UnsafeArchive, match=message):
+        unpack_archive(_write(tmp_path, tarball(members)), tmp_path / "scratch")
+
+
+def test_garbage_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CastoreError, match="not a tar archive|corrupt"):
+        unpack_archive(_write(tmp_path, b"\x1f\x8b garbage" * 10), tmp_path / "scratch")
+
+
+def test_hostile_tarball_through_realize_adds_nothing(tmp_path: Path) -> None:
+    """The CLI path: the error names the recipe line, and the store keeps only the fetched archive."""
+    data = tarball([("ok", "file", b"fine"), ("../../escape", "file", b"evil")])
+    archive = tmp_path / "evil.tar.gz"
+    archive.write_bytes(data)
+    env = {"CASTORE_TEST_URL": f"file://{archive}", "CASTORE_TEST_SHA256": hashlib.sha256(data).hexdigest()}
+    store = tmp_path / "store"
+    proc = castore("realize", "tests/recipes/fetching.py:unpacked", store=store, env=env, check=False)
+    assert proc.returncode == 1
+    assert "fetching.py:15" in proc.stderr and "climbs out" in proc.stderr
+    files, ids = snapshot(store)
+    assert len(ids) == 1 and files == set(ids)  # just the archive itself
+    assert castore("verify", store=store).returncode == 0
+    assert list((store / "tmp").iterdir()) == []
+
+
+def test_tar_with_symlink_dir_replaced(tmp_path: Path) -> None:
+    # a later directory entry replacing a file is fine; contents stay inside the root
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("a", "a/b"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    res = unpack_archive(_write(tmp_path, buf.getvalue()), tmp_path / "scratch")
+    assert [e.path for e in res.tree] == ["a", "a/b"]

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from castore.errors import AmbiguousId, HashMismatch, NotFound, StoreError
+from castore.hashing import hash_bytes
+from castore.manifest import Entry, Image, Layer, Tree
+from castore.store import LocalStore
+
+
+def test_add_bytes_file_and_lookups(store: LocalStore, tmp_path: Path) -> None:
+    oid = store.add_bytes(b"hello")
+    assert oid == hash_bytes(b"hello")
+    assert store.blob_path(oid).read_bytes() == b"hello"
+    assert store.blob_path(oid).stat().st_mode & 0o777 == 0o444
+    f = tmp_path / "k"
+    f.write_bytes(os.urandom(9 << 20))
+    fid = store.add_file(f)
+    assert store.info(fid).size == 9 << 20 and f.exists()
+    assert store.add_file(f) == fid  # dedup
+    assert store.resolve(fid[:8]) == fid
+    with pytest.raises(NotFound):
+        store.resolve("0123456789")
+    with pytest.raises(NotFound):
+        store.resolve("xyz")
+
+
+def test_ambiguous_prefix(store: LocalStore) -> None:
+    a, b = "abcdef01" + "0" * 56, "abcdef01" + "1" * 56
+    store._insert({a: ("blob", 0, ()), b: ("blob", 0, ())})
+    with pytest.raises(AmbiguousId):
+        store.resolve("abcdef01")
+    assert store.resolve("abcdef010") == a
+
+
+def test_expect_mismatch_adds_nothing(store: LocalStore, tmp_path: Path) -> None:
+    f = tmp_path / "x"
+    f.write_bytes(b"data")
+    with pytest.raises(HashMismatch):
+        store.add_file(f, expect="0" * 64)
+    assert store.list() == [] and os.listdir(store.tmp) == []
+
+
+def test_tree_and_image_need_their_references(store: LocalStore) -> None:
+    t = Tree.build([Entry("a", "file", 0o644, blob="1" * 64, size=1)])
+    with pytest.raises(StoreError, match="not in the store"):
+        store.add_tree(t)
+    assert store.list() == []
+    b = store.add_bytes(b"x")
+    tid = store.add_tree(Tree.build([Entry("a", "file", 0o644, blob=b, size=1)]))
+    assert store.info(tid).refs == (b,) and store.read_tree(tid).get("a") is not None
+    img = Image(kernel=b, layers=(Layer(b),), cmdline="", overlay_size=1, vcpus=1, mem_mib=64)
+    iid = store.add_image(img)
+    assert store.read_image(iid) == img and store.closure([iid]) == {iid, b}
+
+
+def test_add_dir_keeps_metadata(store: LocalStore, tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "f").write_text("one")
+    (d / "x").write_text("two")
+    os.chmod(d / "x", 0o751)
+    os.link(d / "x", d / "y")
+    os.symlink("../x", d / "sub" / "l")
+    os.mkfifo(d / "p")
+    tid = store.add_dir(d, all_root=True)
+    t = store.read_tree(tid)
+    assert {e.path: e.type for e in t} == {"p": "fifo", "sub": "dir", "sub/f": "file", "sub/l": "symlink",
+                                           "x": "file", "y": "hardlink"}
+    x = t.get("x")
+    assert x is not None and x.mode == 0o751 and x.uid == 0
+    assert store.blob_path(x.blob or "").read_text() == "two"
+    assert store.add_dir(d, all_root=True) == tid  # same content, same id
+    problems, notes = store.verify()
+    assert problems == [] and notes == []
+
+
+def test_gc_keeps_roots_and_removes_the_rest(store: LocalStore, tmp_path: Path) -> None:
+    keep = store.add_bytes(b"keep")
+    tid = store.add_tree(Tree.build([Entry("k", "file", 0o644, blob=keep, size=4)]))
+    gone = store.add_bytes(b"gone")
+    link = tmp_path / "result"
+    os.symlink(store.blob_path(tid), link)
+    store.add_root(str(link), tid, link=True)
+    dead, freed = store.gc()
+    assert dead == [gone] and freed == 4
+    assert store.has(tid) and store.has(keep) and not store.blob_path(gone).exists()
+    link.unlink()  # a deleted out-link stops being a root
+    dead, _ = store.gc()
+    assert sorted(dead) == sorted([tid, keep]) and store.roots() == []
+
+
+def test_verify_finds_corruption(store: LocalStore) -> None:
+    oid = store.add_bytes(b"precious")
+    p = store.blob_path(oid)
+    os.chmod(p, 0o644)
+    p.write_bytes(b"precioUs")
+    os.chmod(p, 0o444)
+    problems, _ = store.verify()
+    assert any("hashes to" in x for x in problems)
+    p.unlink()
+    problems, _ = store.verify()
+    assert any("missing" in x for x in problems)
+
+
+def test_stray_files_and_stale_staging_are_notes_then_cleaned(store: LocalStore) -> None:
+    (store.blobs / "ab").mkdir()
+    (store.blobs / "ab" / ("ab" * 32)).write_bytes(b"complete but unrecorded")
+    dead_pid = 2**22 + 7  # above the default pid_max: never a live process
+    (store.tmp / f"{dead_pid}-build-x").mkdir()
+    problems, notes = store.verify()
+    assert problems == [] and len(notes) == 2
+    store.gc()
+    assert store.verify() == ([], [])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_full_disk_leaves_the_store_as_it_was(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        s = LocalStore(mnt / "store")
+        small = s.add_bytes(b"fits")
+        big = tmp_path / "big"
+        big.write_bytes(os.urandom(4 << 20))
+        with pytest.raises(StoreError, match="no space left"):
+            s.add_file(big)
+        with pytest.raises(StoreError, match="no space left"):
+            s.add_dir(tmp_path, all_root=True)
+        assert [o.id for o in s.list()] == [small]
+        assert os.listdir(s.tmp) == []
+        assert s.verify() == ([], [])
+        s.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
