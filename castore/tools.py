@@ -153,6 +153,9 @@ def run(
         proc.kill()
         proc.wait()
         raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
     if log_file is not None:
         log_file.flush()
     if check and code not in ok_codes:

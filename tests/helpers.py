@@ -18,8 +18,8 @@ from castore.builders import BuildContext, Input
 def context(tmp_path: Path, params: dict[str, Any], inputs: dict[str, Input] | None = None,
             blobs: Path | None = None, plan_hash: str = "f" * 64) -> BuildContext:
     scratch = tmp_path / "scratch"
-    scratch.mkdir(exist_ok=True)
-    log = open(tmp_path / "build.log", "wb")  # noqa: SIM115 - closed with the tmp dir
+    scratch.mkdir(parents=True, exist_ok=True)
+    log = io.BytesIO()
     blobs = blobs or tmp_path / "blobs"
     return BuildContext(scratch=scratch, out=scratch / "out", params=params, inputs=inputs or {},
                         plan_hash=plan_hash, blob_path=lambda oid: blobs / oid[:2] / oid, log=log)

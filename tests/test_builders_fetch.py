@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from castore.builders.fetch import FETCH
+from castore.errors import CastoreError, HashMismatch
+from castore.hashing import hash_bytes
+from tests.conftest import castore, snapshot
+from tests.helpers import context, http_server
+
+
+def test_http_fetch_checks_the_hash(tmp_path: Path) -> None:
+    data = b"payload" * 1000
+    with http_server({"/f": data}) as (url, _):
+        ctx = context(tmp_path, {"url": f"{url}/f", "blake3": hash_bytes(data)})
+        FETCH.build(ctx)
+        assert ctx.out.read_bytes() == data
+        ctx = context(tmp_path / "x", {"url": f"{url}/f", "sha256": "0" * 64})
+        with pytest.raises(HashMismatch) as err:
+            FETCH.build(ctx)
+        assert err.value.actual == hashlib.sha256(data).hexdigest()
+        ctx = context(tmp_path / "y", {"url": f"{url}/missing", "sha256": "0" * 64})
+        with pytest.raises(CastoreError, match="HTTP 404"):
+            FETCH.build(ctx)
+
+
+def test_hash_mismatch_through_realize_adds_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"the real bytes")
+    store = tmp_path / "store"
+    castore("realize", "tests/recipes/small.py:hello", store=store)  # something already there
+    before = snapshot(store)
+    env = {"CASTORE_TEST_URL": f"file://{src}", "CASTORE_TEST_SHA256": "1" * 64}
+    proc = castore("realize", "tests/recipes/fetching.py:download", store=store, env=env, check=False)
+    assert proc.returncode == 1
+    assert "expected sha256:" + "1" * 64 in proc.stderr
+    assert "actual   sha256:" + hashlib.sha256(b"the real bytes").hexdigest() in proc.stderr
+    assert snapshot(store) == before
+    assert list((store / "tmp").iterdir()) == []
+    assert castore("verify", store=store).returncode == 0
