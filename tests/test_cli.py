@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tests.conftest import castore, castore_json
+
+
+def test_help_teaches() -> None:
+    out = castore("--help").stdout
+    for cmd in ("realize", "add", "export", "show", "path", "ls", "verify", "gc", "log"):
+        assert cmd in out
+    assert "castore realize recipes/app.py" in castore("realize", "--help").stdout
+
+
+def test_add_show_path_export_roundtrip(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(os.urandom(1 << 20))
+    added = castore_json("add", str(kernel), store=store)
+    assert added["kind"] == "blob" and Path(added["path"]).read_bytes() == kernel.read_bytes()
+    assert castore("path", added["id"][:10], store=store).stdout.strip() == added["path"]
+    d = tmp_path / "tree"
+    (d / "etc").mkdir(parents=True)
+    (d / "etc" / "x").write_text("x")
+    os.symlink("etc/x", d / "link")
+    tree = castore_json("add", "--all-root", str(d), store=store)
+    assert tree["kind"] == "tree"
+    shown = castore_json("show", tree["id"], store=store)
+    assert {e["path"] for e in shown["entries"]} == {"etc", "etc/x", "link"} and shown["plans"] == []
+    castore("export", tree["id"], str(tmp_path / "out"), store=store)
+    assert (tmp_path / "out" / "etc" / "x").read_text() == "x" and os.readlink(tmp_path / "out" / "link") == "etc/x"
+    castore("export", added["id"], str(tmp_path / "k2"), store=store)
+    assert (tmp_path / "k2").read_bytes() == kernel.read_bytes()
+    again = castore("export", added["id"], str(tmp_path / "k2"), store=store, check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    listing = castore_json("ls", store=store)
+    assert {o["id"] for o in listing} >= {added["id"], tree["id"]}
+
+
+def test_show_names_the_plan_and_log(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    res = castore_json("realize", "tests/recipes/small.py:rootfs", store=store)
+    shown = castore_json("show", res["id"], store=store)
+    record = shown["plans"][0]["record"]
+    assert record["builder"] == "squashfs" and "gensquashfs" in record["tools"]
+    assert record["params"] == {"block_size": 131072, "compression": "gzip"}
+    text = castore("show", res["id"], store=store).stdout
+    assert "made by plan" in text and "tool    gensquashfs" in text
+    assert "gensquashfs" in castore("log", res["id"], store=store).stdout
+
+
+def test_out_link_is_a_gc_root(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    link = tmp_path / "result"
+    res = castore_json("realize", "tests/recipes/small.py:rootfs", "-o", str(link), store=store)
+    assert os.readlink(link) == res["path"]
+    garbage = castore_json("add", str(Path(__file__)), store=store)["id"]
+    gc = castore_json("gc", store=store)
+    # build inputs (the tree, its blobs) are not referenced by a squashfs blob: they go too
+    assert garbage in gc["deleted"] and res["id"] not in gc["deleted"]
+    assert castore_json("verify", store=store)["ok"]
+    assert Path(res["path"]).exists()
+    link.unlink()
+    assert castore_json("gc", store=store)["deleted"] == [res["id"]]
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    proc = castore("show", "deadbeefdeadbeef", store=tmp_path / "nostore", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: no castore store")
+    assert "Traceback" not in proc.stderr
+    proc = castore("realize", "tests/recipes/bad_raise.py", store=tmp_path / "s", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "bad_raise.py:5" in proc.stderr
+    proc = castore("--debug", "realize", "tests/recipes/bad_raise.py", store=tmp_path / "s", check=False)
+    assert "Traceback" in proc.stderr
+
+
+def test_json_of_realize_names_the_paths(tmp_path: Path) -> None:
+    res = castore_json("realize", "tests/recipes/small.py:overlay", store=tmp_path / "s")
+    assert res["kind"] == "blob" and len(res["id"]) == 64 and res["built"] == ["overlay"]
+    fsck = subprocess.run(["e2fsck", "-fn", res["path"]], capture_output=True)
+    assert fsck.returncode == 0
+    assert json.loads(castore("ls", "--json", store=tmp_path / "s").stdout)[0]["name"] == "overlay"

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from castore.realize import Realizer
+from castore.recipes import load_file
+from castore.store import LocalStore
+from tests.conftest import CASTORE, REPO, RECIPES, castore, castore_json, snapshot
+from tests.helpers import http_server
+
+
+def test_second_realize_builds_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    first = castore_json("realize", "tests/recipes/small.py:rootfs", store=store)
+    assert first["built"] == ["layer", "rootfs"]
+    second = castore_json("realize", "tests/recipes/small.py:rootfs", store=store)
+    assert second["id"] == first["id"] and second["built"] == []
+    dry = castore("realize", "tests/recipes/small.py:rootfs", "--dry-run", store=store)
+    assert "nothing to do" in dry.stdout
+
+
+def test_dry_run_lists_what_would_run_and_builds_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    out = castore_json("realize", "tests/recipes/small.py:rootfs", "--dry-run", store=store)
+    assert [p["action"] for p in out["plans"]] == ["build", "build"]
+    assert snapshot(store)[1] == []
+
+
+def test_realizer_in_process_and_concurrent_builds_once(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path / "store")
+    plan = load_file(RECIPES / "small.py")["rootfs"].evaluate()
+    out = Realizer(s).realize(plan)
+    assert [st.how for st in out.steps] == ["built", "built"]
+    again = Realizer(s).realize(plan)
+    assert [st.how for st in again.steps] == ["present", "present"] and again.root.oid == out.root.oid
+    s.close()
+    # two processes racing on a fresh store: one builds, the other waits on the plan lock and reuses
+    store2 = tmp_path / "store2"
+    procs = [subprocess.Popen([CASTORE, "--store", str(store2), "realize", "tests/recipes/small.py:rootfs",
+                               "--json"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    import json
+
+    built = [json.loads(o[0])["built"] for o in outs]
+    assert sum(map(len, built)) == 2  # each step built by exactly one of them
+
+
+def test_kill_9_during_a_build_leaves_the_store_as_it_was(tmp_path: Path) -> None:
+    data = os.urandom(8 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    store = tmp_path / "store"
+    castore("realize", "tests/recipes/small.py:hello", store=store)
+    before = snapshot(store)
+    with http_server({"/big": data}, delay=0.05) as (url, _):
+        env = {**os.environ, "CASTORE_TEST_URL": f"{url}/big", "CASTORE_TEST_SHA256": sha}
+        proc = subprocess.Popen([CASTORE, "--store", str(store), "realize", "tests/recipes/fetching.py:download"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        partial = None
+        while time.monotonic() < deadline and partial is None:
+            for out in (store / "tmp").glob("*/out"):
+                if out.stat().st_size > 256 * 1024:
+                    partial = out
+            time.sleep(0.05)
+        assert partial is not None, "the download never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert snapshot(store) == before  # no partial object, no record
+        verify = castore("verify", "--json", store=store)
+        assert '"ok": true' in verify.stdout and "staging left by a stopped process" in verify.stdout
+        _.delay = 0.0
+        res = castore_json("realize", "tests/recipes/fetching.py:download", store=store, env=env)
+    assert Path(res["path"]).read_bytes() == data
+    assert list((store / "tmp").iterdir()) == []  # the stale staging was cleaned
+    assert castore("verify", store=store).stdout.endswith("0 problem(s)\n")
+
+
+def test_failed_build_keeps_log_and_nothing_else(tmp_path: Path) -> None:
+    f = tmp_path / "r.py"
+    f.write_text("from castore import recipe, tree\n\n@recipe\ndef default():\n"
+                 "    return tree().dirs('/a').remove('/b')\n")
+    store = tmp_path / "store"
+    proc = castore("realize", str(f), store=store, check=False)
+    assert proc.returncode == 1 and "r.py:5" in proc.stderr and "remove: b is not in the tree" in proc.stderr
+    assert snapshot(store) == (set(), [])
+    logs = list((store / "logs").iterdir())
+    assert len(logs) == 1 and "is not in the tree" in logs[0].read_text()

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from castore.errors import ToolError, ToolMissing
+from castore.tools import base_env, run, tool_version
+
+
+def test_run_fixed_environment_and_log() -> None:
+    log = io.BytesIO()
+    res = run(["sh", "-c", "echo $LC_ALL $TZ $SOURCE_DATE_EPOCH; echo err >&2"], log_file=log,
+              env={"EXTRA": "1"})
+    text = log.getvalue().decode()
+    assert text.startswith("+ sh -c") and "C UTC 946684800" in text and "err" in text
+    assert res.returncode == 0
+    assert "HOME" in base_env() and "LD_PRELOAD" not in base_env()
+
+
+def test_failure_has_exit_code_and_tail() -> None:
+    with pytest.raises(ToolError) as err:
+        run(["sh", "-c", "echo first; echo last-words; exit 3"])
+    assert err.value.returncode == 3 and "last-words" in err.value.message
+
+
+def test_missing_tool_names_the_package() -> None:
+    with pytest.raises(ToolMissing):
+        run(["castore-no-such-tool"])
+    from castore import tools
+
+    tools.TOOLS["castore-no-such-tool"] = tools.ToolInfo("castore-pkg")
+    try:
+        with pytest.raises(ToolMissing) as err:
+            tool_version("castore-no-such-tool")
+        assert err.value.hint == "install it: apt-get install castore-pkg"
+    finally:
+        del tools.TOOLS["castore-no-such-tool"]
+
+
+def test_tool_version_cached() -> None:
+    cache: dict[str, str] = {}
+    v = tool_version("gensquashfs", cache)
+    assert "1." in v and list(cache.values()) == [v]
+    assert tool_version("gensquashfs", cache) == v
+    assert tool_version("mke2fs").startswith("mke2fs 1.")
