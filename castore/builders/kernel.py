@@ -3,8 +3,8 @@
 The fragment is applied on top of a base config (``tinyconfig`` by default),
 ``olddefconfig`` fills in the rest, and every option the fragment sets must
 survive it: a dropped option fails the build with the list of what went
-missing. The build runs under bubblewrap with the sources bound at /build
-(same paths on every machine), no network, and the KBUILD_BUILD_* variables
+missing. The build runs under bubblewrap with the sources bound at a fixed path
+(same paths on every machine) at /tmp/build, no network, and the KBUILD_BUILD_* variables
 fixed, which makes vmlinux bit-for-bit reproducible.
 """
 
@@ -45,18 +45,21 @@ def missing_options(wanted: dict[str, str], config_text: str) -> list[str]:
     return [f"{k}={v} (got {have.get(k, 'n')})" for k, v in wanted.items() if have.get(k, "n") != v]
 
 
+BUILD_DIR = "/tmp/build"  # on the sandbox's own tmpfs, so it exists whatever the host has
+
+
 def _sandboxed(work: Path, argv: list[str]) -> list[str]:
     return [
         "bwrap",
         "--ro-bind", "/", "/",  # the host's toolchain, read-only
-        "--bind", str(work), "/build",  # same source path on every machine
         "--tmpfs", "/tmp",
+        "--bind", str(work), BUILD_DIR,  # same source path on every machine
         "--dev", "/dev",
         "--proc", "/proc",
         "--unshare-all",  # no network, own pid/ipc/uts namespaces
         "--hostname", "castore",
         "--die-with-parent",
-        "--chdir", "/build",
+        "--chdir", BUILD_DIR,
         "--",
         *argv,
     ]
