@@ -289,7 +289,7 @@ def ls(
     with _store(create=False) as store:
         names = {oid: n for oid, n in store._q("SELECT object, name FROM realisations")}
         roots = {o for _, o, _ in store.roots()}
-        objs = store.list(kind)
+        objs = store.objects(kind)
         if as_json:
             _emit([{"id": o.id, "kind": o.kind, "size": o.size, "name": names.get(o.id),
                     "root": o.id in roots} for o in objs])
@@ -317,7 +317,7 @@ def verify(
     """Re-hash every object and check references and realisations; exit 1 on corruption."""
     with _store(create=False) as store:
         problems, notes = store.verify(contents=not no_contents)
-        count = len(store.list())
+        count = len(store.objects())
         if as_json:
             _emit({"objects": count, "problems": problems, "notes": notes, "ok": not problems})
         else:
@@ -376,7 +376,7 @@ def log(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()  # click's standalone mode handles usage errors and exits; ours come through
     except CastoreError as exc:
         if _state["debug"]:
             import traceback
@@ -389,17 +389,6 @@ def main() -> None:
     except KeyboardInterrupt:
         _err("interrupted; the store is unchanged by the step that was running")
         sys.exit(130)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

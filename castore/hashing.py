@@ -31,7 +31,7 @@ def is_prefix(text: str) -> bool:
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:
-    return blake3.blake3(data).hexdigest()  # type: ignore[no-any-return]
+    return blake3.blake3(data).hexdigest()
 
 
 class Hasher:
@@ -49,7 +49,7 @@ class Hasher:
         self.size += len(data)
 
     def hexdigest(self) -> str:
-        return self._b3.hexdigest()  # type: ignore[no-any-return]
+        return self._b3.hexdigest()
 
     def sha256(self) -> str:
         assert self._sha is not None, "Hasher(sha256=True) needed"
@@ -63,8 +63,8 @@ def hash_fileobj(f: BinaryIO, size: int) -> str:
         if size >= _THREADED_MIN:
             h = blake3.blake3(max_threads=blake3.blake3.AUTO)
             h.update(m)
-            return h.hexdigest()  # type: ignore[no-any-return]
-        return blake3.blake3(m).hexdigest()  # type: ignore[no-any-return]
+            return h.hexdigest()
+        return blake3.blake3(m).hexdigest()
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 from castore.builders import (
     BlobInput,
     BlobResult,
-    Builder,
     BuildContext,
+    Builder,
     ExistingResult,
     ImageResult,
     Input,

@@ -131,7 +131,8 @@ def fetch(
     if not url.startswith(("http://", "https://", "file://")):
         raise _fail(f"fetch URL {url!r} must start with http://, https:// or file://")
     if (sha256 is None) == (blake3 is None):
-        raise _fail("fetch needs exactly one of sha256= or blake3=", "run it once with a dummy hash to see the real one")
+        raise _fail("fetch needs exactly one of sha256= or blake3=",
+                    "run it once with a dummy hash to see the real one")
     algo, digest = ("sha256", sha256) if sha256 is not None else ("blake3", blake3)
     assert digest is not None
     if not re.fullmatch(r"[0-9a-f]{64}", digest):

@@ -181,9 +181,12 @@ class LocalStore:
             raise AmbiguousId(f"{text} matches several objects", "give more digits")
         return str(rows[0][0])
 
-    def list(self, kind: str | None = None) -> list[ObjectInfo]:
+    def objects(self, kind: str | None = None) -> list[ObjectInfo]:
         sql = "SELECT id, kind, size FROM objects"
-        rows = self._q(sql + " WHERE kind = ? ORDER BY added, id", (kind,)) if kind else self._q(sql + " ORDER BY added, id")
+        if kind:
+            rows = self._q(sql + " WHERE kind = ? ORDER BY added, id", (kind,))
+        else:
+            rows = self._q(sql + " ORDER BY added, id")
         return [ObjectInfo(r[0], r[1], r[2], ()) for r in rows]
 
     def read_bytes(self, oid: str) -> bytes:
@@ -391,7 +394,8 @@ class LocalStore:
                     entries.append(Entry(path, "symlink", 0o777, uid, gid, target=os.readlink(d.path)))
                 elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                     t = "char" if stat.S_ISCHR(st.st_mode) else "block"
-                    entries.append(Entry(path, t, mode, uid, gid, major=os.major(st.st_rdev), minor=os.minor(st.st_rdev)))
+                    dev = st.st_rdev
+                    entries.append(Entry(path, t, mode, uid, gid, major=os.major(dev), minor=os.minor(dev)))
                 elif stat.S_ISFIFO(st.st_mode):
                     entries.append(Entry(path, "fifo", mode, uid, gid))
                 # sockets are runtime state, not content: left out

@@ -98,7 +98,7 @@ class Result:
 
 
 def run(
-    argv: Sequence[str],
+    argv: Sequence[str | os.PathLike[str]],
     *,
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -110,17 +110,17 @@ def run(
     timeout: float | None = None,
 ) -> Result:
     """Run argv; output (stdout and stderr merged) goes to log_file and is returned."""
-    argv = [str(a) for a in argv]
-    exe = argv[0] if "/" in argv[0] else which(argv[0])
-    log.debug("+ %s", shlex.join(argv))
+    args = [os.fspath(a) for a in argv]
+    exe = args[0] if "/" in args[0] else which(args[0])
+    log.debug("+ %s", shlex.join(args))
     if log_file is not None:
-        log_file.write(f"+ {shlex.join(argv)}\n".encode())
+        log_file.write(f"+ {shlex.join(args)}\n".encode())
         log_file.flush()
     tail: collections.deque[bytes] = collections.deque(maxlen=40)
     chunks: list[bytes] = []
     try:
         proc = subprocess.Popen(
-            [exe, *argv[1:]],
+            [exe, *args[1:]],
             cwd=cwd,
             env=base_env(env),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -129,7 +129,7 @@ def run(
             preexec_fn=_die_with_parent,
         )
     except FileNotFoundError as exc:
-        raise ToolMissing(f"{argv[0]} could not be started: {exc.strerror}") from exc
+        raise ToolMissing(f"{args[0]} could not be started: {exc.strerror}") from exc
     try:
         if stdin is not None:
             assert proc.stdin is not None
@@ -148,7 +148,7 @@ def run(
     except subprocess.TimeoutExpired as exc:
         proc.kill()
         proc.wait()
-        raise ToolError(f"{argv[0]} timed out after {timeout} s") from exc
+        raise ToolError(f"{args[0]} timed out after {timeout} s") from exc
     except BaseException:
         proc.kill()
         proc.wait()
@@ -161,11 +161,11 @@ def run(
     if check and code not in ok_codes:
         text = b"".join(tail).decode(errors="replace").rstrip()
         raise ToolError(
-            f"{argv[0]} failed with exit code {code}:\n{text}" if text else f"{argv[0]} failed with exit code {code}",
+            f"{args[0]} failed with exit code {code}:\n{text}" if text else f"{args[0]} failed with exit code {code}",
             returncode=code,
             stderr=text,
         )
-    return Result(argv, code, b"".join(chunks) if log_file is None else b"".join(tail))
+    return Result(args, code, b"".join(chunks) if log_file is None else b"".join(tail))
 
 
 def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> str:

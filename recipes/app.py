@@ -14,11 +14,13 @@ Adapting it (see recipes/README.md for more):
 from castore import debian_package, image, kernel, recipe, squashfs, tree, unpack
 
 # busybox applets the image links in /bin (the rootfs is read-only: no `busybox --install` at boot)
-APPLETS = """
-    ash cat chmod chown cp cut date df dmesg du echo env false find free grep head hostname
-    id ip kill ln ls mkdir mknod mount mv nc ping poweroff ps pwd readlink reboot rm rmdir sed
-    sh sleep sort stat sync tail tar tee test touch tr true umount uname uptime vi wc wget which
-""".split()
+APPLETS = [
+    "ash", "cat", "chmod", "chown", "cp", "cut", "date", "df", "dmesg", "du", "echo", "env", "false",
+    "find", "free", "fsfreeze", "grep", "head", "hostname", "id", "ip", "kill", "ln", "ls", "mkdir",
+    "mknod", "mount", "mv", "nc", "ping", "pivot_root", "poweroff", "ps", "pwd", "readlink", "reboot",
+    "rm", "rmdir", "sed", "sh", "sleep", "sort", "stat", "sync", "tail", "tar", "tee", "test", "touch",
+    "tr", "true", "umount", "uname", "uptime", "vi", "wc", "wget", "which",
+]
 
 
 @recipe

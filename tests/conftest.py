@@ -59,7 +59,7 @@ def snapshot(store_dir: Path) -> tuple[set[str], list[str]]:
     files = {p.name for p in (store_dir / "blobs").glob("*/*")}
     s = LocalStore(store_dir)
     try:
-        ids = sorted(o.id for o in s.list())
+        ids = sorted(o.id for o in s.objects())
     finally:
         s.close()
     return files, ids

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import os
-import re
 import pwd
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,7 +23,8 @@ def test_listing_quotes_odd_names() -> None:
 
 
 def unsquashfs_lls(image: Path, numeric: bool = False) -> dict[str, list[str]]:
-    out = subprocess.run(["unsquashfs", "-lln" if numeric else "-lls", "-d", "", str(image)], capture_output=True, text=True,
+    argv = ["unsquashfs", "-lln" if numeric else "-lls", "-d", "", str(image)]
+    out = subprocess.run(argv, capture_output=True, text=True,
                          check=True).stdout
     rows = {}
     for line in out.splitlines():

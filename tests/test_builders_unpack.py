@@ -62,7 +62,7 @@ def test_hostile_entries_are_refused(tmp_path: Path, members: list, message: str
 
 
 def test_garbage_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(CastoreError, match="not a tar archive|corrupt"):
+    with pytest.raises(CastoreError, match=r"not a tar archive|corrupt"):
         unpack_archive(_write(tmp_path, b"\x1f\x8b garbage" * 10), tmp_path / "scratch")
 
 

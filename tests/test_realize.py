@@ -10,7 +10,7 @@ from pathlib import Path
 from castore.realize import Realizer
 from castore.recipes import load_file
 from castore.store import LocalStore
-from tests.conftest import CASTORE, REPO, RECIPES, castore, castore_json, snapshot
+from tests.conftest import CASTORE, RECIPES, REPO, castore, castore_json, snapshot
 from tests.helpers import http_server
 
 

@@ -84,7 +84,8 @@ def test_whitespace_and_comments_change_nothing(tmp_path: Path) -> None:
     shutil.copytree(RECIPES, tmp_path / "r")
     f = tmp_path / "r" / "small.py"
     before = h(f)
-    f.write_text("# a comment\n\n\n" + f.read_text().replace("    return squashfs(", "    # more\n    return  squashfs("))
+    text = f.read_text().replace("    return squashfs(", "    # more\n    return  squashfs(")
+    f.write_text("# a comment\n\n\n" + text)
     assert h(f) == before
 
 

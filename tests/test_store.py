@@ -42,14 +42,14 @@ def test_expect_mismatch_adds_nothing(store: LocalStore, tmp_path: Path) -> None
     f.write_bytes(b"data")
     with pytest.raises(HashMismatch):
         store.add_file(f, expect="0" * 64)
-    assert store.list() == [] and os.listdir(store.tmp) == []
+    assert store.objects() == [] and os.listdir(store.tmp) == []
 
 
 def test_tree_and_image_need_their_references(store: LocalStore) -> None:
     t = Tree.build([Entry("a", "file", 0o644, blob="1" * 64, size=1)])
     with pytest.raises(StoreError, match="not in the store"):
         store.add_tree(t)
-    assert store.list() == []
+    assert store.objects() == []
     b = store.add_bytes(b"x")
     tid = store.add_tree(Tree.build([Entry("a", "file", 0o644, blob=b, size=1)]))
     assert store.info(tid).refs == (b,) and store.read_tree(tid).get("a") is not None
@@ -132,7 +132,7 @@ def test_full_disk_leaves_the_store_as_it_was(tmp_path: Path) -> None:
             s.add_file(big)
         with pytest.raises(StoreError, match="no space left"):
             s.add_dir(tmp_path, all_root=True)
-        assert [o.id for o in s.list()] == [small]
+        assert [o.id for o in s.objects()] == [small]
         assert os.listdir(s.tmp) == []
         assert s.verify() == ([], [])
         s.close()

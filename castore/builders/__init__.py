@@ -86,9 +86,12 @@ Result = BlobResult | ExistingResult | TreeResult | ImageResult
 
 
 class Builder(Protocol):
-    name: str
-    version: int
-    tools: tuple[str, ...]
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def tools(self) -> tuple[str, ...]: ...
 
     def build(self, ctx: BuildContext) -> Result: ...
 

@@ -47,8 +47,8 @@ def _put(entries: dict[str, Entry], entry: Entry) -> None:
     entries[entry.path] = entry
 
 
-def _owner(op: dict[str, Any]) -> dict[str, int]:
-    return {"mode": op["mode"], "uid": op["uid"], "gid": op["gid"]}
+def _entry(op: dict[str, Any], type_: str, **content: Any) -> Entry:
+    return Entry(op["path"], type_, op["mode"], op["uid"], op["gid"], **content)
 
 
 def apply_ops(ctx: BuildContext) -> TreeResult:
@@ -64,7 +64,7 @@ def apply_ops(ctx: BuildContext) -> TreeResult:
         elif kind == "file":
             value = ctx.inputs[op["input"]]
             assert isinstance(value, BlobInput)
-            _put(entries, Entry(path, "file", blob=value.id, size=value.size, **_owner(op)))
+            _put(entries, _entry(op, "file", blob=value.id, size=value.size))
         elif kind == "text":
             data = op["content"].encode()
             oid = hash_bytes(data)
@@ -72,19 +72,19 @@ def apply_ops(ctx: BuildContext) -> TreeResult:
                 dest = ctx.scratch / f"text{n}"
                 dest.write_bytes(data)
                 new_blobs[oid] = dest
-            _put(entries, Entry(path, "file", blob=oid, size=len(data), **_owner(op)))
+            _put(entries, _entry(op, "file", blob=oid, size=len(data)))
         elif kind == "dir":
             old = entries.get(path)
             if old is not None and old.type == "dir":
-                entries[path] = replace(old, **_owner(op))
+                entries[path] = replace(old, mode=op["mode"], uid=op["uid"], gid=op["gid"])
             else:
-                _put(entries, Entry(path, "dir", **_owner(op)))
+                _put(entries, _entry(op, "dir"))
         elif kind == "symlink":
             _put(entries, Entry(path, "symlink", 0o777, op["uid"], op["gid"], target=op["target"]))
         elif kind == "device":
-            _put(entries, Entry(path, op["type"], major=op["major"], minor=op["minor"], **_owner(op)))
+            _put(entries, _entry(op, op["type"], major=op["major"], minor=op["minor"]))
         elif kind == "fifo":
-            _put(entries, Entry(path, "fifo", **_owner(op)))
+            _put(entries, _entry(op, "fifo"))
         elif kind == "remove":
             if path not in entries:
                 raise CastoreError(f"remove: {path} is not in the tree")

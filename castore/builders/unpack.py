@@ -61,7 +61,7 @@ def _open_tar(f: IO[bytes], what: str) -> tarfile.TarFile:
 def _zstd_error() -> type[Exception]:
     import zstandard
 
-    return zstandard.ZstdError  # type: ignore[no-any-return]
+    return zstandard.ZstdError
 
 
 def _deb_data(f: IO[bytes], what: str) -> IO[bytes]:
