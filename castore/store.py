@@ -33,7 +33,6 @@ import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +57,10 @@ CREATE TABLE IF NOT EXISTS roots (name TEXT PRIMARY KEY, object TEXT NOT NULL, l
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _SMALL = 8 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
+    if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -94,8 +92,8 @@ class LocalStore:
         if not (self.root / "db.sqlite").exists() and not create:
             raise StoreError(f"no castore store at {self.root}", "pass --store or set CASTORE_STORE")
         try:
-            for d in (self.blobs, self.tmp, self.locks, self.logs):
-                d.mkdir(parents=True, exist_ok=True)
+            for d in (self.root, self.blobs, self.tmp, self.locks, self.logs):
+                _mkdir(d)
             self.db = sqlite3.connect(self.root / "db.sqlite", timeout=60, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -254,7 +252,7 @@ class LocalStore:
             for oid, staged in list(pending.files.items()):
                 dest = self.blob_path(oid)
                 if dest.parent not in dirs:
-                    dest.parent.mkdir(exist_ok=True)
+                    _mkdir(dest.parent)
                     dirs.add(dest.parent)
                 os.rename(staged, dest)
                 del pending.files[oid]
@@ -300,7 +298,7 @@ class LocalStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            dest.parent.mkdir(exist_ok=True)
+            _mkdir(dest.parent)
             os.rename(staged, dest)
             dfd = os.open(dest.parent, os.O_RDONLY)
             try:
@@ -399,6 +397,8 @@ class LocalStore:
                 elif stat.S_ISFIFO(st.st_mode):
                     entries.append(Entry(path, "fifo", mode, uid, gid))
                 # sockets are runtime state, not content: left out
+        from concurrent.futures import ThreadPoolExecutor
+
         with self.batch():
             def one(item: tuple[int, str, Path]) -> tuple[int, str, int]:
                 index, _, full = item
@@ -574,6 +574,13 @@ class LocalStore:
             if pid.isdigit() and not _alive(int(pid)):
                 notes.append(f"staging left by a stopped process: tmp/{name} (removed by the next realize or gc)")
         return problems, notes
+
+
+def _mkdir(path: Path) -> None:
+    """Store directories are world-readable whatever the umask: Firecracker may run as another user."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o755)
 
 
 def _alive(pid: int) -> bool:

@@ -15,11 +15,11 @@ from castore import debian_package, image, kernel, recipe, squashfs, tree, unpac
 
 # busybox applets the image links in /bin (the rootfs is read-only: no `busybox --install` at boot)
 APPLETS = [
-    "ash", "cat", "chmod", "chown", "cp", "cut", "date", "df", "dmesg", "du", "echo", "env", "false",
-    "find", "free", "fsfreeze", "grep", "head", "hostname", "id", "ip", "kill", "ln", "ls", "mkdir",
-    "mknod", "mount", "mv", "nc", "ping", "pivot_root", "poweroff", "ps", "pwd", "readlink", "reboot",
-    "rm", "rmdir", "sed", "sh", "sleep", "sort", "stat", "sync", "tail", "tar", "tee", "test", "touch",
-    "tr", "true", "umount", "uname", "uptime", "vi", "wc", "wget", "which",
+    "sh", "ash", "mount", "umount", "mkdir", "rmdir", "pivot_root", "grep", "sync", "fsfreeze", "reboot",
+    "poweroff", "halt", "sleep", "echo", "printf", "test", "[", "true", "false", "cat", "ls", "cp", "mv",
+    "rm", "ln", "chmod", "chown", "touch", "date", "uname", "env", "head", "tail", "wc", "sort", "uniq",
+    "tr", "cut", "sed", "awk", "find", "xargs", "ps", "kill", "dmesg", "df", "du", "stat", "hostname",
+    "id", "basename", "dirname", "readlink", "tee", "mktemp", "seq", "expr",
 ]
 
 

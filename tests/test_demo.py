@@ -85,5 +85,6 @@ def test_boots_in_qemu_microvm_with_a_fresh_overlay(demo: dict[str, Any], tmp_pa
     copy_sparse(overlay, check)
     fsck = subprocess.run(["e2fsck", "-fy", str(check)], capture_output=True, text=True)
     assert fsck.returncode <= 1, fsck.stdout
-    cat = subprocess.run(["debugfs", "-R", "cat /root/hello.txt", str(check)], capture_output=True, text=True)
+    # overlayfs keeps the app's /root/hello.txt in the upper dir, /root on the disk
+    cat = subprocess.run(["debugfs", "-R", "cat /root/root/hello.txt", str(check)], capture_output=True, text=True)
     assert "castore-demo: written by the app at boot" in cat.stdout, cat.stderr

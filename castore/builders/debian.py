@@ -7,6 +7,7 @@ is used when its sha256 matches.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def _debian_package(ctx: BuildContext) -> Result:
     ctx.status(f"apt-get download {p['package']}={p['version']}")
     spec = f"{p['package']}:{p['arch']}={p['version']}"
     try:
-        run(["apt-get", "download", spec], cwd=ctx.scratch, log_file=ctx.log)
+        # as root, apt would hand the download to its _apt user, who cannot write to our scratch dir
+        sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+        run(["apt-get", *sandbox, "download", spec], cwd=ctx.scratch, log_file=ctx.log)
     except ToolError as exc:
         raise CastoreError(
             f"apt-get could not download {spec}: {exc.stderr.splitlines()[-1] if exc.stderr else exc}",

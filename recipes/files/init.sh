@@ -27,6 +27,7 @@ poweroff_now() {
 grep -q ' /proc ' /proc/mounts 2>/dev/null || mount -t proc proc /proc
 grep -q ' /sys ' /proc/mounts || mount -t sysfs sysfs /sys
 grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
+[ -f /etc/hostname ] && hostname -F /etc/hostname
 
 frozen=
 if [ -z "$overlay_root" ]; then
