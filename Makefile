@@ -26,6 +26,8 @@ $(SYSTEM_STAMP):
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# debian_package recipes fetch through apt: it needs package lists
+	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "castore needs Python 3.11 or newer"; exit 1; }
 	@mkdir -p $(VENV) && touch $@
 

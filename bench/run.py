@@ -1,8 +1,13 @@
 """castore benchmark: figures and ratios against its peers, all measured in this run.
 
 Data: a Debian bookworm minbase tree (debootstrap, mirror read from this machine's apt
-configuration) and its gzip squashfs, both cached under /var/tmp/castore-bench. Prints a
-table and writes the same rows to /var/tmp/castore-bench/results.json.
+configuration) and its gzip squashfs, cached under /var/tmp/castore-bench. Prints a table and
+writes the same rows to /var/tmp/castore-bench/results.json.
+
+Every timed import writes into a new directory under runs/, removed only at the start of the
+next run: ext4 without a journal (this machine's root) skips inodes freed in the last 60 s
+(`recently_deleted`), so creating thousands of files right after deleting thousands costs
+seconds of system time. The imports therefore start at least 65 s after that clean-up.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,9 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 CASTORE = str(BIN / "castore")
 WORK = Path("/var/tmp/castore-bench")
+RUNS = WORK / "runs"
 TREE, NODEV, SQFS = WORK / "minbase", WORK / "minbase-nodev", WORK / "minbase.sqfs"
 SUITE = "bookworm"
-NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group =\n", "XDG_CACHE_HOME": str(WORK / "cache")}
+INODE_AGE = 65.0
+# Debian's nix 2.8 as root without a daemon: a chroot store (--store DIR), no nixbld group
+NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group =\n", "XDG_CACHE_HOME": f"{WORK}/cache"}
+Argv = Sequence[str | Path]
+_serial = iter(range(1, 1 << 30))
 
 
 @dataclass
@@ -43,7 +54,7 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+def run(argv: Argv, *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     proc = subprocess.run([str(a) for a in argv], env=env, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -58,48 +69,49 @@ def rm(path: Path) -> None:
         path.unlink()
 
 
-def best_of(n: int, argv: list[str], setup: Callable[[], None] | None = None,
-            env: dict[str, str] | None = None) -> float:
-    """Best wall time of n runs; setup (untimed) runs before each, then a sync."""
+def new_dir(name: str) -> Path:
+    """A path under runs/ that has never existed in this run."""
+    return RUNS / f"{name}-{next(_serial)}"
+
+
+def best_of(n: int, argv: Callable[[Path], Argv], name: str,
+            setup: Callable[[Path], object] = Path, env: dict[str, str] | None = None) -> float:
+    """Best wall time of n runs, each into a new directory; setup (untimed), then sync, first."""
     times = []
     for _ in range(n):
-        if setup:
-            setup()
+        d = new_dir(name)
+        setup(d)
         os.sync()
         t = time.perf_counter()
-        run(argv, env=env)
+        run(argv(d), env=env)
         times.append(time.perf_counter() - t)
     return min(times)
 
 
-def fresh(*paths: Path) -> Callable[[], None]:
-    def setup() -> None:
-        for p in paths:
-            rm(p)
-
-    return setup
+def peer(row: Row, name: str, measure: Callable[[], float]) -> None:
+    try:
+        row.peers[name] = measure()
+    except (RuntimeError, OSError) as exc:
+        row.peers[name] = str(exc)
 
 
 def apt_mirror(suite: str = SUITE) -> str:
-    """The first URI that apt uses for `suite` with component main (one-line and deb822)."""
-    d = Path("/etc/apt")
-    files = [d / "sources.list", *sorted((d / "sources.list.d").glob("*.list"))]
-    files += sorted((d / "sources.list.d").glob("*.sources"))
+    """The first URI apt uses for `suite` with component main (one-line and deb822 files)."""
+    d = Path("/etc/apt/sources.list.d")
+    files = [d.parent / "sources.list", *sorted(d.glob("*.list")), *sorted(d.glob("*.sources"))]
     for f in (p for p in files if p.is_file()):
         text = f.read_text(errors="replace")
         if f.suffix == ".sources":
             for para in re.split(r"\n\s*\n", text):
-                fields: dict[str, str] = {}
+                fields: dict[str, list[str]] = {}
                 for line in para.splitlines():
                     if ":" in line and not line.startswith(("#", " ", "\t")):
                         key, _, value = line.partition(":")
-                        fields[key.strip().lower()] = value.strip()
-                if (fields.get("enabled", "yes").lower() != "no"
-                        and "deb" in fields.get("types", "").split()
-                        and suite in fields.get("suites", "").split()
-                        and "main" in fields.get("components", "").split()
-                        and fields.get("uris")):
-                    return fields["uris"].split()[0]
+                        fields[key.strip().lower()] = value.split()
+                if (fields.get("enabled", ["yes"]) != ["no"] and "deb" in fields.get("types", [])
+                        and suite in fields.get("suites", [])
+                        and "main" in fields.get("components", []) and fields.get("uris")):
+                    return fields["uris"][0]
             continue
         for line in text.splitlines():
             words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
@@ -108,83 +120,32 @@ def apt_mirror(suite: str = SUITE) -> str:
     raise RuntimeError(f"no 'deb ... {suite} main' source in /etc/apt; cannot run debootstrap")
 
 
+def cached(dest: Path, make: Callable[[Path], object]) -> None:
+    if not dest.exists():
+        tmp = dest.with_name(dest.name + ".tmp")
+        rm(tmp)
+        make(tmp)
+        tmp.rename(dest)
+
+
 def prepare_data() -> list[str]:
-    notes = []
-    if not (TREE / "etc" / "os-release").exists():
+    def debootstrap(d: Path) -> None:
         mirror = apt_mirror()
-        say(f"debootstrap --variant=minbase {SUITE} from {mirror} (cached for later runs)")
-        tmp = WORK / "minbase.tmp"
-        rm(tmp)
-        run(["debootstrap", "--variant=minbase", SUITE, tmp, mirror])
-        rm(TREE)
-        tmp.rename(TREE)
-    if not (NODEV / "etc" / "os-release").exists():  # nix and ostree refuse device nodes
-        tmp = WORK / "minbase-nodev.tmp"
-        rm(tmp)
-        run(["cp", "-a", TREE, tmp])
-        run(["find", tmp, "!", "-type", "f", "!", "-type", "d", "!", "-type", "l", "-delete"])
-        rm(NODEV)
-        tmp.rename(NODEV)
-    if not SQFS.exists():
-        say("gensquashfs of the tree (cached)")
-        tmp = WORK / "minbase.sqfs.tmp"
-        rm(tmp)
-        run(["gensquashfs", "--pack-dir", TREE, "--compressor", "gzip", "--quiet", tmp])
-        tmp.rename(SQFS)
-    entries = int(run(["sh", "-c", f"find {TREE} -mindepth 1 | wc -l"]))
-    special = entries - int(run(["sh", "-c", f"find {NODEV} -mindepth 1 | wc -l"]))
-    size = int(run(["du", "-sb", TREE]).split()[0])
-    notes.append(f"tree {TREE}: {entries} entries, {size / 1e6:.0f} MB; "
-                 f"squashfs {SQFS.stat().st_size / 2**20:.1f} MiB")
-    notes.append(f"nix and ostree import {NODEV}: the same tree minus its {special} device "
-                 "nodes, which they cannot store")
-    return notes
+        say(f"debootstrap --variant=minbase {SUITE} {d} {mirror} (cached for later runs)")
+        run(["debootstrap", "--variant=minbase", SUITE, d, mirror])
 
+    def nodev(d: Path) -> None:  # nix and ostree refuse device nodes
+        run(["cp", "-a", TREE, d])
+        run(["find", d, "!", "-type", "f", "!", "-type", "d", "!", "-type", "l", "-delete"])
 
-def bench_tree_import() -> Row:
-    row = Row("import the minbase tree", "<=1.2 s, faster than nix and ostree")
-    s = WORK / "stores" / "tree"
-    row.castore = best_of(3, [CASTORE, "--store", s, "add", "--all-root", TREE], fresh(s))
-    nix = WORK / "nixstore-tree"
-    try:
-        row.peers["nix-store --add"] = best_of(
-            3, ["nix-store", "--store", nix, "--add", NODEV], fresh(nix), env=NIX_ENV)
-    except (RuntimeError, OSError) as exc:
-        row.peers["nix-store --add"] = str(exc)
-    repo = WORK / "ostree-repo"
-
-    def init_repo() -> None:
-        rm(repo)
-        run(["ostree", f"--repo={repo}", "init", "--mode=bare"])
-
-    try:
-        row.peers["ostree commit (bare)"] = best_of(
-            3, ["ostree", f"--repo={repo}", "commit", "--branch=b", f"--tree=dir={NODEV}"], init_repo)
-    except (RuntimeError, OSError) as exc:
-        row.peers["ostree commit (bare)"] = str(exc)
-    return judge(row, limit=1.2)
-
-
-def bench_file_import() -> Row:
-    row = Row("import the squashfs file", "<=0.1 s, faster than nix")
-    s = WORK / "stores" / "file"
-    row.castore = best_of(3, [CASTORE, "--store", s, "add", SQFS], fresh(s))
-    nix = WORK / "nixstore-file"
-    try:
-        row.peers["nix-store --add-fixed sha256"] = best_of(
-            3, ["nix-store", "--store", nix, "--add-fixed", "sha256", SQFS], fresh(nix), env=NIX_ENV)
-    except (RuntimeError, OSError) as exc:
-        row.peers["nix-store --add-fixed sha256"] = str(exc)
-    if row.castore > 0.1:
-        from castore.store import LocalStore
-
-        rm(s)
-        with LocalStore(s) as store:
-            t = time.perf_counter()
-            store.add_file(SQFS)
-            row.notes.append(f"add_file in-process takes {time.perf_counter() - t:.3f} s; "
-                             "the rest is interpreter start-up and imports")
-    return judge(row, limit=0.1)
+    cached(TREE, debootstrap)
+    cached(NODEV, nodev)
+    cached(SQFS, lambda d: run(["gensquashfs", "--pack-dir", TREE, "--compressor", "gzip", d]))
+    count = [sum(1 for _ in t.rglob("*")) for t in (TREE, NODEV)]
+    size = sum(p.lstat().st_size for p in TREE.rglob("*") if p.is_file() and not p.is_symlink())
+    return [f"data: {TREE} ({count[0]} entries, {size / 1e6:.0f} MB of files), its squashfs "
+            f"{SQFS.stat().st_size / 2**20:.1f} MiB; nix and ostree import {NODEV}, the same "
+            f"tree without its {count[0] - count[1]} device nodes, which they cannot store"]
 
 
 def judge(row: Row, limit: float) -> Row:
@@ -195,12 +156,42 @@ def judge(row: Row, limit: float) -> Row:
     return row
 
 
+def bench_tree_import() -> Row:
+    row = Row("import the minbase tree", "<=1.2 s, faster than nix and ostree")
+    row.castore = best_of(3, lambda s: [CASTORE, "--store", s, "add", "--all-root", TREE], "cs")
+    peer(row, "nix-store --add", lambda: best_of(
+        3, lambda s: ["nix-store", "--store", s, "--add", NODEV], "nix", env=NIX_ENV))
+    peer(row, "ostree commit (bare)", lambda: best_of(
+        3, lambda r: ["ostree", f"--repo={r}", "commit", "--branch=b", f"--tree=dir={NODEV}"],
+        "ostree", setup=lambda r: run(["ostree", f"--repo={r}", "init", "--mode=bare"])))
+    return judge(row, limit=1.2)
+
+
+def bench_file_import() -> Row:
+    row = Row("import the squashfs file", "<=0.1 s, faster than nix")
+    row.castore = best_of(3, lambda s: [CASTORE, "--store", s, "add", SQFS], "cs-file")
+    peer(row, "nix-store --add-fixed sha256", lambda: best_of(
+        3, lambda s: ["nix-store", "--store", s, "--add-fixed", "sha256", SQFS], "nix-file",
+        env=NIX_ENV))
+    if row.castore > 0.1:
+        from castore.store import LocalStore
+
+        t0 = time.perf_counter()
+        with LocalStore(new_dir("cs-file")) as store:
+            t1 = time.perf_counter()
+            store.add_file(SQFS)
+            t2 = time.perf_counter()
+        row.notes.append(f"in-process: opening a new store {t1 - t0:.3f} s, add_file {t2 - t1:.3f}"
+                         " s; the rest is interpreter start-up and imports")
+    return judge(row, limit=0.1)
+
+
 def realized(store: Path, target: str) -> bool:
     try:
         out = run([CASTORE, "--store", store, "realize", "--dry-run", "--json", target], cwd=ROOT)
-    except RuntimeError:
+        return all(p["action"] == "present" for p in json.loads(out)["plans"])
+    except (RuntimeError, ValueError, KeyError):
         return False
-    return all(p["action"] == "present" for p in json.loads(out)["plans"])
 
 
 def bench_noop_realize() -> Row:
@@ -210,18 +201,17 @@ def bench_noop_realize() -> Row:
     target = "recipes/app.py"
     row = Row(f"no-op realize {target}", "<=0.15 s (median of 10)")
     if not (store / "db.sqlite").exists() or not realized(store, target):
-        row.notes.append(f"{target} is not realized in {store} (set CASTORE_BENCH_STORE); "
-                         "timing the no-op realize of recipes/app.py:rootfs instead")
         store, target = WORK / "stores" / "realize", "recipes/app.py:rootfs"
+        row.notes.append(f"recipes/app.py is not realized in the default store (set "
+                         f"CASTORE_BENCH_STORE); timed {target} in {store} instead")
         row.what = f"no-op realize {target}"
         say(f"realizing {target} into {store} (untimed)")
         run([CASTORE, "--store", store, "realize", target], cwd=ROOT)
     argv = [CASTORE, "--store", str(store), "realize", target]
     if shutil.which("hyperfine"):
-        out = WORK / "hyperfine.json"
-        cmd = " ".join(argv)
-        run(["hyperfine", "-N", "--warmup", "1", "--runs", "10", "--export-json", out, cmd],
-            cwd=ROOT)
+        out = RUNS / "hyperfine.json"
+        run(["hyperfine", "-N", "--warmup", "1", "--runs", "10", "--export-json", out,
+             " ".join(argv)], cwd=ROOT)
         row.castore = statistics.median(json.loads(out.read_text())["results"][0]["times"])
     else:
         times = []
@@ -232,22 +222,19 @@ def bench_noop_realize() -> Row:
         row.castore = statistics.median(times)
     row.ok = row.castore <= 0.15
     if not row.ok:
-        row.notes += importtime([str(BIN / "python"), "-X", "importtime", "-m", "castore.cli",
-                                 *argv[1:]])
+        proc = subprocess.run([BIN / "python", "-X", "importtime", "-m", "castore.cli", *argv[1:]],
+                              cwd=ROOT, capture_output=True, text=True)
+        found = re.findall(r"import time:\s+(\d+) \|\s+(\d+) \|\s*(\S+)", proc.stderr)
+        top = sorted(((int(c), int(s), n) for s, c, n in found), reverse=True)[:8]
+        row.notes.append("python -X importtime of the no-op, top 8 cumulative:")
+        row.notes += [f"  {c / 1e3:6.1f} ms cumulative {s / 1e3:6.1f} ms self  {n}"
+                      for c, s, n in top]
     return row
 
 
-def importtime(argv: list[str]) -> list[str]:
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    rows = []
-    for line in proc.stderr.splitlines():
-        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
-        if m:
-            rows.append((int(m[2]), int(m[1]), m[4]))
-    rows.sort(reverse=True)
-    return ["python -X importtime, top 8 cumulative imports of the no-op path:"] + [
-        f"  {cum / 1000:7.1f} ms cumulative {own / 1000:6.1f} ms self  {name}"
-        for cum, own, name in rows[:8]]
+def child_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def bench_squashfs() -> Row:
@@ -256,37 +243,40 @@ def bench_squashfs() -> Row:
     from castore.store import LocalStore
 
     row = Row("squashfs of the tree (gzip, 2 jobs)", "<=1.1x gensquashfs --pack-dir")
-    with LocalStore(WORK / "stores" / "squashfs") as store:
+    name = "gensquashfs --pack-dir"
+    ours: list[tuple[float, float]] = []  # (wall, cpu) per round, rounds interleaved
+    theirs: list[tuple[float, float]] = []
+    with LocalStore(new_dir("cs-squashfs")) as store:
         tid = store.add_dir(TREE, all_root=True)
         tree = store.read_tree(tid)
-        times = []
-        for _ in range(2):
-            scratch = WORK / "squashfs-scratch"
-            rm(scratch)
-            scratch.mkdir()
+        for _ in range(3):
+            scratch = new_dir("squashfs-build")
+            scratch.mkdir(parents=True)
             with open(scratch / "build.log", "wb") as log:
                 ctx = BuildContext(scratch=scratch, out=scratch / "out.sqfs",
                                    params={"compression": "gzip", "block_size": 131072},
                                    inputs={"tree": TreeInput(tid, tree)}, plan_hash="0" * 64,
                                    blob_path=store.blob_path, log=log, jobs=2)
                 os.sync()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), child_cpu()
                 SQUASHFS.build(ctx)
-                times.append(time.perf_counter() - t)
-        row.castore = min(times)
-        size = (scratch / "out.sqfs").stat().st_size
-    out = WORK / "direct.sqfs"
-    peer = "gensquashfs --pack-dir"
-    try:
-        row.peers[peer] = best_of(2, ["gensquashfs", "--pack-dir", TREE, "--compressor", "gzip",
-                                      "-j", "2", "--quiet", out], fresh(out))
-        row.notes.append(f"sizes: castore {size / 2**20:.1f} MiB, "
-                         f"direct {out.stat().st_size / 2**20:.1f} MiB")
-    except (RuntimeError, OSError) as exc:
-        row.peers[peer] = str(exc)
-    if isinstance(row.peers[peer], float):
-        row.ratio = row.castore / float(row.peers[peer])
+                ours.append((time.perf_counter() - t, child_cpu() - c))
+            if not isinstance(row.peers.get(name), str):
+                c = child_cpu()
+                try:
+                    wall = best_of(1, lambda o: ["gensquashfs", "--pack-dir", TREE, "--compressor",
+                                                 "gzip", "-j", "2", o], "direct")
+                    theirs.append((wall, child_cpu() - c))
+                except (RuntimeError, OSError) as exc:
+                    row.peers[name] = str(exc)
+    row.castore = min(w for w, _ in ours)
+    if theirs and name not in row.peers:
+        row.peers[name] = min(w for w, _ in theirs)
+        row.ratio = row.castore / min(w for w, _ in theirs)
         row.ok = row.ratio <= 1.1
+        for who, rounds in (("castore", ours), ("direct", theirs)):
+            row.notes.append(f"{who} rounds (wall s, CPU s): "
+                             + ", ".join(f"({w:.1f}, {c:.1f})" for w, c in rounds))
     return row
 
 
@@ -295,46 +285,50 @@ def fmt(v: float | str | None) -> str:
 
 
 def main() -> int:
-    WORK.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     meta: dict[str, object] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "load1": load, "cores": cores}
     if load > cores / 2:
         say(f"warning: load average {load:.1f} on {cores} cores; figures will be noisy")
+    rm(RUNS)  # the previous run's stores; see the module docstring
+    RUNS.mkdir(parents=True)
+    os.sync()
+    cleaned = time.monotonic()
     try:
         data_notes = prepare_data()
-        meta["data"] = data_notes
     except (RuntimeError, OSError) as exc:
         say(f"error: cannot prepare the data: {exc}")
         return 1
-    rows: list[Row] = []
-    for bench in (bench_tree_import, bench_file_import, bench_noop_realize, bench_squashfs):
+    meta["data"] = data_notes
+    rows: dict[str, Row] = {}
+    order = (bench_noop_realize, bench_squashfs, bench_tree_import, bench_file_import)
+    for bench in order:
+        if bench is bench_tree_import and (wait := cleaned + INODE_AGE - time.monotonic()) > 0:
+            say(f"waiting {wait:.0f} s for the inodes freed by the clean-up to age")
+            time.sleep(wait)
         say(f"running {bench.__name__}")
         try:
-            rows.append(bench())
+            rows[bench.__name__] = bench()
         except Exception as exc:  # one failing benchmark must not hide the others
-            rows.append(Row(bench.__name__, "-", notes=[f"failed: {exc}"]))
+            rows[bench.__name__] = Row(bench.__name__, "-", notes=[f"failed: {exc}"])
+    shown = [rows[b.__name__] for b in (order[2], order[3], order[0], order[1])]
     print("\n".join(data_notes))
-    head = f"{'what':40} {'castore':>9}  {'peer':32} {'time':>9} {'ratio':>6}  {'target':38} result"
+    head = f"{'what':36} {'castore':>9}  {'peer':29} {'time':>9} {'ratio':>6}  {'target':36} result"
     print(head + "\n" + "-" * len(head))
-    for r in rows:
-        peers = list(r.peers.items()) or [("-", None)]
+    for r in shown:
+        peers: list[tuple[str, float | str | None]] = [*r.peers.items()] or [("-", None)]
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         result = {True: "PASS", False: "FAIL", None: "n/a"}[r.ok]
-        print(f"{r.what:40} {fmt(r.castore):>9}  {peers[0][0]:32} {fmt(peers[0][1]):>9} "
-              f"{ratio:>6}  {r.target:38} {result}")
-        for name, value in peers[1:]:
-            print(f"{'':40} {'':>9}  {name:32} {fmt(value):>9}")
-        for name, value in r.peers.items():
-            if isinstance(value, str):
-                print(f"    {name} failed: {value}")
-        for note in r.notes:
-            print(f"    {note}")
+        print(f"{r.what:36} {fmt(r.castore):>9}  {peers[0][0]:29} {fmt(peers[0][1]):>9} "
+              f"{ratio:>6}  {r.target:36} {result}")
+        print("".join(f"{'':48}{n:29} {fmt(v):>9}\n" for n, v in peers[1:]), end="")
+        print("".join(f"    {n} failed: {v}\n" for n, v in peers if isinstance(v, str)), end="")
+        print("".join(f"    {n}\n" for n in r.notes), end="")
     (WORK / "results.json").write_text(
-        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
-    print(f"results: {WORK / 'results.json'}")
-    return 0  # a missed target is a figure to read, not a broken benchmark
+        json.dumps({"meta": meta, "rows": [asdict(r) for r in shown]}, indent=2) + "\n")
+    print(f"results: {WORK / 'results.json'}; a missed target does not fail the run")
+    return 0
 
 
 if __name__ == "__main__":
