@@ -34,7 +34,7 @@ $(SYSTEM_STAMP):
 $(STAMP): pyproject.toml $(SYSTEM_STAMP)
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[dev]'  # a .pth entry: no import hook to pay on every command
+	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
 demo: deps

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import shutil
@@ -39,7 +40,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
-from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
+from castore.hashing import hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree, path_key
 
 KINDS = ("blob", "tree", "image")
@@ -279,7 +280,8 @@ class LocalStore:
         if missing:
             staged.unlink(missing_ok=True)
             raise StoreError(f"{kind} {oid} references {missing[0]}, which is not in the store")
-        os.chmod(staged, 0o444)
+        if os.stat(staged).st_mode & 0o777 != 0o444:
+            os.chmod(staged, 0o444)
         if self._pending is not None:
             with self._pending.lock:
                 if self.has(oid) or oid in self._pending.rows:
@@ -613,25 +615,52 @@ def remove_tree(path: Path) -> None:
 
 
 def _copy_hashing(src: Path, dest: Path) -> tuple[str, int]:
-    """Copy src to a new file dest, returning the BLAKE3 id and size of what was copied."""
-    with open(src, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size <= _SMALL:
-            data = f.read()
-            with open(dest, "xb") as out:
-                out.write(data)
-            return hash_bytes(data), len(data)
-        h = Hasher()
-        with open(dest, "xb") as out:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-                out.write(chunk)
-        return h.hexdigest(), h.size
+    """Copy src to a new read-only file dest; return the BLAKE3 id and size of what dest holds.
+
+    Small files are hashed from the bytes written; large ones are copied in the
+    kernel and hashed from the copy, so the id always describes the staged bytes.
+    """
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        try:
+            if size <= _SMALL:
+                data = os.read(fd, size + 1)
+                while len(data) <= size and (more := os.read(fd, size + 1 - len(data))):
+                    data += more
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+                return hash_bytes(data), len(data)
+            copied = _kernel_copy(fd, out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+    with open(dest, "rb") as f:
+        return hash_fileobj(f, copied), copied
+
+
+def _kernel_copy(src: int, dest: int) -> int:
+    """Copy all of src to dest without passing the bytes through Python where the kernel can."""
+    copied = 0
+    try:
+        while n := os.copy_file_range(src, dest, 1 << 30):
+            copied += n
+        return copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or copied:
+            raise
+    while chunk := os.read(src, 1 << 22):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dest, view):]
+        copied += len(chunk)
+    return copied
 
 
 def _store_os_error(exc: OSError, root: Path, what: Path | None = None) -> CastoreError:
-    import errno
-
     if exc.errno == errno.ENOSPC:
         return StoreError(f"no space left on the device holding {root}",
                           "nothing was added; free space (castore gc) and retry")

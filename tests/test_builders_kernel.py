@@ -24,12 +24,14 @@ def test_demo_fragment_asks_for_what_boot_needs() -> None:
 
 
 def test_an_option_olddefconfig_drops_fails_the_build(demo: dict[str, Any], tmp_path: Path) -> None:
-    """VIRTIO_BLK without BLK_DEV cannot survive olddefconfig: the build stops and names it."""
+    """EXT4_FS without the block layer cannot survive olddefconfig: the build stops and names it."""
     recipes = tmp_path / "recipes"
     shutil.copytree(REPO / "recipes", recipes)
     cfg = recipes / "files" / "microvm.config"
-    cfg.write_text(cfg.read_text().replace("CONFIG_BLK_DEV=y\n", ""))
+    text = cfg.read_text()
+    assert "CONFIG_BLOCK=y\n" in text
+    cfg.write_text(text.replace("CONFIG_BLOCK=y\n", "# CONFIG_BLOCK is not set\n"))
     proc = castore("realize", f"{recipes}/app.py:vmlinux", store=demo["store"], check=False)
     assert proc.returncode == 1
-    assert "lost options the fragment asked for" in proc.stderr and "CONFIG_VIRTIO_BLK=y (got n)" in proc.stderr
+    assert "lost options the fragment asked for" in proc.stderr and "CONFIG_EXT4_FS=y (got n)" in proc.stderr
     assert castore("verify", "--no-contents", store=demo["store"]).returncode == 0
