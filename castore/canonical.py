@@ -36,13 +36,11 @@ def _normalize(value: Value, where: str) -> Value:
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
     if isinstance(value, Mapping):
-        items = []
-        for key, item in value.items():
+        for key in value:
             if not isinstance(key, str):
                 raise EncodingError(f"map keys must be str, got {type(key).__name__} at {where}")
-            items.append((key.encode(), key, _normalize(item, f"{where}.{key}")))
-        items.sort()
-        return {key: item for _, key, item in items}
+        # Code point order is UTF-8 byte order, so sorting the str keys sorts their bytes.
+        return {key: _normalize(value[key], f"{where}.{key}") for key in sorted(value)}
     if isinstance(value, Sequence):
         return [_normalize(item, f"{where}[{i}]") for i, item in enumerate(value)]
     raise EncodingError(f"cannot encode {type(value).__name__} canonically (at {where})")

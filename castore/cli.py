@@ -164,6 +164,8 @@ def add(
                         "as owned by root (0:0) instead of its owner on this host.")] = False,
     root_name: Annotated[Optional[str], typer.Option("--root", help="Keep the result as a named "  # noqa: UP045
                          "gc root.")] = None,
+    move: Annotated[bool, typer.Option("--move", help="Move a file into the store instead of copying "
+                    "it (same filesystem, one link, owned by you); it leaves its old path.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Import an existing file as a blob, or a directory as a tree; print its id.
@@ -174,7 +176,7 @@ def add(
         if path.is_dir():
             oid = store.add_dir(path, all_root=all_root)
         elif path.exists():
-            oid = store.add_file(path)
+            oid = store.add_file(path, move=move and _movable(path, store.root))
         else:
             raise CastoreError(f"{path} does not exist")
         if root_name:
@@ -184,6 +186,17 @@ def add(
             _emit({"id": oid, "kind": info.kind, "size": info.size, "path": str(store.blob_path(oid))})
         else:
             print(oid)
+
+
+def _movable(path: Path, root: Path) -> bool:
+    """Moving is safe only for a file nobody else can still write through another name."""
+    st = path.stat()
+    same_fs = st.st_dev == os.stat(root).st_dev
+    if not (same_fs and st.st_nlink == 1 and st.st_uid == os.geteuid() and path.is_file()):
+        _err(f"note: copying {path}: --move needs a regular file with one link, owned by you, "
+             "on the store's filesystem")
+        return False
+    return True
 
 
 @app.command()

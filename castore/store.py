@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import os
 import shutil
 import sqlite3
@@ -78,7 +79,7 @@ class ObjectInfo:
 class _Pending:
     """Staged files waiting for one syncfs and their rename into blobs/."""
 
-    files: dict[str, Path] = field(default_factory=dict)  # id -> staged path
+    files: dict[str, str] = field(default_factory=dict)  # id -> staged path
     rows: dict[str, tuple[str, int, tuple[str, ...]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -107,6 +108,9 @@ class LocalStore:
                              "use --store DIR for a store of your own") from exc
         self._pending: _Pending | None = None
         self._db_lock = threading.RLock()
+        self._counter = itertools.count()
+        self._tmp = str(self.tmp)
+        self._nonce = os.urandom(4).hex()
 
     def close(self) -> None:
         self.db.close()
@@ -225,7 +229,7 @@ class LocalStore:
         return removed
 
     def _stage_path(self) -> Path:
-        return self.tmp / f"{os.getpid()}-obj-{os.urandom(8).hex()}"
+        return self.tmp / f"{os.getpid()}-obj-{next(self._counter)}-{self._nonce}"
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -241,7 +245,7 @@ class LocalStore:
             pending, self._pending = self._pending, None
             for p in pending.files.values():
                 with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+                    os.unlink(p)
 
     def _flush(self) -> None:
         pending = self._pending
@@ -250,12 +254,12 @@ class LocalStore:
         try:
             _syncfs(fd)  # staged bytes durable before any rename publishes them
             dirs = set()
+            blobs = str(self.blobs)
             for oid, staged in list(pending.files.items()):
-                dest = self.blob_path(oid)
-                if dest.parent not in dirs:
-                    _mkdir(dest.parent)
-                    dirs.add(dest.parent)
-                os.rename(staged, dest)
+                if oid[:2] not in dirs:
+                    _mkdir(self.blobs / oid[:2])
+                    dirs.add(oid[:2])
+                os.rename(staged, f"{blobs}/{oid[:2]}/{oid}")
                 del pending.files[oid]
             _syncfs(fd)  # renames durable before the rows that announce them
         except OSError as exc:
@@ -287,7 +291,7 @@ class LocalStore:
                 if self.has(oid) or oid in self._pending.rows:
                     staged.unlink()
                 else:
-                    self._pending.files[oid] = staged
+                    self._pending.files[oid] = str(staged)
                     self._pending.rows[oid] = (kind, size, refs)
             return oid
         if self.has(oid):
@@ -308,8 +312,7 @@ class LocalStore:
             finally:
                 os.close(dfd)
         except OSError as exc:
-            staged.unlink(missing_ok=True)
-            raise _store_os_error(exc, self.root) from exc
+            raise _store_os_error(exc, self.root) from exc  # the caller removes or restores staged
         self._insert({oid: (kind, size, refs)})
         return oid
 
@@ -323,34 +326,46 @@ class LocalStore:
         try:
             with open(staged, "xb") as f:
                 f.write(data)
-        except OSError as exc:
+            return self._publish(oid, staged, kind, len(data), tuple(sorted(set(refs))))
+        except BaseException as exc:
             staged.unlink(missing_ok=True)
-            raise _store_os_error(exc, self.root) from exc
-        return self._publish(oid, staged, kind, len(data), tuple(sorted(set(refs))))
+            if isinstance(exc, OSError):
+                raise _store_os_error(exc, self.root) from exc
+            raise
 
     def add_file(self, path: str | os.PathLike[str], *, move: bool = False,
                  expect: str | None = None) -> str:
-        """Copy (or, for staging on this filesystem, move) a file in as a blob."""
+        """Copy a file in as a blob, or move it in (a rename: same filesystem only).
+
+        A moved file that cannot be added is moved back, so a failure loses nothing.
+        """
         src = Path(path)
         staged = self._stage_path()
+        moved = False
         try:
             if move:
+                mode = os.stat(src).st_mode
                 os.rename(src, staged)
+                moved = True
                 with open(staged, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
                     oid = hash_fileobj(f, size)
             else:
                 oid, size = _copy_hashing(src, staged)
-        except FileNotFoundError as exc:
-            staged.unlink(missing_ok=True)
-            raise NotFound(f"{src} does not exist") from exc
-        except OSError as exc:
-            staged.unlink(missing_ok=True)
-            raise _store_os_error(exc, self.root, src) from exc
-        if expect is not None and oid != expect:
-            staged.unlink(missing_ok=True)
-            raise HashMismatch(str(src), expect, oid)
-        return self._publish(oid, staged, "blob", size, ())
+            if expect is not None and oid != expect:
+                raise HashMismatch(str(src), expect, oid)
+            return self._publish(oid, staged, "blob", size, ())
+        except BaseException as exc:
+            if moved and staged.exists():
+                os.rename(staged, src)
+                os.chmod(src, mode)
+            else:
+                staged.unlink(missing_ok=True)
+            if isinstance(exc, FileNotFoundError) and not moved:
+                raise NotFound(f"{src} does not exist") from exc
+            if isinstance(exc, OSError):
+                raise _store_os_error(exc, self.root, src) from exc
+            raise
 
     def add_tree(self, tree: Tree) -> str:
         return self.add_bytes(tree.encode(), "tree", tree.refs())
@@ -358,69 +373,70 @@ class LocalStore:
     def add_image(self, image: Image) -> str:
         return self.add_bytes(image.encode(), "image", image.refs())
 
-    def add_dir(self, root: str | os.PathLike[str], *, all_root: bool = False,
-                threads: int = 4) -> str:
-        """Import a directory as a tree: every file becomes a blob, metadata goes in the manifest."""
-        base = Path(root)
-        if not base.is_dir():
+    def add_dir(self, root: str | os.PathLike[str], *, all_root: bool = False) -> str:
+        """Import a directory as a tree: every file becomes a blob, metadata goes in the manifest.
+
+        Files are hashed before they are written, so content already in the
+        store costs a read and a hash, not a copy.
+        """
+        base = os.fspath(root)
+        if not os.path.isdir(base):
             raise NotFound(f"{base} is not a directory")
-        entries: list[Entry] = []
-        files: list[tuple[int, str, Path]] = []
-        inodes: dict[tuple[int, int], str] = {}
-        stack = [""]
-        while stack:
-            rel = stack.pop()
-            try:
-                it = sorted(os.scandir(base / rel if rel else base), key=lambda d: d.name)
-            except OSError as exc:
-                raise _store_os_error(exc, self.root, base / rel) from exc
-            for d in it:
-                path = f"{rel}/{d.name}" if rel else d.name
-                st = d.stat(follow_symlinks=False)
-                uid, gid = (0, 0) if all_root else (st.st_uid, st.st_gid)
-                mode = stat.S_IMODE(st.st_mode)
-                if stat.S_ISDIR(st.st_mode):
-                    entries.append(Entry(path, "dir", mode, uid, gid))
-                    stack.append(path)
-                elif stat.S_ISREG(st.st_mode):
-                    key = (st.st_dev, st.st_ino)
-                    if st.st_nlink > 1 and key in inodes:
-                        entries.append(Entry(path, "hardlink", 0, uid, gid, target=inodes[key]))
-                        continue
-                    inodes[key] = path
-                    files.append((len(entries), path, Path(d.path)))
-                    entries.append(Entry(path, "file", mode, uid, gid, size=st.st_size))
-                elif stat.S_ISLNK(st.st_mode):
-                    entries.append(Entry(path, "symlink", 0o777, uid, gid, target=os.readlink(d.path)))
-                elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                    t = "char" if stat.S_ISCHR(st.st_mode) else "block"
-                    dev = st.st_rdev
-                    entries.append(Entry(path, t, mode, uid, gid, major=os.major(dev), minor=os.minor(dev)))
-                elif stat.S_ISFIFO(st.st_mode):
-                    entries.append(Entry(path, "fifo", mode, uid, gid))
-                # sockets are runtime state, not content: left out
-        from concurrent.futures import ThreadPoolExecutor
-
+        entries, files = _scan(base, all_root)
+        # One thread: on two cores a pool measured slower (GIL hand-offs), the kernel does the copying.
         with self.batch():
-            def one(item: tuple[int, str, Path]) -> tuple[int, str, int]:
-                index, _, full = item
-                staged = self._stage_path()
-                try:
-                    oid, size = _copy_hashing(full, staged)
-                except OSError as exc:
-                    staged.unlink(missing_ok=True)
-                    raise _store_os_error(exc, self.root, full) from exc
-                self._publish(oid, staged, "blob", size, ())
-                return index, oid, size
-
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                for index, oid, size in pool.map(one, files):
-                    e = entries[index]
-                    entries[index] = Entry(e.path, "file", e.mode, e.uid, e.gid, blob=oid, size=size)
+            for item in files:
+                index, oid, size = self._stage_file(item)
+                e = entries[index]
+                entries[index] = Entry(e.path, "file", e.mode, e.uid, e.gid, blob=oid, size=size)
             entries.sort(key=lambda e: path_key(e.path))
-            tree = Tree(tuple(entries))
-            tid = self.add_tree(tree)
+            tid = self.add_tree(Tree(tuple(entries)))
         return tid
+
+    def _stage_file(self, item: tuple[int, str]) -> tuple[int, str, int]:
+        """Hash one file and, unless the store or this batch has it, stage a copy for the batch."""
+        index, full = item
+        pending = self._pending
+        assert pending is not None
+        try:
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                if size > _SMALL:
+                    big = self._stage_path()
+                    try:
+                        oid, size = _copy_hashing(Path(full), big)
+                        self._publish(oid, big, "blob", size, ())
+                    except BaseException:
+                        big.unlink(missing_ok=True)
+                        raise
+                    return index, oid, size
+                data = _read_all(fd, size)
+            finally:
+                os.close(fd)
+            oid = hash_bytes(data)
+            with pending.lock:
+                if oid in pending.rows or self.has(oid):
+                    return index, oid, len(data)
+                pending.rows[oid] = ("blob", len(data), ())
+            staged = f"{self._tmp}/{os.getpid()}-obj-{next(self._counter)}-{self._nonce}"
+            try:
+                out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(out, view):]
+                finally:
+                    os.close(out)
+            except OSError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staged)
+                raise
+            with pending.lock:
+                pending.files[oid] = staged
+        except OSError as exc:
+            raise _store_os_error(exc, self.root, Path(full)) from exc
+        return index, oid, len(data)
 
     # -- realisations and roots ----------------------------------------------
 
@@ -578,6 +594,55 @@ class LocalStore:
         return problems, notes
 
 
+def _scan(base: str, all_root: bool) -> tuple[list[Entry], list[tuple[int, str]]]:
+    """Walk a directory without following links: entries (files without blob ids yet) and
+    the regular files to import, as (entry index, path)."""
+    entries: list[Entry] = []
+    files: list[tuple[int, str]] = []
+    inodes: dict[tuple[int, int], str] = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            found = sorted(os.scandir(os.path.join(base, rel) if rel else base), key=lambda d: d.name)
+        except OSError as exc:
+            raise StoreError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        for d in found:
+            path = f"{rel}/{d.name}" if rel else d.name
+            st = d.stat(follow_symlinks=False)
+            uid, gid = (0, 0) if all_root else (st.st_uid, st.st_gid)
+            mode = stat.S_IMODE(st.st_mode)
+            fmt = stat.S_IFMT(st.st_mode)
+            if fmt == stat.S_IFDIR:
+                entries.append(Entry(path, "dir", mode, uid, gid))
+                stack.append(path)
+            elif fmt == stat.S_IFREG:
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in inodes:
+                    entries.append(Entry(path, "hardlink", 0, uid, gid, target=inodes[key]))
+                    continue
+                inodes[key] = path
+                files.append((len(entries), d.path))
+                entries.append(Entry(path, "file", mode, uid, gid, size=st.st_size))
+            elif fmt == stat.S_IFLNK:
+                entries.append(Entry(path, "symlink", 0o777, uid, gid, target=os.readlink(d.path)))
+            elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+                t = "char" if fmt == stat.S_IFCHR else "block"
+                dev = st.st_rdev
+                entries.append(Entry(path, t, mode, uid, gid, major=os.major(dev), minor=os.minor(dev)))
+            elif fmt == stat.S_IFIFO:
+                entries.append(Entry(path, "fifo", mode, uid, gid))
+            # sockets are runtime state, not content: left out
+    return entries, files
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    data = os.read(fd, size + 1)
+    while len(data) <= size and (more := os.read(fd, size + 1 - len(data))):
+        data += more
+    return data
+
+
 def _mkdir(path: Path) -> None:
     """Store directories are world-readable whatever the umask: Firecracker may run as another user."""
     if not path.is_dir():
@@ -626,9 +691,7 @@ def _copy_hashing(src: Path, dest: Path) -> tuple[str, int]:
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         try:
             if size <= _SMALL:
-                data = os.read(fd, size + 1)
-                while len(data) <= size and (more := os.read(fd, size + 1 - len(data))):
-                    data += more
+                data = _read_all(fd, size)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(out, view):]

@@ -83,3 +83,16 @@ def test_json_of_realize_names_the_paths(tmp_path: Path) -> None:
     fsck = subprocess.run(["e2fsck", "-fn", res["path"]], capture_output=True)
     assert fsck.returncode == 0
     assert json.loads(castore("ls", "--json", store=tmp_path / "s").stdout)[0]["name"] == "overlay"
+
+
+def test_add_move_only_when_safe(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    img = tmp_path / "rootfs.img"
+    img.write_bytes(os.urandom(1 << 16))
+    data = img.read_bytes()
+    os.link(img, tmp_path / "other-name")  # a second name could still change it: copy instead
+    proc = castore("add", "--move", str(img), store=store)
+    assert "note: copying" in proc.stderr and img.exists()
+    (tmp_path / "other-name").unlink()
+    res = castore_json("add", "--move", str(img), store=store)
+    assert not img.exists() and Path(res["path"]).read_bytes() == data

@@ -132,9 +132,22 @@ def test_full_disk_leaves_the_store_as_it_was(tmp_path: Path) -> None:
             s.add_file(big)
         with pytest.raises(StoreError, match="no space left"):
             s.add_dir(tmp_path, all_root=True)
-        assert [o.id for o in s.objects()] == [small]
-        assert os.listdir(s.tmp) == []
-        assert s.verify() == ([], [])
-        s.close()
+        try:
+            assert [o.id for o in s.objects()] == [small]
+            assert os.listdir(s.tmp) == []
+            assert s.verify() == ([], [])
+        finally:
+            s.close()
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_move_in_and_failed_move_restores(store: LocalStore, tmp_path: Path) -> None:
+    f = tmp_path / "rootfs.img"
+    f.write_bytes(b"squashfs bytes")
+    with pytest.raises(HashMismatch):
+        store.add_file(f, move=True, expect="0" * 64)
+    assert f.read_bytes() == b"squashfs bytes" and f.stat().st_mode & 0o777 == 0o644  # given back unchanged
+    assert store.objects() == [] and os.listdir(store.tmp) == []
+    oid = store.add_file(f, move=True)
+    assert not f.exists() and store.blob_path(oid).read_bytes() == b"squashfs bytes"
