@@ -187,6 +187,16 @@ def bench_file_import() -> Row:
     peer(row, "nix-store --add-fixed sha256", lambda: best_of(
         3, lambda s: ["nix-store", "--store", s, "--add-fixed", "sha256", SQFS], "nix-file",
         env=NIX_ENV))
+    peer(row, "cp (the copy alone, no hash, no fsync)", lambda: best_of(
+        3, lambda d: ["cp", SQFS, d / "copy"], "cp-file", setup=lambda d: d.mkdir()))
+
+    def staged_copy(d: Path) -> None:  # untimed: a file on the store's filesystem to move in
+        d.mkdir()
+        shutil.copyfile(SQFS, d / "rootfs.img")
+
+    move = best_of(3, lambda d: [CASTORE, "--store", d / "store", "add", "--move", d / "rootfs.img"],
+                   "cs-move", setup=staged_copy)
+    row.notes.append(f"castore add --move (rename in, hash, fsync; no copy): {move:.3f} s")
     row.notes.append(cpu_note("cs-file", "nix-file"))
     if row.castore > 0.1:
         from castore.store import LocalStore
