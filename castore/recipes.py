@@ -257,6 +257,8 @@ def get(tree_plan: Any, path: str) -> Plan:
     return _plan("tree_get", "blob", f"{plan.label}:{norm}", params={"path": norm}, inputs={"tree": plan})
 
 
+# `plan.get(path)` reads well in recipes; Plan lives in the pure plan layer, which knows nothing of
+# recipe files and call sites, so the method is attached here where get() can record its origin.
 Plan.get = lambda self, path: get(self, path)  # type: ignore[attr-defined]
 
 

@@ -92,3 +92,16 @@ def test_failed_build_keeps_log_and_nothing_else(tmp_path: Path) -> None:
     assert snapshot(store) == (set(), [])
     logs = list((store / "logs").iterdir())
     assert len(logs) == 1 and "is not in the tree" in logs[0].read_text()
+
+
+def test_bad_recipes_leave_the_store_as_it_was(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    castore("realize", "tests/recipes/small.py:hello", store=store)
+    before = snapshot(store)
+    for bad, where in (("bad_raise.py", "bad_raise.py:5"), ("bad_missing.py", "bad_missing.py:6"),
+                       ("bad_syntax.py", "bad_syntax.py:5"), ("bad_return.py", "bad_return.py:4")):
+        proc = castore("realize", f"tests/recipes/{bad}", store=store, check=False)
+        assert proc.returncode == 1 and where in proc.stderr and proc.stderr.startswith("error: ")
+        assert snapshot(store) == before
+        verify = castore_json("verify", store=store)
+        assert verify["ok"] and verify["notes"] == []
