@@ -49,36 +49,45 @@ class PlainReporter:
 
 
 class LiveReporter(PlainReporter):
-    """A rich live line for the running step above a log of finished ones."""
+    """A rich live line for the running step above a log of finished ones.
+
+    rich is imported when the first step starts, so a realize that builds nothing stays fast.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        from rich.console import Console
-        from rich.live import Live
-        from rich.spinner import Spinner
-
-        self.console = Console(stderr=True)
-        self._spinner_cls = Spinner
-        self.live = Live(console=self.console, refresh_per_second=8, transient=True)
+        self.live: Any = None
         self._t0 = 0.0
         self._label = ""
 
     def __enter__(self) -> LiveReporter:
-        self.live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.__exit__(None, None, None)
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def _spinner(self, text: str) -> Any:
+        from rich.spinner import Spinner
+
+        return Spinner("dots", text)
 
     def start(self, plan: Plan, plan_hash: str, index: int, total: int) -> None:
         super().start(plan, plan_hash, index, total)
+        if self.live is None:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.console = Console(stderr=True)
+            self.live = Live(console=self.console, refresh_per_second=8, transient=True)
+            self.live.__enter__()
         self._t0 = time.monotonic()
         self._label = f"{self._prefix} {plan.label}"
-        self.live.update(self._spinner_cls("dots", f"{self._label} [dim]{plan.builder}[/dim]"))
+        self.live.update(self._spinner(f"{self._label} [dim]{plan.builder}[/dim]"))
 
     def status(self, plan: Plan, text: str) -> None:
         elapsed = time.monotonic() - self._t0
-        self.live.update(self._spinner_cls("dots", f"{self._label} [dim]{elapsed:4.0f}s {text}[/dim]"))
+        self.live.update(self._spinner(f"{self._label} [dim]{elapsed:4.0f}s {text}[/dim]"))
 
     def done(self, plan: Plan, oid: str, how: str, seconds: float) -> None:
         if how != "present":

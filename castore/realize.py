@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from castore.builders import (
+    SPECS,
     BlobInput,
     BlobResult,
     BuildContext,
-    Builder,
     ExistingResult,
     ImageResult,
     Input,
+    Spec,
     TreeInput,
     TreeResult,
-    registry,
+    load,
 )
 from castore.errors import BuildError, CastoreError, HashMismatch, StoreError
 from castore.plan import Plan, hash_graph
@@ -38,7 +39,8 @@ from castore.tools import tool_version
 
 
 class Reporter(Protocol):
-    def start(self, plan: Plan, plan_hash: str, index: int, total: int) -> None: ...
+    def start(self, plan: Plan, plan_hash: str, index: int, total: int) -> None:
+        """A step is about to be built (steps already present are only reported as done)."""
     def status(self, plan: Plan, text: str) -> None: ...
     def done(self, plan: Plan, oid: str, how: str, seconds: float) -> None: ...
     def failed(self, plan: Plan, error: CastoreError, log: Path | None) -> None: ...
@@ -84,20 +86,19 @@ class Realizer:
         self.reporter = reporter or NullReporter()
         self.jobs = jobs or os.cpu_count() or 1
         self.keep_failed = keep_failed
-        self._builders: dict[str, Builder] = registry()
         self._tool_cache: dict[str, str] | None = None
         self._tool_cache_dirty = False
 
     # -- hashing ------------------------------------------------------------
 
-    def builder(self, plan: Plan) -> Builder:
+    def _spec(self, plan: Plan) -> Spec:
         try:
-            return self._builders[plan.builder]
+            return SPECS[plan.builder]
         except KeyError:
             raise CastoreError(f"{plan.origin}: unknown builder {plan.builder!r}") from None
 
     def _describe(self, plan: Plan) -> tuple[int, dict[str, str]]:
-        b = self.builder(plan)
+        b = self._spec(plan)
         if self._tool_cache is None:
             self._tool_cache = self.store.kv_get("tool:")
         before = len(self._tool_cache)
@@ -125,11 +126,11 @@ class Realizer:
             results: dict[int, str] = {}
             total = len(steps)
             for index, step in enumerate(steps):
-                self.reporter.start(step.plan, step.hash, index, total)
                 t0 = time.monotonic()
                 if step.oid is not None:
                     step.how = "present"
                 else:
+                    self.reporter.start(step.plan, step.hash, index, total)
                     with self.store.lock(step.hash):
                         step.oid = self.store.realisation(step.hash)
                         if step.oid is not None:
@@ -163,7 +164,8 @@ class Realizer:
 
     def _build(self, step: Step, results: dict[int, str]) -> str:
         plan = step.plan
-        builder = self.builder(plan)
+        self._spec(plan)  # an unknown builder is reported with the recipe line
+        build = load(plan.builder)
         inputs = self._inputs(plan, results)
         scratch = self.store.staging_dir(plan.builder)
         log_path = self.store.logs / f"{step.hash}.log"
@@ -183,7 +185,7 @@ class Realizer:
                     jobs=self.jobs,
                 )
                 try:
-                    result = builder.build(ctx)
+                    result = build(ctx)
                     oid = self._import(ctx, result)
                 except StoreError:
                     raise

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from castore.builders.fetch import FETCH
+from castore.builders.fetch import BUILD
 from castore.errors import CastoreError, HashMismatch
 from castore.hashing import hash_bytes
 from tests.conftest import castore, snapshot
@@ -16,15 +16,15 @@ def test_http_fetch_checks_the_hash(tmp_path: Path) -> None:
     data = b"payload" * 1000
     with http_server({"/f": data}) as (url, _):
         ctx = context(tmp_path, {"url": f"{url}/f", "blake3": hash_bytes(data)})
-        FETCH.build(ctx)
+        BUILD["fetch"](ctx)
         assert ctx.out.read_bytes() == data
         ctx = context(tmp_path / "x", {"url": f"{url}/f", "sha256": "0" * 64})
         with pytest.raises(HashMismatch) as err:
-            FETCH.build(ctx)
+            BUILD["fetch"](ctx)
         assert err.value.actual == hashlib.sha256(data).hexdigest()
         ctx = context(tmp_path / "y", {"url": f"{url}/missing", "sha256": "0" * 64})
         with pytest.raises(CastoreError, match="HTTP 404"):
-            FETCH.build(ctx)
+            BUILD["fetch"](ctx)
 
 
 def test_hash_mismatch_through_realize_adds_nothing(tmp_path: Path) -> None:

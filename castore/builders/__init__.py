@@ -5,17 +5,18 @@ A builder never touches the store. The realizer hands it a :class:`BuildContext`
 as read-only paths or decoded manifests) and moves what it returns into the
 store. That keeps every builder testable with a temporary directory.
 
-A builder declares a ``version`` (bump it whenever its output for the same
-plan could change) and the external ``tools`` it runs; both go into the plan
-hash.
+Each builder's ``version`` (bump it whenever its output for the same plan
+could change) and the external ``tools`` it runs are declared in :data:`SPECS`,
+so plans hash without importing the builders; both go into the plan hash.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 from castore.manifest import Image, Tree
 
@@ -85,33 +86,34 @@ class ImageResult:
 Result = BlobResult | ExistingResult | TreeResult | ImageResult
 
 
-class Builder(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def version(self) -> int: ...
-    @property
-    def tools(self) -> tuple[str, ...]: ...
-
-    def build(self, ctx: BuildContext) -> Result: ...
-
-
-def registry() -> dict[str, Builder]:
-    from castore.builders import debian, ext4, fetch, image, kernel, squashfs, treeops, unpack
-
-    found: list[Builder] = [
-        fetch.FETCH, debian.DEBIAN_PACKAGE, unpack.UNPACK, treeops.TREE, treeops.TREE_GET,
-        treeops.SOURCE, squashfs.SQUASHFS, ext4.EXT4, kernel.KERNEL, image.IMAGE,
-    ]
-    return {b.name: b for b in found}
+Build = Callable[[BuildContext], Result]
 
 
 @dataclass(frozen=True)
-class FnBuilder:
-    name: str
-    version: int
-    tools: tuple[str, ...]
-    fn: Callable[[BuildContext], Result]
+class Spec:
+    """What a plan hash needs to know of a builder, readable without importing the builder."""
 
-    def build(self, ctx: BuildContext) -> Result:
-        return self.fn(ctx)
+    module: str
+    version: int  # bump whenever the builder's output for the same plan could change
+    tools: tuple[str, ...] = ()  # external programs it runs; their version lines enter the hash
+
+
+SPECS: dict[str, Spec] = {
+    "fetch": Spec("fetch", 1),
+    "debian_package": Spec("debian", 1),  # fixed-output: the sha256 decides, apt's version stays out
+    "unpack": Spec("unpack", 1),
+    "tree": Spec("treeops", 1),
+    "tree_get": Spec("treeops", 1),
+    "source": Spec("treeops", 1),
+    "squashfs": Spec("squashfs", 1, ("gensquashfs",)),
+    "ext4": Spec("ext4", 1, ("mke2fs",)),
+    "kernel": Spec("kernel", 1, ("make", "gcc", "ld", "flex", "bison", "bc", "perl", "tar", "bwrap")),
+    "image": Spec("image", 1),
+}
+
+
+def load(name: str) -> Build:
+    """The build function of a builder; its module is imported only when something is built."""
+    module = importlib.import_module(f"castore.builders.{SPECS[name].module}")
+    build: Build = module.BUILD[name]
+    return build

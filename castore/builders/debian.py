@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from castore.builders import BlobResult, BuildContext, FnBuilder, Result
+from castore.builders import BlobResult, BuildContext, Result
 from castore.builders.fetch import check_digest
 from castore.errors import CastoreError, ToolError
 from castore.hashing import Hasher
@@ -62,5 +62,4 @@ def _debian_package(ctx: BuildContext) -> Result:
     return BlobResult()
 
 
-# Fixed-output: the sha256 decides the bytes, so apt's version stays out of the plan.
-DEBIAN_PACKAGE = FnBuilder("debian_package", 1, (), _debian_package)
+BUILD = {"debian_package": _debian_package}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from castore.builders import BlobResult, BuildContext, FnBuilder, Result
+from castore.builders import BlobResult, BuildContext, Result
 from castore.hashing import derive_uuid
 from castore.tools import SOURCE_DATE_EPOCH, run
 
@@ -62,4 +62,4 @@ def _ext4(ctx: BuildContext) -> Result:
     return BlobResult()
 
 
-EXT4 = FnBuilder("ext4", 1, ("mke2fs",), _ext4)
+BUILD = {"ext4": _ext4}

@@ -10,7 +10,7 @@ import shutil
 import urllib.parse
 from pathlib import Path
 
-from castore.builders import BlobResult, BuildContext, FnBuilder, Result
+from castore.builders import BlobResult, BuildContext, Result
 from castore.errors import CastoreError, HashMismatch, NotFound
 from castore.hashing import Hasher
 
@@ -65,4 +65,4 @@ def copy(src: Path, dest: Path) -> None:
     shutil.copyfile(src, dest)
 
 
-FETCH = FnBuilder("fetch", 1, (), _fetch)
+BUILD = {"fetch": _fetch}

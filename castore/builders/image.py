@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from castore.builders import BuildContext, FnBuilder, ImageResult, Result
+from castore.builders import BuildContext, ImageResult, Result
 from castore.manifest import Image, Layer
 
 
@@ -21,4 +21,4 @@ def _image(ctx: BuildContext) -> Result:
     )
 
 
-IMAGE = FnBuilder("image", 1, (), _image)
+BUILD = {"image": _image}

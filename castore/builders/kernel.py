@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from castore.builders import BlobResult, BuildContext, FnBuilder, Result
+from castore.builders import BlobResult, BuildContext, Result
 from castore.errors import BuildError
 from castore.tools import run
 
@@ -102,6 +102,4 @@ def _kernel(ctx: BuildContext) -> Result:
     return BlobResult()
 
 
-KERNEL = FnBuilder(
-    "kernel", 1, ("make", "gcc", "ld", "flex", "bison", "bc", "perl", "tar", "bwrap"), _kernel
-)
+BUILD = {"kernel": _kernel}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from castore.builders import BlobResult, BuildContext, FnBuilder, Result
+from castore.builders import BlobResult, BuildContext, Result
 from castore.errors import CastoreError
 from castore.manifest import Tree
 from castore.tools import SOURCE_DATE_EPOCH, run
@@ -72,4 +72,4 @@ def _squashfs(ctx: BuildContext) -> Result:
     return BlobResult()
 
 
-SQUASHFS = FnBuilder("squashfs", 1, ("gensquashfs",), _squashfs)
+BUILD = {"squashfs": _squashfs}

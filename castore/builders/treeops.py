@@ -15,7 +15,6 @@ from castore.builders import (
     BlobInput,
     BuildContext,
     ExistingResult,
-    FnBuilder,
     Result,
     TreeInput,
     TreeResult,
@@ -169,6 +168,4 @@ def _source(ctx: BuildContext) -> Result:
     return ExistingResult(ctx.blob("file").id)
 
 
-TREE = FnBuilder("tree", 1, (), _tree)
-TREE_GET = FnBuilder("tree_get", 1, (), _tree_get)
-SOURCE = FnBuilder("source", 1, (), _source)
+BUILD = {"tree": _tree, "tree_get": _tree_get, "source": _source}

@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import IO, Any
 
-from castore.builders import BuildContext, FnBuilder, Result, TreeResult
+from castore.builders import BuildContext, Result, TreeResult
 from castore.errors import CastoreError, UnsafeArchive
 from castore.hashing import hash_bytes
 from castore.manifest import Entry, Tree, normalize_path
@@ -153,4 +153,4 @@ def _unpack(ctx: BuildContext) -> Result:
     return unpack_archive(ctx.blob("archive").path, ctx.scratch)
 
 
-UNPACK = FnBuilder("unpack", 1, (), _unpack)
+BUILD = {"unpack": _unpack}
