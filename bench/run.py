@@ -173,7 +173,30 @@ def bench_tree_import() -> Row:
         3, lambda r: ["ostree", f"--repo={r}", "commit", "--branch=b", f"--tree=dir={NODEV}"],
         "ostree", setup=lambda r: run(["ostree", f"--repo={r}", "init", "--mode=bare"])))
     row.notes.append(cpu_note("cs", "nix", "ostree"))
+    row.notes.append(durability([
+        ("castore", lambda d: [CASTORE, "--store", d, "add", "--all-root", TREE], None),
+        ("nix", lambda d: ["nix-store", "--store", d, "--add", NODEV], NIX_ENV),
+    ]))
     return judge(row, limit=1.2)
+
+
+def durability(tools: list[tuple[str, Callable[[Path], Argv], dict[str, str] | None]]) -> str:
+    """How many fsync-family calls each tool makes for the same import (one untimed run under strace):
+    what is synced is what survives a power cut."""
+    found = []
+    for name, argv, env in tools:
+        out = new_dir(f"strace-{name}")
+        trace = out.with_suffix(".strace")
+        try:
+            run(["strace", "-f", "-c", "-o", trace, "-e", "trace=fsync,fdatasync,syncfs,sync",
+                 *map(str, argv(out))], env=env)
+        except (RuntimeError, OSError) as exc:
+            found.append(f"{name}: strace failed ({exc})")
+            continue
+        calls = {line.split()[-1]: int(line.split()[-2]) for line in trace.read_text().splitlines()
+                 if line.split() and line.split()[-1] in ("fsync", "fdatasync", "syncfs", "sync")}
+        found.append(f"{name} " + (", ".join(f"{n} {c}" for n, c in sorted(calls.items())) or "none"))
+    return "durability, sync calls per import: " + "; ".join(found)
 
 
 def cpu_note(*names: str) -> str:
