@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS realisations (
 CREATE INDEX IF NOT EXISTS realisations_object ON realisations (object);
 CREATE TABLE IF NOT EXISTS roots (name TEXT PRIMARY KEY, object TEXT NOT NULL, link INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    chunk TEXT NOT NULL, blob TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    PRIMARY KEY (chunk, blob, offset)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob);
 """
 _SMALL = 8 << 20
 
@@ -334,7 +338,7 @@ class LocalStore:
             raise
 
     def add_file(self, path: str | os.PathLike[str], *, move: bool = False,
-                 expect: str | None = None) -> str:
+                 expect: str | None = None, kind: str = "blob", refs: Iterable[str] = ()) -> str:
         """Copy a file in as a blob, or move it in (a rename: same filesystem only).
 
         A moved file that cannot be added is moved back, so a failure loses nothing.
@@ -354,7 +358,7 @@ class LocalStore:
                 oid, size = _copy_hashing(src, staged)
             if expect is not None and oid != expect:
                 raise HashMismatch(str(src), expect, oid)
-            return self._publish(oid, staged, "blob", size, ())
+            return self._publish(oid, staged, kind, size, tuple(sorted(set(refs))))
         except BaseException as exc:
             if moved and staged.exists():
                 os.rename(staged, src)
@@ -488,6 +492,27 @@ class LocalStore:
             todo.extend(r[0] for r in self._q("SELECT ref FROM refs WHERE referrer = ?", (oid,)))
         return seen
 
+    # -- chunk index: where each chunk of a local blob lies, to seed pulls --------
+
+    def record_chunks(self, blob: str, chunks: Iterable[tuple[str, int, int]]) -> None:
+        """chunks: (chunk id, offset, length) of blob, which must be in the store."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)",
+                           [(c, blob, off, n) for c, off, n in chunks])
+
+    def chunked(self, blob: str) -> bool:
+        return bool(self._q("SELECT 1 FROM chunks WHERE blob = ? LIMIT 1", (blob,)))
+
+    def find_chunk(self, chunk: str) -> tuple[Path, int, int] | None:
+        """A local copy of a chunk: (blob path, offset, length), or None."""
+        for blob, offset, length in self._q(
+                "SELECT c.blob, c.offset, c.length FROM chunks c JOIN objects o ON o.id = c.blob "
+                "WHERE c.chunk = ? LIMIT 4", (chunk,)):
+            path = self.blob_path(blob)
+            if path.exists():
+                return path, offset, length
+        return None
+
     # -- locks ------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -530,6 +555,7 @@ class LocalStore:
                     db.execute("DELETE FROM objects WHERE id = ?", (oid,))
                     db.execute("DELETE FROM refs WHERE referrer = ?", (oid,))
                     db.execute("DELETE FROM realisations WHERE object = ?", (oid,))
+                    db.execute("DELETE FROM chunks WHERE blob = ?", (oid,))
             freed = 0
             for oid, size in dead:
                 with contextlib.suppress(FileNotFoundError):

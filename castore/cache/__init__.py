@@ -1,0 +1,15 @@
+"""Binary caches: a tree of static files any web server can serve, and the verb that
+copies closures between a local store and a cache.
+
+Layout (format 1)::
+
+    castore-cache.json        {"format": 1, "chunking": {...}, "compression": "zstd"}
+    objects/<id>              canonical msgpack: format, kind, size, refs, chunks [[chunk id, length], ...]
+    chunks/<ab>/<chunk id>    one zstd frame holding that chunk's bytes
+
+A cache is reached through a :class:`~castore.cache.transport.Transport`: three
+primitives (get, put, exists) over a directory today, over HTTP next.
+Nothing is published before what it names: chunks before their object,
+an object after every object it references, so a reader never sees a
+record it cannot complete.
+"""

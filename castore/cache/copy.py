@@ -1,0 +1,223 @@
+"""The one verb that moves closures: push (store -> cache) and pull (cache -> store).
+
+Push chunks each blob (recording the chunks in the store's chunk index),
+uploads only chunks the cache lacks, then publishes the object record, refs
+first. Pull reads the closure's records, takes every chunk it can from local
+blobs through the chunk index (the seed), fetches the rest, verifies each
+chunk and then the whole object, and only then adds it to the store. Fetched
+chunks are kept, verified, under ``tmp/chunk-cache`` until their object is
+in, so a pull that is killed resumes without fetching them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from castore.cache.layout import CONFIG, CacheConfig, ObjectRecord, check_chunk, chunk_path, object_path
+from castore.cache.transport import Transport
+from castore.chunking import ChunkParams, cut_file
+from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound
+from castore.manifest import Image, Tree
+from castore.store import LocalStore
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CopyStats:
+    objects: int = 0  # objects copied
+    present: int = 0  # objects the destination already had
+    chunks_sent: int = 0
+    chunks_fetched: int = 0
+    chunks_seeded: int = 0  # taken from local blobs or the resume cache
+    bytes_on_wire: int = 0
+    ids: list[str] = field(default_factory=list)
+
+
+def cache_config(cache: Transport, *, create: bool) -> CacheConfig:
+    data = cache.get(CONFIG)
+    if data is None:
+        if not create:
+            raise NotFound(f"{cache.url} has no {CONFIG}: not a castore cache")
+        config = CacheConfig(ChunkParams())
+        cache.put(CONFIG, config.encode())
+        return config
+    return CacheConfig.decode(data)
+
+
+def _refs_first(ids: Iterable[str], refs: Callable[[str], Iterable[str]]) -> list[str]:
+    order: list[str] = []
+    seen: set[str] = set()
+    stack = [(oid, False) for oid in ids]
+    while stack:
+        oid, expanded = stack.pop()
+        if expanded:
+            order.append(oid)
+            continue
+        if oid in seen:
+            continue
+        seen.add(oid)
+        stack.append((oid, True))
+        stack.extend((r, False) for r in refs(oid) if r not in seen)
+    return order
+
+
+def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Progress = lambda s: None) -> CopyStats:
+    config = cache_config(cache, create=True)
+    stats = CopyStats()
+    cctx = zstandard.ZstdCompressor(level=3)
+    for oid in _refs_first(ids, lambda o: store.info(o).refs):
+        stats.ids.append(oid)
+        if cache.exists(object_path(oid)):
+            stats.present += 1
+            continue
+        info = store.info(oid)
+        path = store.blob_path(oid)
+        chunks = cut_file(path, config.chunking)
+        store.record_chunks(oid, [(c.id, c.offset, c.length) for c in chunks])
+        wanted = {chunk_path(c.id): c for c in chunks}
+        todo = cache.missing(wanted)
+        with open(path, "rb") as f:
+            for cpath in sorted(todo):
+                c = wanted[cpath]
+                f.seek(c.offset)
+                frame = cctx.compress(f.read(c.length))
+                cache.put(cpath, frame)
+                stats.chunks_sent += 1
+                stats.bytes_on_wire += len(frame)
+        progress(f"pushed {info.kind} {oid[:12]} ({len(todo)} of {len(chunks)} chunks new)")
+        record = ObjectRecord(oid, info.kind, info.size, info.refs, tuple((c.id, c.length) for c in chunks))
+        data = record.encode()
+        cache.put(object_path(oid), data)
+        stats.bytes_on_wire += len(data)
+        stats.objects += 1
+    return stats
+
+
+def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> dict[str, ObjectRecord]:
+    """The records of every object of the closures that the store lacks."""
+    records: dict[str, ObjectRecord] = {}
+    todo = [oid for oid in ids if not store.has(oid)]
+    while todo:
+        oid = todo.pop()
+        if oid in records or store.has(oid):
+            continue
+        data = cache.get(object_path(oid))
+        if data is None:
+            raise NotFound(f"{cache.url} has no object {oid}")
+        records[oid] = ObjectRecord.decode(oid, data)
+        todo.extend(records[oid].refs)
+    return records
+
+
+def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bool = False,
+         progress: Progress = lambda s: None) -> CopyStats:
+    wanted = list(ids)
+    config = cache_config(cache, create=False)
+    del config  # chunks are addressed by id: a pull works whatever the cache's parameters
+    records = fetch_records(store, cache, wanted)
+    stats = CopyStats(present=len([o for o in wanted if store.has(o)]))
+    order = _refs_first(records, lambda o: [r for r in records[o].refs if r in records])
+    resume = store.tmp / "chunk-cache"
+    resume.mkdir(exist_ok=True)
+    dctx = zstandard.ZstdDecompressor()
+    for oid in order:
+        rec = records[oid]
+        stats.ids.append(oid)
+        if dry_run:
+            for cid, _ in rec.chunks:
+                if store.find_chunk(cid) is None and not (resume / cid).exists():
+                    stats.chunks_fetched += 1
+            continue
+        staged = store.staging_dir("pull") / "object"
+        try:
+            with open(staged, "wb") as out:
+                for cid, length in rec.chunks:
+                    out.write(_chunk(store, cache, dctx, resume, cid, length, stats))
+            kind_check(rec, staged)
+            store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs)
+        except HashMismatch as exc:
+            raise CastoreError(f"object {oid} from {cache.url} reassembles to {exc.actual}",
+                               "the cache is corrupt; nothing was added") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            with contextlib.suppress(OSError):
+                staged.parent.rmdir()
+        offset = 0
+        index = []
+        for cid, length in rec.chunks:
+            index.append((cid, offset, length))
+            offset += length
+        store.record_chunks(oid, index)
+        for cid, _ in rec.chunks:
+            with contextlib.suppress(FileNotFoundError):
+                (resume / cid).unlink()
+        stats.objects += 1
+        progress(f"pulled {rec.kind} {oid[:12]}")
+    return stats
+
+
+def _chunk(store: LocalStore, cache: Transport, dctx: zstandard.ZstdDecompressor, resume: Path,
+           cid: str, length: int, stats: CopyStats) -> bytes:
+    local = store.find_chunk(cid)
+    if local is not None:
+        path, offset, n = local
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(n)
+        if n == length and _ok(cid, data):
+            stats.chunks_seeded += 1
+            return data
+    kept = resume / cid
+    if kept.exists():
+        data = kept.read_bytes()
+        if len(data) == length and _ok(cid, data):
+            stats.chunks_seeded += 1
+            return data
+    frame = cache.get(chunk_path(cid))
+    if frame is None:
+        raise NotFound(f"{cache.url} lacks chunk {cid}", "the cache is incomplete; nothing was added")
+    try:
+        data = dctx.decompress(frame, max_output_size=length)
+    except zstandard.ZstdError as exc:
+        raise CastoreError(f"chunk {cid} from {cache.url} is not a valid zstd frame: {exc}",
+                           "the cache is corrupt; nothing was added") from exc
+    if len(data) != length:
+        raise CastoreError(f"chunk {cid} from {cache.url} is {len(data)} bytes, its record says {length}")
+    try:
+        check_chunk(cid, data)
+    except EncodingError as exc:
+        raise CastoreError(f"{exc.message} (from {cache.url})", "the cache is corrupt; nothing was added") from exc
+    tmp = resume / f".{cid}.{os.getpid()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, kept)
+    stats.chunks_fetched += 1
+    stats.bytes_on_wire += len(frame)
+    return data
+
+
+def _ok(cid: str, data: bytes) -> bool:
+    try:
+        check_chunk(cid, data)
+    except EncodingError:
+        return False
+    return True
+
+
+def kind_check(rec: ObjectRecord, path: Path) -> None:
+    """Trees and images must decode before they enter the store."""
+    if rec.kind == "tree":
+        refs = Tree.decode(path.read_bytes()).refs()
+    elif rec.kind == "image":
+        refs = Image.decode(path.read_bytes()).refs()
+    else:
+        return
+    if sorted(refs) != sorted(rec.refs):
+        raise CastoreError(f"{rec.kind} {rec.id}: its record's references do not match its manifest")

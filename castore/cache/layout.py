@@ -1,0 +1,93 @@
+"""The cache's files: their paths and their records, encoded canonically."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from castore import canonical
+from castore.chunking import ChunkParams
+from castore.errors import EncodingError
+from castore.hashing import hash_bytes, is_id
+from castore.manifest import FORMAT
+
+CONFIG = "castore-cache.json"
+COMPRESSION = "zstd"
+
+
+def object_path(oid: str) -> str:
+    return f"objects/{oid}"
+
+
+def chunk_path(cid: str) -> str:
+    return f"chunks/{cid[:2]}/{cid}"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    chunking: ChunkParams
+    compression: str = COMPRESSION
+
+    def encode(self) -> bytes:
+        rec = {"format": FORMAT, "chunking": self.chunking.to_record(), "compression": self.compression}
+        return (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> CacheConfig:
+        try:
+            rec = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EncodingError(f"{CONFIG} is not JSON: {exc}") from exc
+        if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+            raise EncodingError(f"{CONFIG}: cache format {rec.get('format') if isinstance(rec, dict) else rec!r} "
+                                f"is not supported (this castore reads format {FORMAT})")
+        if rec.get("compression") != COMPRESSION:
+            raise EncodingError(f"{CONFIG}: compression {rec.get('compression')!r} is not {COMPRESSION}")
+        return cls(ChunkParams.from_record(rec.get("chunking")), COMPRESSION)
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """What a cache keeps per object: its kind, size, references and chunks, in order."""
+
+    id: str
+    kind: str
+    size: int
+    refs: tuple[str, ...]
+    chunks: tuple[tuple[str, int], ...]
+
+    def encode(self) -> bytes:
+        return canonical.encode({
+            "format": FORMAT, "kind": self.kind, "size": self.size, "refs": sorted(self.refs),
+            "chunks": [[c, n] for c, n in self.chunks],
+        })
+
+    @classmethod
+    def decode(cls, oid: str, data: bytes) -> ObjectRecord:
+        rec = canonical.decode(data, f"object record {oid}")
+        try:
+            if rec["format"] != FORMAT:
+                raise EncodingError(f"object record {oid}: format {rec['format']} is not supported")
+            kind, size, refs = rec["kind"], rec["size"], tuple(rec["refs"])
+            chunks = tuple((c, n) for c, n in rec["chunks"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EncodingError(f"object record {oid} is malformed: {exc}") from exc
+        if kind not in ("blob", "tree", "image") or not all(is_id(r) for r in refs):
+            raise EncodingError(f"object record {oid} has a bad kind or reference")
+        if not all(is_id(c) and isinstance(n, int) and n > 0 for c, n in chunks):
+            raise EncodingError(f"object record {oid} lists a bad chunk")
+        if sum(n for _, n in chunks) != size:
+            raise EncodingError(f"object record {oid}: chunk lengths add up to "
+                                f"{sum(n for _, n in chunks)}, not its size {size}")
+        return cls(oid, kind, size, refs, chunks)
+
+
+def check_chunk(cid: str, data: bytes) -> None:
+    actual = hash_bytes(data)
+    if actual != cid:
+        raise EncodingError(f"chunk {cid} holds bytes that hash to {actual}")
+
+
+def record_fields(rec: ObjectRecord) -> dict[str, Any]:
+    return {"id": rec.id, "kind": rec.kind, "size": rec.size, "refs": list(rec.refs), "chunks": len(rec.chunks)}

@@ -1,0 +1,191 @@
+"""push and pull through a directory cache: round trip, dedup, seeding, resume, hostile caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from castore.cache.copy import pull, push
+from castore.cache.layout import CacheConfig, ObjectRecord, chunk_path, object_path
+from castore.cache.transport import DirTransport, check_path, open_cache
+from castore.chunking import ChunkParams
+from castore.errors import CastoreError, EncodingError, NotFound
+from castore.store import LocalStore
+from tests.conftest import castore, castore_json, golden, snapshot
+
+
+class Counting(DirTransport):
+    """A directory cache that counts what is fetched, and can fail after a number of chunk gets."""
+
+    def __init__(self, root: Path, fail_after: int | None = None) -> None:
+        super().__init__(root)
+        self.gets: list[str] = []
+        self.fail_after = fail_after
+
+    def get(self, path: str) -> bytes | None:
+        fetched = len([g for g in self.gets if g.startswith("chunks/")])
+        if path.startswith("chunks/") and self.fail_after is not None and fetched >= self.fail_after:
+            raise CastoreError("connection dropped")
+        self.gets.append(path)
+        return super().get(path)
+
+
+def blob_file(tmp_path: Path, name: str, data: bytes) -> Path:
+    f = tmp_path / name
+    f.write_bytes(data)
+    return f
+
+
+def test_record_golden_and_config(tmp_path: Path) -> None:
+    rec = ObjectRecord("a" * 64, "blob", 3, (), (("b" * 64, 3),))
+    golden("cache-object-record.bin", rec.encode())
+    assert ObjectRecord.decode("a" * 64, rec.encode()) == rec
+    with pytest.raises(EncodingError, match="add up"):
+        ObjectRecord.decode("a" * 64, ObjectRecord("a" * 64, "blob", 4, (), (("b" * 64, 3),)).encode())
+    cfg = CacheConfig(ChunkParams())
+    assert CacheConfig.decode(cfg.encode()) == cfg
+    with pytest.raises(EncodingError, match="format"):
+        CacheConfig.decode(b'{"format": 9}')
+
+
+def test_round_trip_of_a_realized_closure(tmp_path: Path) -> None:
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    res = castore_json("realize", "tests/recipes/small.py:layer", store=a)  # a tree and its blobs
+    refs = castore_json("show", res["id"], store=a)["refs"]
+    assert len(refs) == 2  # hello.txt and motd
+    pushed = castore_json("push", res["id"][:12], "--to", str(cache), store=a)
+    assert pushed["objects"] == 3 and pushed["chunks_sent"] == 3
+    assert pushed["ids"][-1] == res["id"]  # the tree is published after its blobs
+    again = castore_json("push", res["id"], "--to", str(cache), store=a)
+    assert again["objects"] == 0 and again["chunks_sent"] == 0
+    pulled = castore_json("pull", res["id"], "--from", f"file://{cache}", store=b)
+    assert pulled["objects"] == 3
+    assert snapshot(b)[1] == sorted(pulled["ids"])
+    for oid in pulled["ids"]:
+        assert (b / "blobs" / oid[:2] / oid).read_bytes() == (a / "blobs" / oid[:2] / oid).read_bytes()
+    assert castore_json("verify", store=b)["ok"]
+    assert castore_json("show", res["id"], store=b)["entries"]
+
+
+def test_dedup_push_and_seeded_pull(tmp_path: Path) -> None:
+    v1 = os.urandom(3 << 20)
+    v2 = v1[:1_500_000] + os.urandom(200_000) + v1[1_500_000:]
+    a = LocalStore(tmp_path / "a")
+    id1 = a.add_file(blob_file(tmp_path, "v1", v1))
+    id2 = a.add_file(blob_file(tmp_path, "v2", v2))
+    (tmp_path / "cache").mkdir()
+    cache = Counting(tmp_path / "cache")
+    s1 = push(a, cache, [id1])
+    s2 = push(a, cache, [id2])
+    assert s2.chunks_sent < s1.chunks_sent // 4  # only chunks around the insertion
+    b = LocalStore(tmp_path / "b")
+    pull(b, cache, [id1])
+    cache.gets.clear()
+    s = pull(b, cache, [id2])
+    fetched = [g for g in cache.gets if g.startswith("chunks/")]
+    assert len(fetched) == s.chunks_fetched == s2.chunks_sent  # exactly what v1 lacks
+    assert s.chunks_seeded > 0 and b.blob_path(id2).read_bytes() == v2
+    a.close()
+    b.close()
+
+
+def test_dry_run_counts_and_adds_nothing(tmp_path: Path) -> None:
+    a = LocalStore(tmp_path / "a")
+    oid = a.add_file(blob_file(tmp_path, "x", os.urandom(500_000)))
+    cache = DirTransport(tmp_path / "cache", create=True)
+    sent = push(a, cache, [oid]).chunks_sent
+    b = LocalStore(tmp_path / "b")
+    s = pull(b, cache, [oid], dry_run=True)
+    assert s.chunks_fetched == sent and b.objects() == []
+
+
+def _pushed(tmp_path: Path, size: int = 400_000) -> tuple[LocalStore, DirTransport, str, bytes]:
+    data = os.urandom(size)
+    a = LocalStore(tmp_path / "a")
+    oid = a.add_file(blob_file(tmp_path, "x", data))
+    cache = DirTransport(tmp_path / "cache", create=True)
+    push(a, cache, [oid])
+    return a, cache, oid, data
+
+
+def _chunk_files(cache: DirTransport, oid: str) -> list[Path]:
+    rec = ObjectRecord.decode(oid, cache.get(object_path(oid)) or b"")
+    return [cache.root / chunk_path(c) for c, _ in rec.chunks]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "other-chunk", "missing", "bigger"])
+def test_a_corrupt_cache_adds_nothing(tmp_path: Path, damage: str) -> None:
+    _, cache, oid, _ = _pushed(tmp_path)
+    files = _chunk_files(cache, oid)
+    target = files[1]
+    frame = target.read_bytes()
+    raw = zstandard.ZstdDecompressor().decompress(frame)
+    if damage == "flip":
+        target.write_bytes(zstandard.ZstdCompressor().compress(raw[:-1] + bytes([raw[-1] ^ 1])))
+    elif damage == "truncate":
+        target.write_bytes(frame[: len(frame) // 2])
+    elif damage == "garbage":
+        target.write_bytes(b"not zstd at all")
+    elif damage == "other-chunk":  # a valid chunk served under the wrong id
+        target.write_bytes(files[0].read_bytes())
+    elif damage == "missing":
+        target.unlink()
+    elif damage == "bigger":
+        target.write_bytes(zstandard.ZstdCompressor().compress(raw + b"extra"))
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(CastoreError):
+        pull(b, cache, [oid])
+    assert b.objects() == [] and not list((b.blobs).glob("*/*"))
+    assert b.verify()[0] == []
+
+
+def test_a_lying_object_record_adds_nothing(tmp_path: Path) -> None:
+    a, cache, oid, _ = _pushed(tmp_path)
+    other = a.add_file(blob_file(tmp_path, "y", os.urandom(100_000)))
+    push(a, cache, [other])
+    # the record of `oid` now lists the chunks of `other`: reassembly will not hash to oid
+    (cache.root / object_path(oid)).write_bytes((cache.root / object_path(other)).read_bytes())
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(CastoreError, match=r"reassembles|add up"):
+        pull(b, cache, [oid])
+    assert b.objects() == []
+    (cache.root / object_path(oid)).write_bytes(b"\x93\x01")  # not a record at all
+    with pytest.raises(EncodingError):
+        pull(b, cache, [oid])
+
+
+def test_an_interrupted_pull_resumes_without_refetching(tmp_path: Path) -> None:
+    _, _, oid, data = _pushed(tmp_path, size=2_000_000)
+    flaky = Counting(tmp_path / "cache", fail_after=10)
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(CastoreError, match="connection dropped"):
+        pull(b, flaky, [oid])
+    assert b.objects() == []
+    again = Counting(tmp_path / "cache")
+    s = pull(b, again, [oid])
+    assert s.chunks_seeded >= 10  # the ten verified before the drop were kept
+    assert len([g for g in again.gets if g.startswith("chunks/")]) == s.chunks_fetched
+    assert b.blob_path(oid).read_bytes() == data
+    assert list((b.tmp / "chunk-cache").iterdir()) == []
+
+
+def test_cache_paths_are_checked(tmp_path: Path) -> None:
+    for bad in ("../etc/passwd", "objects/../../x", "chunks/ab/" + "c" * 64, "objects/" + "A" * 64, "/abs"):
+        with pytest.raises(CastoreError, match="refusing"):
+            check_path(bad)
+    with pytest.raises(NotFound):
+        open_cache(str(tmp_path / "nothing-here"))
+    with pytest.raises(CastoreError, match="not supported yet"):
+        open_cache("http://127.0.0.1:1/")
+
+
+def test_pull_of_an_unknown_id_names_it(tmp_path: Path) -> None:
+    _, cache, _, _ = _pushed(tmp_path)
+    proc = castore("pull", "e" * 64, "--from", str(cache.root), store=tmp_path / "b", check=False)
+    assert proc.returncode == 1 and f"has no object {'e' * 64}" in proc.stderr
+    proc = castore("pull", "eeee", "--from", str(cache.root), store=tmp_path / "b", check=False)
+    assert "not a full object id" in proc.stderr
+
