@@ -10,8 +10,9 @@ SYSTEM_STAMP := $(VENV)/.system-packages
 # What castore runs: squashfs-tools-ng (gensquashfs), e2fsprogs, bubblewrap, the kernel toolchain,
 # and what the tests read images back with (unsquashfs, debugfs, b3sum) or boot them in (QEMU).
 APT_PACKAGES := squashfs-tools-ng squashfs-tools e2fsprogs bubblewrap make gcc libc6-dev flex bison \
-	bc libelf-dev libssl-dev perl xz-utils zstd tar qemu-system-x86 b3sum faketime util-linux ca-certificates
-BENCH_PACKAGES := nix-bin ostree debootstrap nginx casync hyperfine strace
+	bc libelf-dev libssl-dev perl xz-utils zstd tar qemu-system-x86 b3sum faketime util-linux ca-certificates \
+	nginx
+BENCH_PACKAGES := nix-bin ostree debootstrap casync hyperfine strace
 
 .PHONY: demo test check lint bench deps system clean
 

@@ -246,7 +246,11 @@ def push(
 
     with _store(create=False) as store:
         full = [store.resolve(i) for i in ids]
-        stats = do_push(store, open_cache(to, create=True), full, progress=lambda s: None if as_json else _err(s))
+        cache = open_cache(to, create=True)
+        try:
+            stats = do_push(store, cache, full, progress=lambda s: None if as_json else _err(s))
+        finally:
+            cache.close()
     _copy_report(stats, "pushed", as_json)
 
 
@@ -273,8 +277,11 @@ def pull(
     if bad:
         raise CastoreError(f"{bad[0]} is not a full object id", "pull needs the 64-digit id")
     with _store() as store:
-        stats = do_pull(store, open_cache(from_), ids, dry_run=dry_run,
-                        progress=lambda s: None if as_json else _err(s))
+        cache = open_cache(from_)
+        try:
+            stats = do_pull(store, cache, ids, dry_run=dry_run, progress=lambda s: None if as_json else _err(s))
+        finally:
+            cache.close()
     _copy_report(stats, "would fetch" if dry_run else "pulled", as_json)
 
 

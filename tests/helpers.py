@@ -86,3 +86,68 @@ def http_server(files: dict[str, bytes], delay: float = 0.0) -> Iterator[tuple[s
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _CacheHandler(http.server.BaseHTTPRequestHandler):
+    """Serves a cache directory, with faults injected per path: a test's misbehaving server."""
+
+    root: Path
+    faults: dict[str, str] = {}
+    hits: dict[str, int] = {}
+
+    def _body(self) -> bytes | None:
+        path = self.path.lstrip("/")
+        self.hits[path] = self.hits.get(path, 0) + 1
+        try:
+            return (self.root / path).read_bytes() if ".." not in path else None
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def do_HEAD(self) -> None:
+        data = self._body()
+        self.send_response(200 if data is not None else 404)
+        self.send_header("Content-Length", str(len(data or b"")))
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        data = self._body()
+        fault = self.faults.get(self.path.lstrip("/"), "")
+        if data is None:
+            self.send_error(404)
+            return
+        if fault == "500-once" and self.hits[self.path.lstrip("/")] == 1:
+            self.send_error(500)
+            return
+        if fault == "500":
+            self.send_error(500)
+            return
+        if fault == "corrupt":
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data) + (10 if fault in ("short", "drop") else 0)))
+        self.end_headers()
+        if fault == "slow":
+            time.sleep(0.5)
+        if fault == "drop":  # half the body, then the connection goes away
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def cache_server(root: Path, faults: dict[str, str] | None = None) -> Iterator[tuple[str, type[_CacheHandler]]]:
+    handler = type("CacheHandler", (_CacheHandler,), {"root": root, "faults": faults or {}, "hits": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()

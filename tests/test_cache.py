@@ -178,8 +178,8 @@ def test_cache_paths_are_checked(tmp_path: Path) -> None:
             check_path(bad)
     with pytest.raises(NotFound):
         open_cache(str(tmp_path / "nothing-here"))
-    with pytest.raises(CastoreError, match="not supported yet"):
-        open_cache("http://127.0.0.1:1/")
+    with pytest.raises(CastoreError, match="read-only"), open_cache("http://127.0.0.1:1/") as http:
+        http.put("castore-cache.json", b"{}")
 
 
 def test_pull_of_an_unknown_id_names_it(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,20 +128,24 @@ def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bo
     order = _refs_first(records, lambda o: [r for r in records[o].refs if r in records])
     resume = store.tmp / "chunk-cache"
     resume.mkdir(exist_ok=True)
+    lengths = {cid: n for oid in order for cid, n in records[oid].chunks}
+    need = [cid for cid in lengths if store.find_chunk(cid) is None and not (resume / cid).exists()]
+    if dry_run:
+        stats.ids = order
+        stats.chunks_fetched = len(need)
+        stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed: an upper bound
+        return stats
+    kept_before = {cid for cid in lengths if (resume / cid).exists()}  # from a pull that was cut short
+    _prefetch(cache, need, lengths, resume, stats, progress)
     dctx = zstandard.ZstdDecompressor()
     for oid in order:
         rec = records[oid]
         stats.ids.append(oid)
-        if dry_run:
-            for cid, _ in rec.chunks:
-                if store.find_chunk(cid) is None and not (resume / cid).exists():
-                    stats.chunks_fetched += 1
-            continue
         staged = store.staging_dir("pull") / "object"
         try:
             with open(staged, "wb") as out:
                 for cid, length in rec.chunks:
-                    out.write(_chunk(store, cache, dctx, resume, cid, length, stats))
+                    out.write(_chunk(store, cache, dctx, resume, cid, length, stats, kept_before))
             kind_check(rec, staged)
             store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs)
         except HashMismatch as exc:
@@ -164,8 +170,57 @@ def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bo
     return stats
 
 
+def _prefetch(cache: Transport, need: list[str], lengths: dict[str, int], resume: Path, stats: CopyStats,
+              progress: Progress, workers: int = 8) -> None:
+    """Fetch and verify chunks in parallel into the resume cache; memory: one chunk per worker."""
+    if not need:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    total = sum(lengths[c] for c in need)
+    done = 0
+    started = time.monotonic()
+
+    def one(cid: str) -> int:
+        dctx = zstandard.ZstdDecompressor()
+        return _fetch_chunk(cache, dctx, resume, cid, lengths[cid])
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for wire in pool.map(one, need):
+            stats.chunks_fetched += 1
+            stats.bytes_on_wire += wire
+            done += 1
+            if done % 64 == 0 or done == len(need):
+                rate = stats.bytes_on_wire / max(time.monotonic() - started, 1e-6)
+                progress(f"fetched {done}/{len(need)} chunks, {stats.bytes_on_wire >> 20} MiB "
+                         f"of ~{total >> 20} MiB, {rate / 2**20:.1f} MiB/s")
+
+
+def _fetch_chunk(cache: Transport, dctx: zstandard.ZstdDecompressor, resume: Path, cid: str, length: int) -> int:
+    """Fetch, decompress and verify one chunk into the resume cache; returns the bytes moved."""
+    frame = cache.get(chunk_path(cid))
+    if frame is None:
+        raise NotFound(f"{cache.url} lacks chunk {cid}", "the cache is incomplete; nothing was added")
+    try:
+        data = dctx.decompress(frame, max_output_size=length)
+    except zstandard.ZstdError as exc:
+        raise CastoreError(f"chunk {cid} from {cache.url} is not a valid zstd frame: {exc}",
+                           "the cache is corrupt; nothing was added") from exc
+    if len(data) != length:
+        raise CastoreError(f"chunk {cid} from {cache.url} is {len(data)} bytes, its record says {length}",
+                           "the cache is corrupt; nothing was added")
+    try:
+        check_chunk(cid, data)
+    except EncodingError as exc:
+        raise CastoreError(f"{exc.message} (from {cache.url})", "the cache is corrupt; nothing was added") from exc
+    tmp = resume / f".{cid}.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, resume / cid)
+    return len(frame)
+
+
 def _chunk(store: LocalStore, cache: Transport, dctx: zstandard.ZstdDecompressor, resume: Path,
-           cid: str, length: int, stats: CopyStats) -> bytes:
+           cid: str, length: int, stats: CopyStats, kept_before: set[str]) -> bytes:
     local = store.find_chunk(cid)
     if local is not None:
         path, offset, n = local
@@ -179,28 +234,12 @@ def _chunk(store: LocalStore, cache: Transport, dctx: zstandard.ZstdDecompressor
     if kept.exists():
         data = kept.read_bytes()
         if len(data) == length and _ok(cid, data):
-            stats.chunks_seeded += 1
+            stats.chunks_seeded += cid in kept_before
             return data
-    frame = cache.get(chunk_path(cid))
-    if frame is None:
-        raise NotFound(f"{cache.url} lacks chunk {cid}", "the cache is incomplete; nothing was added")
-    try:
-        data = dctx.decompress(frame, max_output_size=length)
-    except zstandard.ZstdError as exc:
-        raise CastoreError(f"chunk {cid} from {cache.url} is not a valid zstd frame: {exc}",
-                           "the cache is corrupt; nothing was added") from exc
-    if len(data) != length:
-        raise CastoreError(f"chunk {cid} from {cache.url} is {len(data)} bytes, its record says {length}")
-    try:
-        check_chunk(cid, data)
-    except EncodingError as exc:
-        raise CastoreError(f"{exc.message} (from {cache.url})", "the cache is corrupt; nothing was added") from exc
-    tmp = resume / f".{cid}.{os.getpid()}"
-    tmp.write_bytes(data)
-    os.replace(tmp, kept)
+    wire = _fetch_chunk(cache, dctx, resume, cid, length)
     stats.chunks_fetched += 1
-    stats.bytes_on_wire += len(frame)
-    return data
+    stats.bytes_on_wire += wire
+    return kept.read_bytes()
 
 
 def _ok(cid: str, data: bytes) -> bool:

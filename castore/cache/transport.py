@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +33,9 @@ class Transport(Protocol):
     def put(self, path: str, data: bytes) -> None: ...
     def exists(self, path: str) -> bool: ...
     def missing(self, paths: Iterable[str]) -> set[str]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Transport: ...
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class DirTransport:
@@ -57,6 +61,15 @@ class DirTransport:
     def missing(self, paths: Iterable[str]) -> set[str]:
         return {p for p in paths if not self.exists(p)}
 
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> DirTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def put(self, path: str, data: bytes) -> None:
         dest = self.root / check_path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -74,9 +87,72 @@ class DirTransport:
             raise CastoreError(f"cannot write {dest}: {exc.strerror}") from exc
 
 
+class HttpTransport:
+    """A cache over HTTP(S), read-only: any static server (nginx, a CDN) serving a cache directory.
+
+    Transient failures (connection errors, truncated bodies, 5xx, 429) are retried
+    with back-off; a 404 means absent. Bytes are never trusted: callers verify them.
+    """
+
+    def __init__(self, url: str, *, attempts: int = 4, timeout: float = 30.0) -> None:
+        import httpx  # here, not at import time: 140 ms that local commands should not pay
+
+        self._httpx = httpx
+        self.url = url.rstrip("/")
+        self.attempts = attempts
+        self.client = httpx.Client(timeout=timeout, follow_redirects=True,
+                                   limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> HttpTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str) -> tuple[int, bytes]:
+        httpx = self._httpx
+        url = f"{self.url}/{check_path(path)}"
+        delay = 0.1
+        for attempt in range(self.attempts):
+            try:
+                resp = self.client.request(method, url)
+                if resp.status_code < 500 and resp.status_code != 429:
+                    return resp.status_code, resp.content
+                problem = f"HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if attempt + 1 < self.attempts:
+                time.sleep(delay)
+                delay *= 4
+        raise CastoreError(f"{url}: {problem} (after {self.attempts} attempts)",
+                           "is the cache server up? nothing unverified was added")
+
+    def get(self, path: str) -> bytes | None:
+        status, body = self._request("GET", path)
+        if status == 404:
+            return None
+        if status != 200:
+            raise CastoreError(f"{self.url}/{path}: HTTP {status}")
+        return body
+
+    def exists(self, path: str) -> bool:
+        status, _ = self._request("HEAD", path)
+        return status == 200
+
+    def missing(self, paths: Iterable[str]) -> set[str]:
+        return {p for p in paths if not self.exists(p)}
+
+    def put(self, path: str, data: bytes) -> None:
+        raise CastoreError(f"{self.url} is read-only here: uploads need `castore serve` (coming next)",
+                           "push to the cache's directory instead")
+
+
 def open_cache(url: str, *, create: bool = False) -> Transport:
-    """A transport for a cache URL or path; http(s) caches come with `castore serve`."""
+    """A transport for a cache URL (http, https, file) or a directory path."""
     if url.startswith(("http://", "https://")):
-        raise CastoreError(f"{url}: HTTP caches are not supported yet", "use a directory (file:// or a path)")
+        return HttpTransport(url)
     path = url.removeprefix("file://")
     return DirTransport(path, create=create)

@@ -1,0 +1,143 @@
+"""Pulls over HTTP: from real nginx serving a cache directory, and from a misbehaving server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from castore.cache.copy import pull, push
+from castore.cache.layout import ObjectRecord, chunk_path, object_path
+from castore.cache.transport import DirTransport, HttpTransport
+from castore.errors import CastoreError
+from castore.store import LocalStore
+from tests.conftest import castore_json
+from tests.helpers import cache_server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """nginx on 127.0.0.1 serving tmp_path/cache read-only; yields (url, cache dir, access log)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    run = tmp_path / "nginx"
+    run.mkdir()
+    port = free_port()
+    conf = run / "nginx.conf"
+    conf.write_text(f"""
+daemon off; master_process off; worker_processes 1;
+error_log {run}/error.log; pid {run}/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+    log_format bytes '$request_method $uri $status $body_bytes_sent';
+    access_log {run}/access.log bytes;
+    client_body_temp_path {run}/body; proxy_temp_path {run}/proxy; fastcgi_temp_path {run}/fcgi;
+    uwsgi_temp_path {run}/uwsgi; scgi_temp_path {run}/scgi;
+    server {{ listen 127.0.0.1:{port}; root {cache}; location / {{ try_files $uri =404; }} }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(run)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        raise AssertionError(f"nginx did not start: {(run / 'error.log').read_text()}")
+    try:
+        yield f"http://127.0.0.1:{port}", cache, run / "access.log"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_pull_from_nginx_and_count_bytes_on_the_server(nginx: tuple[str, Path, Path], tmp_path: Path) -> None:
+    url, cache_dir, log = nginx
+    a = tmp_path / "a"
+    layer = castore_json("realize", "tests/recipes/small.py:rootfs", store=a)["id"]
+    castore_json("push", layer, "--to", str(cache_dir), store=a)
+    pulled = castore_json("pull", layer, "--from", url, store=tmp_path / "b")
+    assert pulled["objects"] == 1 and castore_json("verify", store=tmp_path / "b")["ok"]
+    # dedup over the wire: v2 = v1 with 200 kB inserted; the server sends only the new chunks
+    sa, sb = LocalStore(a), LocalStore(tmp_path / "b")
+    v1 = os.urandom(3 << 20)
+    v2 = v1[:1_000_000] + os.urandom(200_000) + v1[1_000_000:]
+    (tmp_path / "v1").write_bytes(v1)
+    (tmp_path / "v2").write_bytes(v2)
+    id1, id2 = sa.add_file(tmp_path / "v1"), sa.add_file(tmp_path / "v2")
+    cache = DirTransport(cache_dir)
+    push(sa, cache, [id1])
+    new = push(sa, cache, [id2])
+    with HttpTransport(url) as http:
+        pull(sb, http, [id1])
+        before = log.read_text().count("\n")
+        s = pull(sb, http, [id2])
+    lines = log.read_text().splitlines()[before:]
+    sent = sum(int(line.split()[3]) for line in lines if line.split()[1].startswith("/chunks/"))
+    assert s.chunks_fetched == new.chunks_sent == len([x for x in lines if "/chunks/" in x])
+    assert sent <= s.bytes_on_wire  # the client counts the records it fetched too
+    assert sent < 400_000  # ~200 kB of new data plus the chunks around it, not 3 MB
+    assert sb.blob_path(id2).read_bytes() == v2
+    sa.close()
+    sb.close()
+
+
+def _setup(tmp_path: Path, size: int = 600_000) -> tuple[LocalStore, Path, str, list[str]]:
+    a = LocalStore(tmp_path / "a")
+    (tmp_path / "x").write_bytes(os.urandom(size))
+    oid = a.add_file(tmp_path / "x")
+    cache = DirTransport(tmp_path / "cache", create=True)
+    push(a, cache, [oid])
+    rec = ObjectRecord.decode(oid, cache.get(object_path(oid)) or b"")
+    return a, cache.root, oid, [chunk_path(c) for c, _ in rec.chunks]
+
+
+@pytest.mark.parametrize("fault", ["500-once", "slow"])
+def test_transient_faults_are_retried(tmp_path: Path, fault: str) -> None:
+    _, root, oid, chunks = _setup(tmp_path)
+    with cache_server(root, {chunks[1]: fault}) as (url, handler):
+        b = LocalStore(tmp_path / "b")
+        with HttpTransport(url) as http:
+            pull(b, http, [oid])
+        assert b.has(oid) and b.verify()[0] == []
+        b.close()
+        if fault == "500-once":
+            assert handler.hits[chunks[1]] == 2
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "500", "short", "drop"])
+def test_bad_responses_add_nothing(tmp_path: Path, fault: str) -> None:
+    _, root, oid, chunks = _setup(tmp_path)
+    with cache_server(root, {chunks[2]: fault}) as (url, _):
+        b = LocalStore(tmp_path / "b")
+        with pytest.raises(CastoreError) as err, HttpTransport(url, attempts=2) as http:
+            pull(b, http, [oid])
+        assert "nothing" in (err.value.hint or "")
+        assert b.objects() == [] and not list(b.blobs.glob("*/*")) and b.verify()[0] == []
+        # the chunks that were verified stay for the next attempt, which fetches only the rest
+    with cache_server(root) as (url, handler), HttpTransport(url) as http:
+        s = pull(b, http, [oid])
+        assert b.has(oid) and s.chunks_seeded >= 1
+        assert sum(1 for p in handler.hits if p.startswith("chunks/")) == s.chunks_fetched
+    b.close()
+
+
+def test_a_dead_server_is_a_clear_error(tmp_path: Path) -> None:
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(CastoreError, match=r"after 2 attempts"), \
+            HttpTransport(f"http://127.0.0.1:{free_port()}", attempts=2) as http:
+        pull(b, http, ["a" * 64])
+    b.close()
