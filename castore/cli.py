@@ -78,6 +78,8 @@ def realize(
                            "of a failed build for inspection.")] = False,
     jobs: Annotated[int, typer.Option("-j", "--jobs", help="Parallel jobs inside a build "
                     "(make -j, compressor threads). 0: one per core.")] = 0,
+    no_substitute: Annotated[bool, typer.Option("--no-substitute", help="Build everything missing "
+                             "locally; do not ask the configured substituters.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build what a recipe describes, or reuse what the store already has; print the result's id.
@@ -97,7 +99,9 @@ def realize(
         from castore.progress import LiveReporter, PlainReporter
 
         reporter: Any = LiveReporter() if live else PlainReporter(quiet=as_json)
-        realizer = Realizer(store, reporter, jobs=jobs or None, keep_failed=keep_failed)
+        caches, trust = ([], None) if no_substitute or dry_run else _substituters()
+        realizer = Realizer(store, reporter, jobs=jobs or None, keep_failed=keep_failed,
+                            substituters=caches, trust=trust, note=lambda m: _err(f"note: {m}"))
         if dry_run:
             steps = realizer.steps(plan)
             todo = [s for s in steps if s.oid is None]
@@ -133,10 +137,12 @@ def realize(
         if as_json:
             _emit({"id": oid, "kind": info.kind, "path": str(store.blob_path(oid)),
                    "plan": outcome.root.hash, "built": [s.plan.label for s in outcome.built],
-                   **details})
+                   "substituted": [s.plan.label for s in outcome.substituted], **details})
             return
         print(oid)
-        if not outcome.built:
+        if outcome.substituted and not outcome.built:
+            _err(f"{outcome.root.plan.label}: substituted from a cache, nothing built")
+        elif not outcome.built:
             _err(f"{outcome.root.plan.label}: already in the store, nothing built")
         for key, value in details.items():
             if key == "layers":
@@ -146,6 +152,24 @@ def realize(
                 _err(f"  kernel  {value}")
         if info.kind != "image":
             _err(f"  path    {store.blob_path(oid)}")
+
+
+def _substituters() -> tuple[list[Any], Any]:
+    from castore.config import load_config
+
+    config = load_config()
+    if not config.substituters:
+        return [], None
+    from castore.cache.transport import open_cache
+    from castore.cache.trust import Trust
+
+    caches = []
+    for url in config.substituters:
+        try:
+            caches.append(open_cache(url))
+        except CastoreError as exc:
+            _err(f"note: substituter {url} skipped: {exc.message}")
+    return caches, Trust.from_config(config)
 
 
 def _details(store: Any, oid: str, kind: str) -> dict[str, Any]:
@@ -243,12 +267,18 @@ def push(
     """
     from castore.cache.copy import push as do_push
     from castore.cache.transport import open_cache
+    from castore.cache.trust import secret_keys
+    from castore.config import load_config
 
+    secrets = secret_keys(load_config())
+    if not secrets and not as_json:
+        _err("note: no secret-key-files configured: objects are pushed, realisations are not "
+             "(others can pull these ids, but realize cannot substitute them)")
     with _store(create=False) as store:
         full = [store.resolve(i) for i in ids]
         cache = open_cache(to, create=True)
         try:
-            stats = do_push(store, cache, full, progress=lambda s: None if as_json else _err(s))
+            stats = do_push(store, cache, full, progress=lambda s: None if as_json else _err(s), secrets=secrets)
         finally:
             cache.close()
     _copy_report(stats, "pushed", as_json)
@@ -293,7 +323,45 @@ def _copy_report(stats: Any, verb: str, as_json: bool) -> None:
         return
     print(f"{verb} {stats.objects if verb != 'would fetch' else len(stats.ids)} objects "
           f"({stats.present} already there); chunks: {stats.chunks_sent + stats.chunks_fetched} moved, "
-          f"{stats.chunks_seeded} taken from local blobs; {_human(stats.bytes_on_wire)} on the wire")
+          f"{stats.chunks_seeded} taken from local blobs; {_human(stats.bytes_on_wire)} on the wire"
+          + (f"; {stats.realisations} signed realisations" if stats.realisations else ""))
+
+
+key_app = typer.Typer(help="ed25519 signing keys for binary caches.", no_args_is_help=True)
+app.add_typer(key_app, name="key")
+
+
+@key_app.command("generate")
+def key_generate(
+    name: Annotated[str, typer.Argument(help="Key name, by convention LAB-N (bump N to rotate).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the secret key (mode 0600).")],
+) -> None:
+    """Make a key pair: write the secret key to --out and print the public key (NAME:BASE64).
+
+    Put the secret key file in `secret-key-files` of castore.toml on the machine that pushes,
+    and the public key in `trusted-public-keys` on the machines that substitute.
+    """
+    from castore.signing import generate
+
+    if out.exists():
+        raise CastoreError(f"{out} already exists", "keys are never overwritten; pick another path")
+    secret, public = generate(name)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    print(public)
+
+
+@key_app.command("public")
+def key_public(secret_file: Annotated[Path, typer.Argument(help="A secret key file.")]) -> None:
+    """Print the public key of a secret key file."""
+    from castore.signing import public_of
+
+    try:
+        text = secret_file.read_text()
+    except OSError as exc:
+        raise CastoreError(f"cannot read {secret_file}: {exc.strerror}") from exc
+    print(public_of(text))
 
 
 @app.command()

@@ -1,9 +1,29 @@
-"""Where things live: the store location and the environment that overrides it."""
+"""Where things live and whom to trust: the store location and castore.toml.
+
+Configuration is read, later files winning, from ``/etc/castore/castore.toml``
+and ``$XDG_CONFIG_HOME/castore/castore.toml`` (or the one file named by
+``CASTORE_CONFIG``); environment variables override both::
+
+    substituters = ["https://cache.lab.example/castore", "/mnt/shared/cache"]   # CASTORE_SUBSTITUTERS
+    trusted-public-keys = ["lab-1:3q2+7w..."]                  # CASTORE_TRUSTED_PUBLIC_KEYS
+    revoked-keys = ["lab-0:Zm9v..."]                           # CASTORE_REVOKED_KEYS
+    secret-key-files = ["/etc/castore/lab-1.secret"]           # CASTORE_SECRET_KEY_FILES
+
+Lists in the environment are separated by spaces. Substituters are tried in
+the order given.
+"""
 
 from __future__ import annotations
 
 import os
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from castore.errors import CastoreError
+
+KEYS = ("substituters", "trusted-public-keys", "revoked-keys", "secret-key-files")
 
 
 def default_store() -> Path:
@@ -15,3 +35,58 @@ def default_store() -> Path:
         return Path("/var/lib/castore")
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(xdg) / "castore"
+
+
+@dataclass(frozen=True)
+class Config:
+    substituters: tuple[str, ...] = ()
+    trusted_public_keys: tuple[str, ...] = ()
+    revoked_keys: tuple[str, ...] = ()
+    secret_key_files: tuple[str, ...] = ()
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+
+def config_files() -> list[Path]:
+    if os.environ.get("CASTORE_CONFIG"):
+        return [Path(os.environ["CASTORE_CONFIG"])]
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return [Path("/etc/castore/castore.toml"), Path(xdg) / "castore" / "castore.toml"]
+
+
+def load_config() -> Config:
+    values: dict[str, tuple[str, ...]] = {}
+    sources = []
+    for path in config_files():
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise CastoreError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise CastoreError(f"cannot read {path}: {exc.strerror}") from exc
+        sources.append(str(path))
+        for key, value in data.items():
+            if key not in KEYS:
+                raise CastoreError(f"{path}: unknown setting {key!r}", f"known settings: {', '.join(KEYS)}")
+            values[key] = _strings(value, f"{path}: {key}")
+    for key in KEYS:
+        env = os.environ.get("CASTORE_" + key.upper().replace("-", "_"))
+        if env is not None:
+            values[key] = tuple(env.split())
+            sources.append(f"${'CASTORE_' + key.upper().replace('-', '_')}")
+    return Config(
+        substituters=values.get("substituters", ()),
+        trusted_public_keys=values.get("trusted-public-keys", ()),
+        revoked_keys=values.get("revoked-keys", ()),
+        secret_key_files=values.get("secret-key-files", ()),
+        sources=tuple(sources),
+    )
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise CastoreError(f"{what} must be a string or a list of strings")

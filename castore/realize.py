@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +32,8 @@ from castore.builders import (
     TreeResult,
     load,
 )
+from castore.cache.transport import Transport
+from castore.cache.trust import Trust
 from castore.errors import BuildError, CastoreError, HashMismatch, StoreError
 from castore.plan import Plan, hash_graph
 from castore.store import LocalStore, remove_tree
@@ -66,7 +68,7 @@ class Step:
     hash: str
     record: bytes
     oid: str | None = None
-    how: str = ""  # "present", "built"
+    how: str = ""  # "present", "substituted", "build" (to do), "built"; "" when not needed
 
 
 @dataclass
@@ -78,11 +80,19 @@ class Outcome:
     def built(self) -> list[Step]:
         return [s for s in self.steps if s.how == "built"]
 
+    @property
+    def substituted(self) -> list[Step]:
+        return [s for s in self.steps if s.how == "substituted"]
+
 
 class Realizer:
     def __init__(self, store: LocalStore, reporter: Reporter | None = None, *, jobs: int | None = None,
-                 keep_failed: bool = False) -> None:
+                 keep_failed: bool = False, substituters: list[Transport] | None = None,
+                 trust: Trust | None = None, note: Callable[[str], None] = lambda s: None) -> None:
         self.store = store
+        self.substituters = substituters or []
+        self.trust = trust or Trust()
+        self.note = note
         self.reporter = reporter or NullReporter()
         self.jobs = jobs or os.cpu_count() or 1
         self.keep_failed = keep_failed
@@ -121,26 +131,63 @@ class Realizer:
     # -- realizing -------------------------------------------------------------
 
     def realize(self, root: Plan) -> Outcome:
+        """Realize root: what the store has is used, what a trusted cache has is substituted
+        (top-down, so the inputs of a substituted plan are never realized), the rest is built."""
         with self.store.lock("gc", shared=True):
             steps = self.steps(root)
-            results: dict[int, str] = {}
+            by_plan = {id(s.plan): s for s in steps}
             total = len(steps)
-            for index, step in enumerate(steps):
-                t0 = time.monotonic()
+            index = {id(s.plan): i for i, s in enumerate(steps)}
+            seen: set[int] = set()
+            todo = [steps[-1]]
+            while todo:  # top-down: present, else substituted, else built after its inputs
+                step = todo.pop()
+                if id(step.plan) in seen:
+                    continue
+                seen.add(id(step.plan))
                 if step.oid is not None:
                     step.how = "present"
-                else:
-                    self.reporter.start(step.plan, step.hash, index, total)
-                    with self.store.lock(step.hash):
-                        step.oid = self.store.realisation(step.hash)
-                        if step.oid is not None:
-                            step.how = "present"
-                        else:
-                            step.oid = self._build(step, results)
-                            step.how = "built"
+                    continue
+                if self.substituters and self._substitute(step, index[id(step.plan)], total):
+                    continue
+                step.how = "build"
+                todo.extend(by_plan[id(child)] for child in step.plan.plan_inputs())
+            results = {id(s.plan): s.oid for s in steps if s.oid is not None}
+            for i, step in enumerate(steps):
+                if step.how != "build":
+                    if step.how == "present" and step.oid is not None:
+                        self.reporter.done(step.plan, step.oid, step.how, 0.0)
+                    continue
+                t0 = time.monotonic()
+                self.reporter.start(step.plan, step.hash, i, total)
+                with self.store.lock(step.hash):
+                    step.oid = self.store.realisation(step.hash)
+                    if step.oid is not None:
+                        step.how = "present"
+                    else:
+                        step.oid = self._build(step, results)
+                        step.how = "built"
                 results[id(step.plan)] = step.oid
                 self.reporter.done(step.plan, step.oid, step.how, time.monotonic() - t0)
             return Outcome(steps[-1], steps)
+
+    def _substitute(self, step: Step, index: int, total: int) -> bool:
+        from castore.cache.copy import substitute
+
+        t0 = time.monotonic()
+        self.reporter.start(step.plan, step.hash, index, total)
+        self.reporter.status(step.plan, "asking the substituters")
+        with self.store.lock(step.hash):
+            found = substitute(self.store, self.substituters, step.hash, self.trust, note=self.note)
+            if found is None:
+                return False
+            oid, record = found
+            if record != step.record:
+                return False  # cannot happen: the record hashes to the plan hash
+            self.store.record_realisation(step.hash, oid, record, step.plan.label)
+        step.oid, step.how = oid, "substituted"
+        self.reporter.done(step.plan, oid, step.how, time.monotonic() - t0)
+        return True
 
     def _inputs(self, plan: Plan, results: dict[int, str]) -> dict[str, Input]:
         inputs: dict[str, Input] = {}

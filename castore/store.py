@@ -462,6 +462,10 @@ class LocalStore:
         rows = self._q("SELECT plan, name, record FROM realisations WHERE object = ? ORDER BY created", (oid,))
         return [(p, n, canonical.decode(r, "plan record")) for p, n, r in rows]
 
+    def realisations_of(self, oid: str) -> list[tuple[str, bytes]]:
+        """(plan hash, canonical plan record) of every realisation that produced oid."""
+        return [(p, bytes(r)) for p, r in self._q("SELECT plan, record FROM realisations WHERE object = ?", (oid,))]
+
     def plan_record(self, plan_hash: str) -> tuple[str, Any] | None:
         rows = self._q("SELECT object, record FROM realisations WHERE plan = ?", (plan_hash,))
         if not rows:

@@ -88,3 +88,18 @@ def test_boots_in_qemu_microvm_with_a_fresh_overlay(demo: dict[str, Any], tmp_pa
     # overlayfs keeps the app's /root/hello.txt in the upper dir, /root on the disk
     cat = subprocess.run(["debugfs", "-R", "cat /root/root/hello.txt", str(check)], capture_output=True, text=True)
     assert "castore-demo: written by the app at boot" in cat.stdout, cat.stderr
+
+
+def test_another_store_substitutes_the_demo_and_builds_nothing(demo: dict[str, Any], tmp_path: Path) -> None:
+    """Lab A pushes with its key; machine B, trusting that key, realizes recipes/app.py from the cache."""
+    secret = tmp_path / "lab-1.secret"
+    public = castore("key", "generate", "lab-1", "--out", str(secret)).stdout.strip()
+    cache = tmp_path / "cache"
+    none = str(tmp_path / "no-config")
+    castore("push", demo["id"], "--to", str(cache), store=demo["store"],
+            env={"CASTORE_SECRET_KEY_FILES": str(secret), "CASTORE_CONFIG": none})
+    env = {"CASTORE_SUBSTITUTERS": f"file://{cache}", "CASTORE_TRUSTED_PUBLIC_KEYS": public, "CASTORE_CONFIG": none}
+    b = castore_json("realize", "recipes/app.py", store=tmp_path / "b", env=env)
+    assert b["id"] == demo["id"] and b["built"] == [] and b["substituted"] == ["default"]
+    assert Path(b["kernel"]).read_bytes() == Path(demo["kernel"]).read_bytes()
+    assert castore_json("verify", store=tmp_path / "b")["ok"]

@@ -21,8 +21,18 @@ from pathlib import Path
 
 import zstandard
 
-from castore.cache.layout import CONFIG, CacheConfig, ObjectRecord, check_chunk, chunk_path, object_path
+from castore.cache.layout import (
+    CONFIG,
+    CacheConfig,
+    ObjectRecord,
+    RealisationRecord,
+    check_chunk,
+    chunk_path,
+    object_path,
+    realisation_path,
+)
 from castore.cache.transport import Transport
+from castore.cache.trust import Trust, signed
 from castore.chunking import ChunkParams, cut_file
 from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound
 from castore.manifest import Image, Tree
@@ -39,6 +49,7 @@ class CopyStats:
     chunks_fetched: int = 0
     chunks_seeded: int = 0  # taken from local blobs or the resume cache
     bytes_on_wire: int = 0
+    realisations: int = 0  # signed realisations published
     ids: list[str] = field(default_factory=list)
 
 
@@ -70,7 +81,9 @@ def _refs_first(ids: Iterable[str], refs: Callable[[str], Iterable[str]]) -> lis
     return order
 
 
-def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Progress = lambda s: None) -> CopyStats:
+def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Progress = lambda s: None,
+         secrets: list[str] | None = None) -> CopyStats:
+    """Upload closures; with secret keys, also the signed realisations of every object pushed."""
     config = cache_config(cache, create=True)
     stats = CopyStats()
     cctx = zstandard.ZstdCompressor(level=3)
@@ -99,6 +112,21 @@ def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Prog
         cache.put(object_path(oid), data)
         stats.bytes_on_wire += len(data)
         stats.objects += 1
+    for oid in stats.ids if secrets else ():  # published last: they name objects already there
+        for plan_hash, plan_record in store.realisations_of(oid):
+            rec = RealisationRecord(plan_hash, oid, plan_record)
+            old = cache.get(realisation_path(plan_hash))
+            if old is not None:
+                try:
+                    prev = RealisationRecord.decode(plan_hash, old)
+                    if prev.object == oid:
+                        rec = prev  # keep the signatures it has, add ours
+                except EncodingError:
+                    pass
+            new = signed(rec, secrets or [])
+            if old is None or new.encode() != old:
+                cache.put(realisation_path(plan_hash), new.encode())
+                stats.realisations += 1
     return stats
 
 
@@ -260,3 +288,28 @@ def kind_check(rec: ObjectRecord, path: Path) -> None:
         return
     if sorted(refs) != sorted(rec.refs):
         raise CastoreError(f"{rec.kind} {rec.id}: its record's references do not match its manifest")
+
+
+def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust: Trust,
+               note: Progress = lambda s: None) -> tuple[str, bytes] | None:
+    """Find a trusted realisation of plan_hash in the caches (in order) and pull its object.
+
+    Returns (object id, plan record), or None when no cache has a usable one:
+    unsigned, untrusted, revoked or mis-addressed realisations are skipped with a note.
+    """
+    for cache in caches:
+        try:
+            data = cache.get(realisation_path(plan_hash))
+            if data is None:
+                continue
+            rec = RealisationRecord.decode(plan_hash, data)
+            signer = trust.signer(rec)
+            if signer is None:
+                note(f"{cache.url}: realisation of plan {plan_hash[:12]} has no signature from a trusted key; "
+                     "not used")
+                continue
+            pull(store, cache, [rec.object])
+            return rec.object, rec.record
+        except CastoreError as exc:
+            note(f"{cache.url}: cannot substitute plan {plan_hash[:12]}: {exc.message}")
+    return None

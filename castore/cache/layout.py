@@ -83,6 +83,55 @@ class ObjectRecord:
         return cls(oid, kind, size, refs, chunks)
 
 
+def realisation_path(plan_hash: str) -> str:
+    return f"realisations/{plan_hash}"
+
+
+@dataclass(frozen=True)
+class RealisationRecord:
+    """"Plan P produced object O", with the plan record itself and ed25519 signatures over (P, O).
+
+    Grammar::
+
+        {"format": 1, "kind": "realisation", "plan": hash, "object": id,
+         "record": bin (the canonical plan record; its BLAKE3 is "plan"),
+         "signatures": [{"key": key name, "sig": bin(64)}, ...]}
+
+    What is signed is :meth:`message`: the canonical ``{format, kind, plan, object}``.
+    """
+
+    plan: str
+    object: str
+    record: bytes
+    signatures: tuple[tuple[str, bytes], ...] = ()
+
+    def message(self) -> bytes:
+        return canonical.encode({"format": FORMAT, "kind": "realisation", "plan": self.plan, "object": self.object})
+
+    def encode(self) -> bytes:
+        return canonical.encode({
+            "format": FORMAT, "kind": "realisation", "plan": self.plan, "object": self.object,
+            "record": self.record,
+            "signatures": [{"key": k, "sig": s} for k, s in sorted(self.signatures)],
+        })
+
+    @classmethod
+    def decode(cls, plan_hash: str, data: bytes) -> RealisationRecord:
+        rec = canonical.decode(data, f"realisation {plan_hash}")
+        try:
+            if rec["format"] != FORMAT or rec["kind"] != "realisation":
+                raise EncodingError(f"realisation {plan_hash}: not a format {FORMAT} realisation")
+            out = cls(rec["plan"], rec["object"], rec["record"],
+                      tuple((s["key"], s["sig"]) for s in rec["signatures"]))
+        except (KeyError, TypeError) as exc:
+            raise EncodingError(f"realisation {plan_hash} is malformed: {exc}") from exc
+        if out.plan != plan_hash:
+            raise EncodingError(f"realisation {plan_hash} is for another plan ({out.plan})")
+        if not is_id(out.object) or not isinstance(out.record, bytes) or hash_bytes(out.record) != plan_hash:
+            raise EncodingError(f"realisation {plan_hash}: its plan record does not hash to its plan")
+        return out
+
+
 def check_chunk(cid: str, data: bytes) -> None:
     actual = hash_bytes(data)
     if actual != cid:

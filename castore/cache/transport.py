@@ -16,7 +16,8 @@ from typing import Protocol
 
 from castore.errors import CastoreError, NotFound
 
-_SAFE = re.compile(r"(castore-cache\.json|objects/[0-9a-f]{64}|chunks/[0-9a-f]{2}/[0-9a-f]{64})")
+_SAFE = re.compile(
+    r"(castore-cache\.json|objects/[0-9a-f]{64}|chunks/[0-9a-f]{2}/[0-9a-f]{64}|realisations/[0-9a-f]{64})")
 
 
 def check_path(path: str) -> str:

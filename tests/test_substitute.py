@@ -1,0 +1,74 @@
+"""realize substitutes from caches only what a trusted, unrevoked key signed for that very plan."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import castore, castore_json
+
+TARGET = "tests/recipes/small.py:rootfs"
+
+
+def _keys(tmp_path: Path, name: str) -> tuple[Path, str]:
+    secret = tmp_path / f"{name}.secret"
+    public = castore("key", "generate", name, "--out", str(secret)).stdout.strip()
+    return secret, public
+
+
+def _published(tmp_path: Path, secret: Path | None) -> tuple[Path, dict[str, Any]]:
+    a, cache = tmp_path / "a", tmp_path / "cache"
+    res = castore_json("realize", TARGET, store=a)
+    env = {"CASTORE_SECRET_KEY_FILES": str(secret) if secret else "", "CASTORE_CONFIG": str(tmp_path / "none")}
+    castore("push", res["id"], "--to", str(cache), store=a, env=env)
+    return cache, res
+
+
+def _realize_b(tmp_path: Path, cache: Path, trusted: str, revoked: str = "") -> Any:
+    env = {"CASTORE_SUBSTITUTERS": str(cache), "CASTORE_TRUSTED_PUBLIC_KEYS": trusted,
+           "CASTORE_REVOKED_KEYS": revoked, "CASTORE_CONFIG": str(tmp_path / "none")}
+    proc = castore("realize", TARGET, "--json", store=tmp_path / "b", env=env)
+    import json
+
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_signed_realisation_is_substituted_and_nothing_is_built(tmp_path: Path) -> None:
+    secret, public = _keys(tmp_path, "lab-1")
+    cache, res = _published(tmp_path, secret)
+    out, _ = _realize_b(tmp_path, cache, public)
+    assert out["id"] == res["id"] and out["built"] == [] and out["substituted"] == ["rootfs"]
+    assert castore_json("verify", store=tmp_path / "b")["ok"]
+    shown = castore_json("show", out["id"], store=tmp_path / "b")
+    assert shown["plans"][0]["record"]["builder"] == "squashfs"  # the plan came along
+
+
+def test_unsigned_untrusted_and_revoked_realisations_are_not_used(tmp_path: Path) -> None:
+    secret, public = _keys(tmp_path, "lab-1")
+    _, stranger = _keys(tmp_path, "other-1")
+    cache, _ = _published(tmp_path, secret)
+    for trusted, revoked in ((stranger, ""), (public, "lab-1"), (public, public)):
+        shutil.rmtree(tmp_path / "b", ignore_errors=True)
+        out, err = _realize_b(tmp_path, cache, trusted, revoked)
+        assert out["substituted"] == [] and out["built"] == ["layer", "rootfs"]
+        assert "no signature from a trusted key" in err
+    shutil.rmtree(tmp_path / "b")
+    (tmp_path / "u").mkdir()
+    unsigned_cache, _ = _published(tmp_path / "u", None)
+    out, _ = _realize_b(tmp_path, unsigned_cache, public)
+    assert out["substituted"] == [] and out["built"] == ["layer", "rootfs"]
+
+
+def test_a_realisation_signed_for_another_plan_is_refused(tmp_path: Path) -> None:
+    secret, public = _keys(tmp_path, "lab-1")
+    cache, _ = _published(tmp_path, secret)
+    realisations = sorted((cache / "realisations").iterdir())
+    assert len(realisations) == 1
+    # serve the rootfs plan's realisation under the hash of the layer plan (a "replay" attack)
+    dry = castore_json("realize", TARGET, "--dry-run", store=tmp_path / "fresh")
+    layer_plan = dry["plans"][0]["plan"]
+    shutil.copy(realisations[0], cache / "realisations" / layer_plan)
+    realisations[0].unlink()
+    out, err = _realize_b(tmp_path, cache, public)
+    assert out["substituted"] == [] and "another plan" in err
