@@ -16,7 +16,6 @@ the order given.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,10 @@ def load_config() -> Config:
     values: dict[str, tuple[str, ...]] = {}
     sources = []
     for path in config_files():
+        if not path.exists():
+            continue
+        import tomllib
+
         try:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from castore.builders import (
     SPECS,
@@ -32,12 +32,14 @@ from castore.builders import (
     TreeResult,
     load,
 )
-from castore.cache.transport import Transport
-from castore.cache.trust import Trust
 from castore.errors import BuildError, CastoreError, HashMismatch, StoreError
 from castore.plan import Plan, hash_graph
 from castore.store import LocalStore, remove_tree
 from castore.tools import tool_version
+
+if TYPE_CHECKING:  # imported when a substituter is asked: a realize that needs none stays fast
+    from castore.cache.transport import Transport
+    from castore.cache.trust import Trust
 
 
 class Reporter(Protocol):
@@ -91,7 +93,7 @@ class Realizer:
                  trust: Trust | None = None, note: Callable[[str], None] = lambda s: None) -> None:
         self.store = store
         self.substituters = substituters or []
-        self.trust = trust or Trust()
+        self.trust = trust
         self.note = note
         self.reporter = reporter or NullReporter()
         self.jobs = jobs or os.cpu_count() or 1
@@ -173,12 +175,13 @@ class Realizer:
 
     def _substitute(self, step: Step, index: int, total: int) -> bool:
         from castore.cache.copy import substitute
+        from castore.cache.trust import Trust
 
         t0 = time.monotonic()
         self.reporter.start(step.plan, step.hash, index, total)
         self.reporter.status(step.plan, "asking the substituters")
         with self.store.lock(step.hash):
-            found = substitute(self.store, self.substituters, step.hash, self.trust, note=self.note)
+            found = substitute(self.store, self.substituters, step.hash, self.trust or Trust(), note=self.note)
             if found is None:
                 return False
             oid, record = found

@@ -24,7 +24,6 @@ which ``gc`` removes and ``verify`` reports without calling them corrupt.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import itertools
@@ -66,6 +65,8 @@ _SMALL = 8 << 20
 
 
 def _syncfs(fd: int) -> None:
+    import ctypes
+
     if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -13,7 +13,7 @@ so a killed realize leaves no orphan writing into the store.
 from __future__ import annotations
 
 import collections
-import ctypes
+import functools
 import logging
 import os
 import shlex
@@ -85,9 +85,13 @@ def which(tool: str) -> str:
     return found
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+@functools.cache
+def _die_with_parent() -> Callable[[], None]:
+    """The function the child runs between fork and exec; it must not import anything there."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -126,7 +130,7 @@ def run(
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent(),
         )
     except FileNotFoundError as exc:
         raise ToolMissing(f"{args[0]} could not be started: {exc.strerror}") from exc
