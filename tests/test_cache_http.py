@@ -141,3 +141,30 @@ def test_a_dead_server_is_a_clear_error(tmp_path: Path) -> None:
             HttpTransport(f"http://127.0.0.1:{free_port()}", attempts=2) as http:
         pull(b, http, ["a" * 64])
     b.close()
+
+
+def test_kill_9_mid_pull_then_resume_fetches_only_the_rest(tmp_path: Path) -> None:
+    import signal
+
+    from tests.conftest import CASTORE, REPO
+
+    _, root, oid, chunks = _setup(tmp_path, size=1_500_000)
+    store = tmp_path / "b"
+    with cache_server(root, dict.fromkeys(chunks, "slow")) as (url, _):
+        proc = subprocess.Popen([CASTORE, "--store", str(store), "pull", oid, "--from", url], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kept = store / "tmp" / "chunk-cache"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(kept.glob("[0-9a-f]*"))) < 8:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    verified = {p.name for p in kept.glob("[0-9a-f]*")}
+    assert 8 <= len(verified) < len(set(chunks))
+    assert castore_json("verify", store=store)["ok"] and castore_json("ls", store=store) == []
+    with cache_server(root) as (url, handler):
+        res = castore_json("pull", oid, "--from", url, store=store)
+        refetched = {p.split("/")[-1] for p in handler.hits if p.startswith("chunks/")}
+    assert res["objects"] == 1 and not (refetched & verified)
+    assert len(refetched) == len(set(c.split("/")[-1] for c in chunks)) - len(verified)
+    assert castore_json("verify", store=store)["ok"]
