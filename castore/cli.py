@@ -258,7 +258,7 @@ def push(
     ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Objects (ids or prefixes) whose "
                    "closures to upload.")],
     to: Annotated[str, typer.Option("--to", help="The cache: a directory or file:// URL (created "
-                  "if missing).")],
+                  "if missing), or the http(s) URL of a `castore serve` (token in CASTORE_TOKEN).")],
     as_json: JsonOpt = False,
 ) -> None:
     """Copy closures into a binary cache: only the chunks it lacks, records last.
@@ -276,7 +276,7 @@ def push(
              "(others can pull these ids, but realize cannot substitute them)")
     with _store(create=False) as store:
         full = [store.resolve(i) for i in ids]
-        cache = open_cache(to, create=True)
+        cache = open_cache(to, create=True, token=os.environ.get("CASTORE_TOKEN"))
         try:
             stats = do_push(store, cache, full, progress=lambda s: None if as_json else _err(s), secrets=secrets)
         finally:
@@ -325,6 +325,44 @@ def _copy_report(stats: Any, verb: str, as_json: bool) -> None:
           f"({stats.present} already there); chunks: {stats.chunks_sent + stats.chunks_fetched} moved, "
           f"{stats.chunks_seeded} taken from local blobs; {_human(stats.bytes_on_wire)} on the wire"
           + (f"; {stats.realisations} signed realisations" if stats.realisations else ""))
+
+
+@app.command()
+def serve(
+    directory: Annotated[Path, typer.Argument(help="The cache directory (created if missing).")],
+    bind: Annotated[str, typer.Option("--bind", help="HOST:PORT to listen on.")] = "127.0.0.1:8080",
+) -> None:
+    """Serve a cache directory over HTTP: reads for everyone, verified uploads for tokens with write scope.
+
+    Make tokens with `castore token add DIR --scope write`; clients pass them in CASTORE_TOKEN.
+    The same directory can also be served read-only by nginx or any static host.
+    """
+    from castore.cache.server import serve as run_server
+
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise CastoreError(f"--bind {bind!r} is not HOST:PORT", "for example 127.0.0.1:8080")
+    _err(f"serving {directory.absolute()} on http://{host}:{port}")
+    run_server(str(directory), host, int(port))
+
+
+token_app = typer.Typer(help="Access tokens for `castore serve`.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("add")
+def token_add(
+    directory: Annotated[Path, typer.Argument(help="The cache directory `castore serve` serves.")],
+    scope: Annotated[list[str], typer.Option("--scope", help="read or write (repeat for both).")],
+    name: Annotated[str, typer.Option("--name", help="Who the token is for.")] = "",
+) -> None:
+    """Make a token and print it; the server keeps only its hash."""
+    from castore.cache.server import add_token
+
+    bad = [s for s in scope if s not in ("read", "write")]
+    if bad:
+        raise CastoreError(f"scope {bad[0]!r} is not read or write")
+    print(add_token(directory, scope, name))
 
 
 key_app = typer.Typer(help="ed25519 signing keys for binary caches.", no_args_is_help=True)

@@ -10,7 +10,7 @@ import zstandard
 
 from castore.cache.copy import pull, push
 from castore.cache.layout import CacheConfig, ObjectRecord, chunk_path, object_path
-from castore.cache.transport import DirTransport, check_path, open_cache
+from castore.cache.transport import DirTransport, HttpTransport, check_path, open_cache
 from castore.chunking import ChunkParams
 from castore.errors import CastoreError, EncodingError, NotFound
 from castore.store import LocalStore
@@ -178,7 +178,8 @@ def test_cache_paths_are_checked(tmp_path: Path) -> None:
             check_path(bad)
     with pytest.raises(NotFound):
         open_cache(str(tmp_path / "nothing-here"))
-    with pytest.raises(CastoreError, match="read-only"), open_cache("http://127.0.0.1:1/") as http:
+    with pytest.raises(CastoreError, match="after 1 attempts"), \
+            HttpTransport("http://127.0.0.1:1/", attempts=1) as http:
         http.put("castore-cache.json", b"{}")
 
 

@@ -95,12 +95,14 @@ class HttpTransport:
     with back-off; a 404 means absent. Bytes are never trusted: callers verify them.
     """
 
-    def __init__(self, url: str, *, attempts: int = 4, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, *, attempts: int = 4, timeout: float = 30.0, token: str | None = None) -> None:
         import httpx  # here, not at import time: 140 ms that local commands should not pay
 
         self._httpx = httpx
         self.url = url.rstrip("/")
         self.attempts = attempts
+        self.token = token
+        self._batch = True  # until the server shows it has no POST /missing
         self.client = httpx.Client(timeout=timeout, follow_redirects=True,
                                    limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
 
@@ -113,13 +115,14 @@ class HttpTransport:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, path: str) -> tuple[int, bytes]:
+    def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         httpx = self._httpx
-        url = f"{self.url}/{check_path(path)}"
+        url = f"{self.url}/{path if path == 'missing' else check_path(path)}"
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         delay = 0.1
         for attempt in range(self.attempts):
             try:
-                resp = self.client.request(method, url)
+                resp = self.client.request(method, url, content=body, headers=headers)
                 if resp.status_code < 500 and resp.status_code != 429:
                     return resp.status_code, resp.content
                 problem = f"HTTP {resp.status_code}"
@@ -144,16 +147,33 @@ class HttpTransport:
         return status == 200
 
     def missing(self, paths: Iterable[str]) -> set[str]:
-        return {p for p in paths if not self.exists(p)}
+        """One POST /missing to `castore serve`; one HEAD per path to a plain static server."""
+        import json
+
+        wanted = [check_path(p) for p in paths]
+        if self._batch and wanted:
+            status, body = self._request("POST", "missing", json.dumps(wanted).encode())
+            if status == 200:
+                return set(json.loads(body)) & set(wanted)
+            self._batch = False  # nginx and friends: 404/405
+        return {p for p in wanted if not self.exists(p)}
 
     def put(self, path: str, data: bytes) -> None:
-        raise CastoreError(f"{self.url} is read-only here: uploads need `castore serve` (coming next)",
-                           "push to the cache's directory instead")
+        status, body = self._request("PUT", path, data)
+        if status in (200, 201, 204):
+            return
+        if status in (401, 403):
+            raise CastoreError(f"{self.url} refused the upload of {path}: HTTP {status}",
+                               "set a token with write scope: CASTORE_TOKEN or `tokens` in castore.toml")
+        if status == 405:
+            raise CastoreError(f"{self.url} takes no uploads (a static server?)",
+                               "push to the cache's directory, or run `castore serve` there")
+        raise CastoreError(f"{self.url} refused {path}: HTTP {status}: {body[:200].decode(errors='replace')}")
 
 
-def open_cache(url: str, *, create: bool = False) -> Transport:
+def open_cache(url: str, *, create: bool = False, token: str | None = None) -> Transport:
     """A transport for a cache URL (http, https, file) or a directory path."""
     if url.startswith(("http://", "https://")):
-        return HttpTransport(url)
+        return HttpTransport(url, token=token)
     path = url.removeprefix("file://")
     return DirTransport(path, create=create)
