@@ -288,14 +288,16 @@ def push(
 def pull(
     ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Full ids of the objects to fetch "
                    "with their closures.")],
-    from_: Annotated[str, typer.Option("--from", help="The cache: a directory or file:// URL.")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be fetched.")] = False,
+    from_: Annotated[Optional[str], typer.Option("--from", help="The cache: a directory, file:// or "  # noqa: UP045
+                     "http(s) URL. Default: the configured substituters, in order.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be fetched, and how much.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch objects by id from a binary cache, taking every chunk it can from local blobs.
 
     Every chunk and every object is verified before it enters the store; content
-    pulled by id needs no trust. A killed pull resumes without refetching.
+    pulled by id needs no trust. A killed pull resumes without refetching. Without
+    --from, the configured substituters are tried in order until one has it all.
 
     Example: castore pull 43fbd2a44933817d2cfc51ff17fc5c39055c4ac1529a53e127f488bb504efb91 --from /mnt/cache
     """
@@ -306,13 +308,33 @@ def pull(
     bad = [i for i in ids if not is_id(i)]
     if bad:
         raise CastoreError(f"{bad[0]} is not a full object id", "pull needs the 64-digit id")
+    if from_ is not None:
+        urls = [from_]
+    else:
+        from castore.config import load_config
+
+        urls = list(load_config().substituters)
+        if not urls:
+            raise CastoreError("no cache to pull from", "pass --from URL, or set substituters in castore.toml")
+    failures = []
     with _store() as store:
-        cache = open_cache(from_)
-        try:
-            stats = do_pull(store, cache, ids, dry_run=dry_run, progress=lambda s: None if as_json else _err(s))
-        finally:
-            cache.close()
-    _copy_report(stats, "would fetch" if dry_run else "pulled", as_json)
+        for url in urls:
+            try:
+                cache = open_cache(url)
+                try:
+                    stats = do_pull(store, cache, ids, dry_run=dry_run,
+                                    progress=lambda s: None if as_json else _err(s))
+                finally:
+                    cache.close()
+            except CastoreError as exc:
+                if len(urls) == 1:
+                    raise
+                failures.append(f"{url}: {exc.message}")
+                _err(f"note: {url}: {exc.message}; trying the next substituter")
+                continue
+            _copy_report(stats, "would fetch" if dry_run else "pulled", as_json)
+            return
+    raise CastoreError("no substituter could provide it:\n  " + "\n  ".join(failures))
 
 
 def _copy_report(stats: Any, verb: str, as_json: bool) -> None:

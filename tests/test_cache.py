@@ -190,3 +190,16 @@ def test_pull_of_an_unknown_id_names_it(tmp_path: Path) -> None:
     proc = castore("pull", "eeee", "--from", str(cache.root), store=tmp_path / "b", check=False)
     assert "not a full object id" in proc.stderr
 
+
+
+def test_pull_fails_over_between_substituters(tmp_path: Path) -> None:
+    _, cache, oid, data = _pushed(tmp_path)
+    empty = DirTransport(tmp_path / "empty", create=True)
+    empty.put("castore-cache.json", (cache.root / "castore-cache.json").read_bytes())
+    env = {"CASTORE_SUBSTITUTERS": f"{empty.root} {tmp_path / 'missing'} file://{cache.root}",
+           "CASTORE_CONFIG": str(tmp_path / "none")}
+    proc = castore("pull", oid, store=tmp_path / "b", env=env)
+    assert "trying the next substituter" in proc.stderr and "pulled 1 objects" in proc.stdout
+    assert (tmp_path / "b" / "blobs" / oid[:2] / oid).read_bytes() == data
+    dry = castore_json("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "c")
+    assert dry["chunks_fetched"] > 0 and dry["bytes_on_wire"] >= len(data)
