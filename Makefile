@@ -11,7 +11,7 @@ SYSTEM_STAMP := $(VENV)/.system-packages
 # and what the tests read images back with (unsquashfs, debugfs, b3sum) or boot them in (QEMU).
 APT_PACKAGES := squashfs-tools-ng squashfs-tools e2fsprogs bubblewrap make gcc libc6-dev flex bison \
 	bc libelf-dev libssl-dev perl xz-utils zstd tar qemu-system-x86 b3sum faketime util-linux ca-certificates \
-	nginx
+	nginx iproute2
 BENCH_PACKAGES := nix-bin ostree debootstrap casync hyperfine strace
 
 .PHONY: demo test check lint bench deps system clean

@@ -126,3 +126,63 @@ def test_dedup_on_upload(server: tuple[str, Path, str], tmp_path: Path) -> None:
     with HttpTransport(url, token="wrong") as http, pytest.raises(CastoreError, match="403"):
         push(a, http, [a.add_bytes(b"new")])
     a.close()
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[str, str]]:
+    """Network namespaces "lab" and "server" joined by a veth pair (TEST-NET-1 addresses)."""
+    tag = os.urandom(3).hex()
+    lab, srv = f"castore-lab-{tag}", f"castore-srv-{tag}"
+    cmds = [
+        ["ip", "netns", "add", lab], ["ip", "netns", "add", srv],
+        ["ip", "link", "add", f"cl{tag}", "type", "veth", "peer", "name", f"cs{tag}"],
+        ["ip", "link", "set", f"cl{tag}", "netns", lab], ["ip", "link", "set", f"cs{tag}", "netns", srv],
+        ["ip", "-n", lab, "addr", "add", "192.0.2.1/30", "dev", f"cl{tag}"],
+        ["ip", "-n", srv, "addr", "add", "192.0.2.2/30", "dev", f"cs{tag}"],
+        ["ip", "-n", lab, "link", "set", f"cl{tag}", "up"], ["ip", "-n", srv, "link", "set", f"cs{tag}", "up"],
+        ["ip", "-n", lab, "link", "set", "lo", "up"], ["ip", "-n", srv, "link", "set", "lo", "up"],
+    ]
+    try:
+        for cmd in cmds:
+            subprocess.run(cmd, check=True, capture_output=True)
+        yield lab, srv
+    finally:
+        subprocess.run(["ip", "netns", "del", lab], capture_output=True)
+        subprocess.run(["ip", "netns", "del", srv], capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_lab_and_server_in_two_network_namespaces(two_hosts: tuple[str, str], tmp_path: Path) -> None:
+    lab, srv = two_hosts
+    served = tmp_path / "served"
+    served.mkdir()
+    token = add_token(served, ["write"], "lab")
+    a = tmp_path / "a"
+    res = castore_json("realize", "tests/recipes/small.py:rootfs", store=a)
+    server = subprocess.Popen(["ip", "netns", "exec", srv, CASTORE, "serve", str(served), "--bind", "192.0.2.2:8080"],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        in_lab = ["ip", "netns", "exec", lab, CASTORE]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["ip", "netns", "exec", lab, "python3", "-c",
+                                    "import socket; socket.create_connection(('192.0.2.2', 8080), 1)"],
+                                   capture_output=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(0.1)
+        env = {**os.environ, "CASTORE_TOKEN": token}
+        push = subprocess.run([*in_lab, "--store", str(a), "push", res["id"], "--to", "http://192.0.2.2:8080",
+                               "--json"], env=env, cwd=REPO, capture_output=True, text=True)
+        assert push.returncode == 0, push.stderr
+        pulled = subprocess.run([*in_lab, "--store", str(tmp_path / "b"), "pull", res["id"], "--from",
+                                 "http://192.0.2.2:8080", "--json"], cwd=REPO, capture_output=True, text=True)
+        assert pulled.returncode == 0, pulled.stderr
+        assert json.loads(pulled.stdout)["objects"] == 1
+        # the host itself cannot reach the server: it really lives in its own namespace
+        with pytest.raises(OSError):
+            socket.create_connection(("192.0.2.2", 8080), timeout=1)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert (tmp_path / "b" / "blobs" / res["id"][:2] / res["id"]).read_bytes() == Path(res["path"]).read_bytes()

@@ -103,3 +103,49 @@ def test_another_store_substitutes_the_demo_and_builds_nothing(demo: dict[str, A
     assert b["id"] == demo["id"] and b["built"] == [] and b["substituted"] == ["default"]
     assert Path(b["kernel"]).read_bytes() == Path(demo["kernel"]).read_bytes()
     assert castore_json("verify", store=tmp_path / "b")["ok"]
+
+
+def test_64_concurrent_pulls_of_the_demo_image_from_castore_serve(demo: dict[str, Any], tmp_path: Path) -> None:
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from castore.cache.copy import pull
+    from castore.cache.transport import DirTransport, HttpTransport
+    from castore.store import LocalStore
+
+    served = tmp_path / "served"
+    store = LocalStore(demo["store"])
+    from castore.cache.copy import push
+
+    push(store, DirTransport(served, create=True), [demo["id"]])
+    store.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([CASTORE, "serve", str(served), "--bind", f"127.0.0.1:{port}"], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+
+        def one(i: int) -> str:
+            s = LocalStore(tmp_path / f"client-{i}")
+            try:
+                with HttpTransport(f"http://127.0.0.1:{port}") as http:
+                    pull(s, http, [demo["id"]])
+                assert s.verify(contents=False)[0] == []
+                return s.read_image(demo["id"]).kernel
+            finally:
+                s.close()
+
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            kernels = list(pool.map(one, range(64)))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert kernels == [Path(demo["kernel"]).name] * 64
