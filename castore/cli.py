@@ -270,13 +270,14 @@ def push(
     from castore.cache.trust import secret_keys
     from castore.config import load_config
 
-    secrets = secret_keys(load_config())
+    config = load_config()
+    secrets = secret_keys(config)
     if not secrets and not as_json:
         _err("note: no secret-key-files configured: objects are pushed, realisations are not "
              "(others can pull these ids, but realize cannot substitute them)")
     with _store(create=False) as store:
         full = [store.resolve(i) for i in ids]
-        cache = open_cache(to, create=True, token=os.environ.get("CASTORE_TOKEN"))
+        cache = open_cache(to, create=True, token=config.token_for(to))
         try:
             stats = do_push(store, cache, full, progress=lambda s: None if as_json else _err(s), secrets=secrets)
         finally:

@@ -8,6 +8,8 @@ and ``$XDG_CONFIG_HOME/castore/castore.toml`` (or the one file named by
     trusted-public-keys = ["lab-1:3q2+7w..."]                  # CASTORE_TRUSTED_PUBLIC_KEYS
     revoked-keys = ["lab-0:Zm9v..."]                           # CASTORE_REVOKED_KEYS
     secret-key-files = ["/etc/castore/lab-1.secret"]           # CASTORE_SECRET_KEY_FILES
+    [tokens]                                                    # CASTORE_TOKEN (for any URL)
+    "http://cache.lab.example:8080" = "token from castore token add"
 
 Lists in the environment are separated by spaces. Substituters are tried in
 the order given.
@@ -23,6 +25,7 @@ from typing import Any
 from castore.errors import CastoreError
 
 KEYS = ("substituters", "trusted-public-keys", "revoked-keys", "secret-key-files")
+TABLES = ("tokens",)
 
 
 def default_store() -> Path:
@@ -42,7 +45,15 @@ class Config:
     trusted_public_keys: tuple[str, ...] = ()
     revoked_keys: tuple[str, ...] = ()
     secret_key_files: tuple[str, ...] = ()
+    tokens: tuple[tuple[str, str], ...] = ()  # (URL prefix, token)
     sources: tuple[str, ...] = field(default=(), compare=False)
+
+    def token_for(self, url: str) -> str | None:
+        """CASTORE_TOKEN, else the token of the longest configured URL prefix of url."""
+        if os.environ.get("CASTORE_TOKEN"):
+            return os.environ["CASTORE_TOKEN"]
+        best = [(len(prefix), token) for prefix, token in self.tokens if url.startswith(prefix.rstrip("/"))]
+        return max(best)[1] if best else None
 
 
 def config_files() -> list[Path]:
@@ -54,6 +65,7 @@ def config_files() -> list[Path]:
 
 def load_config() -> Config:
     values: dict[str, tuple[str, ...]] = {}
+    tokens: dict[str, str] = {}
     sources = []
     for path in config_files():
         if not path.exists():
@@ -70,8 +82,14 @@ def load_config() -> Config:
             raise CastoreError(f"cannot read {path}: {exc.strerror}") from exc
         sources.append(str(path))
         for key, value in data.items():
+            if key == "tokens":
+                if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                    raise CastoreError(f"{path}: tokens must be a table of URL = \"token\"")
+                tokens.update(value)
+                continue
             if key not in KEYS:
-                raise CastoreError(f"{path}: unknown setting {key!r}", f"known settings: {', '.join(KEYS)}")
+                raise CastoreError(f"{path}: unknown setting {key!r}",
+                                   f"known settings: {', '.join(KEYS + TABLES)}")
             values[key] = _strings(value, f"{path}: {key}")
     for key in KEYS:
         env = os.environ.get("CASTORE_" + key.upper().replace("-", "_"))
@@ -83,6 +101,7 @@ def load_config() -> Config:
         trusted_public_keys=values.get("trusted-public-keys", ()),
         revoked_keys=values.get("revoked-keys", ()),
         secret_key_files=values.get("secret-key-files", ()),
+        tokens=tuple(sorted(tokens.items())),
         sources=tuple(sources),
     )
 

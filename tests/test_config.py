@@ -32,3 +32,15 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyP
     f.write_text("substituters = [\n")
     with pytest.raises(CastoreError, match="not valid TOML"):
         load_config()
+
+
+def test_tokens_by_url_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "castore.toml"
+    f.write_text('[tokens]\n"http://cache:8080" = "abc"\n"http://cache:8080/lab-b" = "def"\n')
+    monkeypatch.setenv("CASTORE_CONFIG", str(f))
+    monkeypatch.delenv("CASTORE_TOKEN", raising=False)
+    c = load_config()
+    assert c.token_for("http://cache:8080/") == "abc" and c.token_for("http://cache:8080/lab-b") == "def"
+    assert c.token_for("http://other") is None
+    monkeypatch.setenv("CASTORE_TOKEN", "env")
+    assert c.token_for("http://other") == "env"
