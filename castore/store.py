@@ -570,6 +570,11 @@ class LocalStore:
                 freed += stray.stat().st_size
                 stray.unlink()
             self.clean_stale_staging()
+            kept = self.tmp / "chunk-cache"  # verified chunks of pulls that did not finish
+            if kept.is_dir():
+                for chunk in kept.iterdir():
+                    freed += chunk.stat().st_size
+                    chunk.unlink()
             return [d for d, _ in dead], freed
 
     def stray_files(self) -> list[Path]:
@@ -618,6 +623,10 @@ class LocalStore:
                 problems.append(f"realisation of plan {plan} names missing object {oid}")
         for stray in self.stray_files():
             notes.append(f"stray file {stray.name} (no record; castore gc removes it)")
+        kept = self.tmp / "chunk-cache"
+        if kept.is_dir() and any(kept.iterdir()):
+            notes.append(f"{len(list(kept.iterdir()))} verified chunks kept from an unfinished pull "
+                         "(the next pull uses them; castore gc removes them)")
         for name in os.listdir(self.tmp):
             pid = name.split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):

@@ -148,7 +148,11 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> di
 
 def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bool = False,
          progress: Progress = lambda s: None) -> CopyStats:
-    wanted = list(ids)
+    with store.lock("gc", shared=True):  # gc must not sweep the resume cache under a running pull
+        return _pull(store, cache, list(ids), dry_run, progress)
+
+
+def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress) -> CopyStats:
     config = cache_config(cache, create=False)
     del config  # chunks are addressed by id: a pull works whatever the cache's parameters
     records = fetch_records(store, cache, wanted)
