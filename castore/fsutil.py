@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +82,20 @@ def check_free(path: Path, need: int) -> None:
     st = os.statvfs(path)
     if st.f_bavail * st.f_frsize < need:
         raise CastoreError(f"not enough free space in {path}: {need >> 20} MiB needed")
+
+
+def atomic_write(dest: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a whole new file, fsynced, then renamed over dest: readers see all of it or none."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise CastoreError(f"cannot write {dest}: {exc.strerror}") from exc

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import http.server
 import io
+import socket
 import tarfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from castore.builders import BuildContext, Input
 
@@ -74,9 +75,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+H = TypeVar("H", bound=http.server.BaseHTTPRequestHandler)
+
+
 @contextmanager
-def http_server(files: dict[str, bytes], delay: float = 0.0) -> Iterator[tuple[str, type[_Handler]]]:
-    handler = type("Handler", (_Handler,), {"files": files, "delay": delay})
+def _serving(handler: type[H]) -> Iterator[tuple[str, type[H]]]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -86,6 +89,28 @@ def http_server(files: dict[str, bytes], delay: float = 0.0) -> Iterator[tuple[s
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def http_server(files: dict[str, bytes], delay: float = 0.0) -> Iterator[tuple[str, type[_Handler]]]:
+    with _serving(type("Handler", (_Handler,), {"files": files, "delay": delay})) as served:
+        yield served
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, host: str = "127.0.0.1", seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {host}:{port} after {seconds} s")
 
 
 class _CacheHandler(http.server.BaseHTTPRequestHandler):
@@ -141,13 +166,5 @@ class _CacheHandler(http.server.BaseHTTPRequestHandler):
 
 @contextmanager
 def cache_server(root: Path, faults: dict[str, str] | None = None) -> Iterator[tuple[str, type[_CacheHandler]]]:
-    handler = type("CacheHandler", (_CacheHandler,), {"root": root, "faults": faults or {}, "hits": {}})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(type("CacheHandler", (_CacheHandler,), {"root": root, "faults": faults or {}, "hits": {}})) as s:
+        yield s

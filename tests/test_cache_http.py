@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,13 +16,7 @@ from castore.cache.transport import DirTransport, HttpTransport
 from castore.errors import CastoreError
 from castore.store import LocalStore
 from tests.conftest import castore_json
-from tests.helpers import cache_server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import cache_server, free_port, wait_port
 
 
 @pytest.fixture
@@ -48,15 +41,11 @@ http {{
 }}
 """)
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(run)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
-    else:
+    try:
+        wait_port(port, seconds=10)
+    except AssertionError:
         proc.kill()
-        raise AssertionError(f"nginx did not start: {(run / 'error.log').read_text()}")
+        raise AssertionError(f"nginx did not start: {(run / 'error.log').read_text()}") from None
     try:
         yield f"http://127.0.0.1:{port}", cache, run / "access.log"
     finally:

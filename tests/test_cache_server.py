@@ -23,6 +23,7 @@ from castore.errors import CastoreError
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import CASTORE, REPO, castore, castore_json
+from tests.helpers import free_port, wait_port
 
 
 def asgi(app: CacheApp, method: str, path: str, body: bytes = b"", token: str = "") -> httpx.Response:
@@ -65,12 +66,6 @@ def test_uploads_are_verified_and_ordered(tmp_path: Path) -> None:
     assert asgi(app, "DELETE", f"/{object_path(cid)}", token=writer).status_code == 405
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     root = tmp_path / "served"
@@ -79,13 +74,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     port = free_port()
     proc = subprocess.Popen([CASTORE, "serve", str(root), "--bind", f"127.0.0.1:{port}"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
     try:
+        wait_port(port)
         yield f"http://127.0.0.1:{port}", root, token
     finally:
         proc.terminate()

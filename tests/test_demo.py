@@ -106,13 +106,12 @@ def test_another_store_substitutes_the_demo_and_builds_nothing(demo: dict[str, A
 
 
 def test_64_concurrent_pulls_of_the_demo_image_from_castore_serve(demo: dict[str, Any], tmp_path: Path) -> None:
-    import socket
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from castore.cache.copy import pull
     from castore.cache.transport import DirTransport, HttpTransport
     from castore.store import LocalStore
+    from tests.helpers import free_port, wait_port
 
     served = tmp_path / "served"
     store = LocalStore(demo["store"])
@@ -120,18 +119,11 @@ def test_64_concurrent_pulls_of_the_demo_image_from_castore_serve(demo: dict[str
 
     push(store, DirTransport(served, create=True), [demo["id"]])
     store.close()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([CASTORE, "serve", str(served), "--bind", f"127.0.0.1:{port}"], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        wait_port(port)
 
         def one(i: int) -> str:
             s = LocalStore(tmp_path / f"client-{i}")

@@ -39,6 +39,7 @@ from castore.cache.layout import (
 )
 from castore.cache.transport import check_path
 from castore.errors import CastoreError
+from castore.fsutil import atomic_write
 from castore.hashing import Hasher, hash_bytes
 
 Scope = dict[str, Any]
@@ -188,15 +189,7 @@ class CacheApp:
             raise HttpError(400, "invalid", f"the chunks of object {rec.id} hash to {h.hexdigest()}")
 
     def _write(self, path: str, data: bytes) -> None:
-        dest = self.root / path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
+        atomic_write(self.root / path, data)
 
 
 class HttpError(Exception):

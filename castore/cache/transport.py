@@ -6,7 +6,6 @@ cache; ``put`` is atomic (a reader sees the whole file or none).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from castore.errors import CastoreError, NotFound
+from castore.fsutil import atomic_write
 
 _SAFE = re.compile(
     r"(castore-cache\.json|objects/[0-9a-f]{64}|chunks/[0-9a-f]{2}/[0-9a-f]{64}|realisations/[0-9a-f]{64})")
@@ -72,20 +72,7 @@ class DirTransport:
         self.close()
 
     def put(self, path: str, data: bytes) -> None:
-        dest = self.root / check_path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise CastoreError(f"cannot write {dest}: {exc.strerror}") from exc
+        atomic_write(self.root / check_path(path), data)
 
 
 class HttpTransport:
