@@ -12,7 +12,7 @@ SYSTEM_STAMP := $(VENV)/.system-packages
 APT_PACKAGES := squashfs-tools-ng squashfs-tools e2fsprogs bubblewrap make gcc libc6-dev flex bison \
 	bc libelf-dev libssl-dev perl xz-utils zstd tar qemu-system-x86 b3sum faketime util-linux ca-certificates \
 	nginx iproute2
-BENCH_PACKAGES := nix-bin ostree debootstrap casync hyperfine strace
+BENCH_PACKAGES := nix-bin ostree debootstrap casync hyperfine strace curl wrk
 
 .PHONY: demo test check lint bench deps system clean
 

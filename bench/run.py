@@ -9,22 +9,33 @@ ext4 without a journal (this machine's root) skips inodes freed in the last 60 s
 their inode table block is dirty; `recently_deleted`), so creating thousands of files right
 after deleting thousands costs seconds of system time, for castore and its peers alike. The
 time of the clean-up is recorded, and the next run's imports start at least INODE_AGE after it.
+The cache benchmarks run last: every pull creates and deletes a file per fetched chunk.
+
+Cache data: v2 = the minbase tree with /etc/hostname changed and 5 MiB of random bytes added
+(made once and cached), packed like v1. nginx and `castore serve` run on 127.0.0.1 ports of
+their own for the length of the run.
 """
 
 from __future__ import annotations
 
+import functools
+import http.client
 import json
 import os
+import random
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
@@ -32,13 +43,17 @@ CASTORE = str(BIN / "castore")
 WORK = Path("/var/tmp/castore-bench")
 RUNS = WORK / "runs"
 TREE, NODEV, SQFS = WORK / "minbase", WORK / "minbase-nodev", WORK / "minbase.sqfs"
+SQFS2, BLOB2 = WORK / "minbase-v2.sqfs", WORK / "v2-blob.bin"  # v2, and the random file it adds
 SUITE = "bookworm"
 INODE_AGE = 360.0  # recently_deleted: inodes whose table block was dirty stay skipped this long
 # Debian's nix 2.8 as root without a daemon: a chroot store (--store DIR), no nixbld group
 NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group =\n", "XDG_CACHE_HOME": f"{WORK}/cache"}
+# castore reads no castore.toml of this machine: no signing keys, no substituters
+CS_ENV = {**os.environ, "CASTORE_CONFIG": str(WORK / "no-castore.toml")}
 Argv = Sequence[str | Path]
 _serial = iter(range(1, 1 << 30))
 BEST_CPU: dict[str, float] = {}  # name -> CPU seconds (user+sys) of its best run
+SERVERS: list[subprocess.Popen[bytes]] = []  # stopped at the end of the run
 
 
 @dataclass
@@ -50,6 +65,7 @@ class Row:
     ratio: float | None = None
     ok: bool | None = None
     notes: list[str] = field(default_factory=list)
+    unit: str = "s"  # or "req/s": then the ratio is castore's rate over the peer's
 
 
 def say(text: str) -> None:
@@ -148,12 +164,30 @@ def prepare_data() -> list[str]:
 
     cached(TREE, debootstrap)
     cached(NODEV, nodev)
+    def v2(d: Path) -> None:
+        cached(BLOB2, lambda b: b.write_bytes(random.Random(1).randbytes(5 << 20)))
+        tree = new_dir("v2-tree")  # hard links: no new file inodes; removed with runs/
+        run(["cp", "-al", TREE, tree])
+        hostname = tree / "etc" / "hostname"
+        mode = hostname.stat().st_mode
+        hostname.unlink()  # a new file, not the hard-linked original
+        hostname.write_text("changed-host\n")
+        hostname.chmod(mode)
+        shutil.copyfile(BLOB2, tree / "opt" / "blob.bin")
+        say(f"building {SQFS2} (cached for later runs)")
+        run(["gensquashfs", "--pack-dir", tree, "--compressor", "gzip", "-j", "2", d])
+
+    cached(TREE, debootstrap)
+    cached(NODEV, nodev)
     cached(SQFS, lambda d: run(["gensquashfs", "--pack-dir", TREE, "--compressor", "gzip", d]))
+    cached(SQFS2, v2)
     count = [sum(1 for _ in t.rglob("*")) for t in (TREE, NODEV)]
     size = sum(p.lstat().st_size for p in TREE.rglob("*") if p.is_file() and not p.is_symlink())
     return [f"data: {TREE} ({count[0]} entries, {size / 1e6:.0f} MB of files), its squashfs "
             f"{SQFS.stat().st_size / 2**20:.1f} MiB; nix and ostree import {NODEV}, the same "
-            f"tree without its {count[0] - count[1]} device nodes, which they cannot store"]
+            f"tree without its {count[0] - count[1]} device nodes, which they cannot store",
+            f"cache data: v1 = that squashfs, v2 = {SQFS2} ({SQFS2.stat().st_size / 2**20:.1f} MiB: "
+            "/etc/hostname changed, 5 MiB of random bytes added); nginx and castore serve on 127.0.0.1"]
 
 
 def judge(row: Row, limit: float) -> Row:
@@ -317,8 +351,316 @@ def bench_squashfs() -> Row:
     return row
 
 
-def fmt(v: float | str | None) -> str:
-    return "-" if v is None else f"{v:.3f} s" if isinstance(v, float) else "failed"
+# -- binary cache: push, pull over HTTP, serving ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lab:
+    store: Path  # holds v1 and v2
+    v1: str
+    v2: str
+    cache: Path  # both pushed, and a hard link to the v1 file for one-GET downloads
+
+
+def add_id(store: Path, path: Path) -> str:
+    return str(json.loads(run([CASTORE, "--store", store, "add", path, "--json"], env=CS_ENV))["id"])
+
+
+@functools.cache
+def lab() -> Lab:
+    """The store and cache every cache benchmark reads (untimed, once per run)."""
+    store, cache = new_dir("lab-store"), new_dir("lab-cache")
+    v1, v2 = add_id(store, SQFS), add_id(store, SQFS2)
+    run([CASTORE, "--store", store, "push", v1, v2, "--to", cache, "--json"], env=CS_ENV)
+    os.link(SQFS, cache / SQFS.name)
+    return Lab(store, v1, v2, cache)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(name: str, argv: Argv, port: int, log: Path | None = None) -> None:
+    """Start a server that listens on 127.0.0.1:port; it is stopped at the end of the run."""
+    proc = subprocess.Popen([str(a) for a in argv], env=CS_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    SERVERS.append(proc)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    why = log.read_text()[-300:] if log and log.exists() else f"exit status {proc.poll()}"
+    raise RuntimeError(f"{name} did not start on 127.0.0.1:{port}: {why.strip()}")
+
+
+def stop_servers() -> None:
+    for proc in SERVERS:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    SERVERS.clear()
+
+
+@functools.cache
+def nginx() -> tuple[str, Path]:
+    """nginx (one worker, as tests/test_cache_http.py runs it) serving the lab's cache; (URL, access log)."""
+    d, port = new_dir("nginx"), free_port()
+    d.mkdir()
+    (d / "nginx.conf").write_text(f"""
+daemon off; master_process off; worker_processes 1;
+error_log {d}/error.log; pid {d}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    log_format bytes '$request_method $uri $status $body_bytes_sent';
+    access_log {d}/access.log bytes;
+    sendfile on; keepalive_requests 1000000;
+    client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+    uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    server {{ listen 127.0.0.1:{port}; root {lab().cache}; location / {{ try_files $uri =404; }} }}
+}}
+""")
+    start_server("nginx", ["nginx", "-c", d / "nginx.conf", "-p", d], port, d / "error.log")
+    return f"http://127.0.0.1:{port}", d / "access.log"
+
+
+def log_lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@dataclass
+class Pull:
+    wall: float
+    cpu: float
+    stats: dict[str, Any]
+    requests: int
+    served: int  # body bytes nginx sent
+    store: Path
+
+
+def best_pull(n: int, oid: str, name: str, setup: Callable[[Path], object] = Path) -> Pull:
+    """Best of n `castore pull --json` from nginx, each into a new store; setup (untimed) first."""
+    url, log = nginx()
+    pulls = []
+    for _ in range(n):
+        store = new_dir(name)
+        setup(store)
+        before = len(log_lines(log))
+        os.sync()
+        t, c = time.perf_counter(), child_cpu()
+        out = run([CASTORE, "--store", store, "pull", oid, "--from", url, "--json"], env=CS_ENV)
+        wall, cpu = time.perf_counter() - t, child_cpu() - c
+        lines = [line.split() for line in log_lines(log)[before:]]
+        pulls.append(Pull(wall, cpu, json.loads(out), len(lines), sum(int(w[3]) for w in lines), store))
+    return min(pulls, key=lambda p: p.wall)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def pull_note(who: str, p: Pull) -> str:
+    s = p.stats
+    return (f"{who}: {mib(s['bytes_on_wire'])} on the wire (nginx sent {mib(p.served)}), {p.requests} requests, "
+            f"{s['chunks_fetched']} chunks fetched, {s['chunks_seeded']} from local blobs; CPU {p.cpu:.2f} s")
+
+
+def disk(path: Path) -> str:
+    apparent, used = (int(run(["du", "-s", *opt, path]).split()[0]) for opt in (["-b"], ["-B1"]))
+    files = sum(len(f) for _, _, f in os.walk(path))
+    return f"{mib(apparent)} in {files} files ({mib(used)} on disk)"
+
+
+def bench_push() -> Row:
+    row = Row("push v1 to an empty cache directory", "none; nix copy for scale")
+    cs: dict[str, Path] = {}
+
+    def cs_setup(d: Path) -> None:
+        add_id(d / "store", SQFS)
+        cs["last"] = d
+
+    row.castore = best_of(3, lambda d: [CASTORE, "--store", d / "store", "push", lab().v1, "--to", d / "cache",
+                                        "--json"], "cs-push", setup=cs_setup, env=CS_ENV)
+    row.notes.append(f"castore wrote {disk(cs['last'] / 'cache')}")
+    nix: dict[str, str | Path] = {}
+
+    def nix_setup(d: Path) -> None:
+        nix["path"] = run(["nix-store", "--store", d / "store", "--add-fixed", "sha256", SQFS], env=NIX_ENV).strip()
+        nix["last"] = d
+
+    def nix_copy(src: Path, dest: Path) -> Argv:
+        return ["nix", "--extra-experimental-features", "nix-command", "copy", "--from", src,
+                "--to", f"file://{dest}?compression=zstd", nix["path"]]
+
+    peer(row, "nix copy to file:// (zstd)", lambda: best_of(
+        3, lambda d: nix_copy(d / "store", d / "cache"), "nix-push", setup=nix_setup, env=NIX_ENV))
+    if "last" in nix:
+        row.notes.append(f"nix copy wrote {disk(Path(nix['last']) / 'cache')}")
+    row.notes.append(cpu_note("cs-push", "nix-push"))
+    tools: list[tuple[str, Callable[[Path], Argv], dict[str, str] | None]] = [
+        ("castore", lambda d: [CASTORE, "--store", lab().store, "push", lab().v1, "--to", d], CS_ENV)]
+    if "last" in nix:
+        tools.append(("nix", lambda d: nix_copy(Path(nix["last"]) / "store", d), NIX_ENV))
+    row.notes.append(durability(tools).replace("per import", "per push"))
+    times = [v for v in row.peers.values() if isinstance(v, float)]
+    row.ratio = row.castore / min(times) if times else None
+    return row
+
+
+def bench_cold_pull() -> Row:
+    row = Row("cold pull of v1 from nginx", "<=0.12 s")
+    url, _ = nginx()
+    best = best_pull(3, lab().v1, "cs-pull")
+    row.castore = best.wall
+    row.notes.append(pull_note("castore (best of 3, each a new store)", best)
+                     + f" ({best.cpu / best.requests * 1e3:.1f} ms per request)")
+    peer(row, "curl, the whole file in 1 GET", lambda: best_of(
+        3, lambda d: ["curl", "-sSf", "-o", d / "v1.sqfs", f"{url}/{SQFS.name}"], "curl", setup=lambda d: d.mkdir()))
+    if isinstance(row.peers["curl, the whole file in 1 GET"], float):
+        row.ratio = row.castore / float(row.peers["curl, the whole file in 1 GET"])
+    row.ok = row.castore <= 0.12
+    if not row.ok:
+        row.notes += pull_profile(lab().v1, url)
+    return row
+
+
+def bench_delta_pull() -> Row:
+    row = Row("pull v2 into a store holding v1", "<=0.1 s, <=5.3 MiB on the wire")
+    url, _ = nginx()
+
+    def with_v1(store: Path) -> None:
+        run([CASTORE, "--store", store, "pull", lab().v1, "--from", url, "--json"], env=CS_ENV)
+
+    best = best_pull(3, lab().v2, "cs-delta", setup=with_v1)
+    row.castore = best.wall
+    row.notes.append(pull_note("castore (best of 3, v1 pulled first, untimed)", best))
+    wire = max(best.stats["bytes_on_wire"], best.served)  # castore's count leaves out the records
+    argv: Argv = [CASTORE, "--store", best.store, "pull", lab().v2, "--from", url, "--json"]
+    noop = []
+    for _ in range(3):
+        t = time.perf_counter()
+        run(argv, env=CS_ENV)
+        noop.append(time.perf_counter() - t)
+    row.notes.append(f"for scale, the same pull once v2 is there (start-up, imports, 1 request): {min(noop):.3f} s")
+    row.ok = row.castore <= 0.1 and wire <= 5.3 * 2**20
+    return row
+
+
+def pull_profile(oid: str, url: str) -> list[str]:
+    """Where a cold pull's time goes: the same pull in-process under cProfile (the fetch threads
+    are not profiled; their wall time shows as _prefetch)."""
+    import cProfile
+    import pstats
+
+    from castore.cache.copy import pull
+    from castore.cache.transport import HttpTransport
+    from castore.store import LocalStore
+
+    t0 = time.perf_counter()
+    prof = cProfile.Profile()
+    with LocalStore(new_dir("cs-pull-profile")) as store, HttpTransport(url) as http:
+        t1 = time.perf_counter()
+        prof.enable()
+        pull(store, http, [oid])
+        prof.disable()
+        t2 = time.perf_counter()
+    stats = pstats.Stats(prof)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    wanted = {"_prefetch": "fetch+verify chunks into tmp/chunk-cache (8 threads)",
+              "_chunk": "reassemble from the chunk cache", "add_file": "add the object to the store",
+              "record_chunks": "record the chunk index", "fetch_records": "fetch the records",
+              "unlink": "delete the chunk-cache files"}
+    found = {name: ct for (_, _, name), (_, _, _, ct, _) in raw.items() if name in wanted}
+    return [f"in-process cold pull: import+open {t1 - t0:.3f} s, pull {t2 - t1:.3f} s; cumulative:",
+            "  " + "; ".join(f"{wanted[n]} {found[n]:.3f} s" for n in wanted if n in found)]
+
+
+def wrk_rate(url: str, paths: Path, seconds: int, clients: int) -> tuple[float, str]:
+    """Requests per second of `wrk` cycling through the paths (2 threads, `clients` connections)."""
+    script = paths.with_suffix(".lua")
+    script.write_text(f"""
+local paths, i = {{}}, 0
+for line in io.lines("{paths}") do paths[#paths + 1] = line end
+request = function() i = i % #paths + 1; return wrk.format("GET", paths[i]) end
+""")
+    out = run(["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "--timeout", "5s", "-s", script, url])
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if bad:
+        raise RuntimeError(f"{bad.group(1)} responses were not 2xx")
+    return float(re.findall(r"Requests/sec:\s+([\d.]+)", out)[0]), errors.group(1) if errors else ""
+
+
+def python_rate(url: str, paths: list[str], seconds: float, clients: int) -> tuple[float, str]:
+    """The same load from threads with keep-alive http.client connections, when wrk is missing."""
+    host, port = url.removeprefix("http://").split(":")
+    stop, counts, failures = time.monotonic() + seconds, [0] * clients, []
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            while time.monotonic() < stop:
+                conn.request("GET", paths[(counts[i] * clients + i) % len(paths)])
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+                counts[i] += 1
+        except (OSError, RuntimeError, http.client.HTTPException) as exc:
+            failures.append(str(exc))
+        finally:
+            conn.close()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} clients failed, e.g. {failures[0]}")
+    return sum(counts) / (time.monotonic() - started), ""
+
+
+def bench_serve() -> Row:
+    clients, seconds = 64, 5
+    row = Row(f"serve chunk GETs/s, {clients} clients", "none; nginx for scale", unit="req/s")
+    from castore.cache.layout import ObjectRecord, chunk_path, object_path
+
+    rec = ObjectRecord.decode(lab().v1, (lab().cache / object_path(lab().v1)).read_bytes())
+    paths = [f"/{chunk_path(c)}" for c, _ in rec.chunks]
+    listing = new_dir("chunk-paths").with_suffix(".txt")
+    listing.write_text("\n".join(paths) + "\n")
+    tool = "wrk" if shutil.which("wrk") else "python threads (no wrk)"
+
+    def rate(url: str) -> float:
+        got, errors = (wrk_rate(url, listing, seconds, clients) if tool == "wrk"
+                       else python_rate(url, paths, seconds, clients))
+        if errors:
+            row.notes.append(f"{url}: socket errors {errors}")
+        return got
+
+    port = free_port()
+    start_server("castore serve", [CASTORE, "serve", lab().cache, "--bind", f"127.0.0.1:{port}"], port)
+    row.castore = rate(f"http://127.0.0.1:{port}")
+    peer(row, "nginx, 1 worker", lambda: rate(nginx()[0]))
+    times = [v for v in row.peers.values() if isinstance(v, float)]
+    row.ratio = row.castore / min(times) if times else None
+    row.notes.append(f"load: {tool}, {clients} keep-alive connections, {seconds} s each, cycling through "
+                     f"v1's {len(paths)} chunk files (mean {rec.size / len(paths) / 1024:.0f} KiB)")
+    return row
+
+
+def fmt(v: float | str | None, unit: str = "s") -> str:
+    if isinstance(v, float):
+        return f"{v:.3f} s" if unit == "s" else f"{v:.0f}/s"
+    return "-" if v is None else "failed"
 
 
 def main() -> int:
@@ -342,17 +684,21 @@ def main() -> int:
         return 1
     meta["data"] = data_notes
     rows: dict[str, Row] = {}
-    order = (bench_noop_realize, bench_squashfs, bench_tree_import, bench_file_import)
-    for bench in order:
-        if bench is bench_tree_import and (wait := cleaned + INODE_AGE - time.time()) > 0:
-            say(f"waiting {wait:.0f} s for the inodes freed by the clean-up to age")
-            time.sleep(wait)
-        say(f"running {bench.__name__}")
-        try:
-            rows[bench.__name__] = bench()
-        except Exception as exc:  # one failing benchmark must not hide the others
-            rows[bench.__name__] = Row(bench.__name__, "-", notes=[f"failed: {exc}"])
-    shown = [rows[b.__name__] for b in (order[2], order[3], order[0], order[1])]
+    order = (bench_noop_realize, bench_squashfs, bench_tree_import, bench_file_import,
+             bench_push, bench_cold_pull, bench_delta_pull, bench_serve)  # pulls delete files: last
+    try:
+        for bench in order:
+            if bench is bench_tree_import and (wait := cleaned + INODE_AGE - time.time()) > 0:
+                say(f"waiting {wait:.0f} s for the inodes freed by the clean-up to age")
+                time.sleep(wait)
+            say(f"running {bench.__name__}")
+            try:
+                rows[bench.__name__] = bench()
+            except Exception as exc:  # one failing benchmark must not hide the others
+                rows[bench.__name__] = Row(bench.__name__, "-", notes=[f"failed: {exc}"])
+    finally:
+        stop_servers()
+    shown = [rows[b.__name__] for b in (order[2], order[3], order[0], order[1], *order[4:])]
     print("\n".join(data_notes))
     head = f"{'what':36} {'castore':>9}  {'peer':29} {'time':>9} {'ratio':>6}  {'target':36} result"
     print(head + "\n" + "-" * len(head))
@@ -360,9 +706,9 @@ def main() -> int:
         peers: list[tuple[str, float | str | None]] = [*r.peers.items()] or [("-", None)]
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         result = {True: "PASS", False: "FAIL", None: "n/a"}[r.ok]
-        print(f"{r.what:36} {fmt(r.castore):>9}  {peers[0][0]:29} {fmt(peers[0][1]):>9} "
+        print(f"{r.what:36} {fmt(r.castore, r.unit):>9}  {peers[0][0]:29} {fmt(peers[0][1], r.unit):>9} "
               f"{ratio:>6}  {r.target:36} {result}")
-        print("".join(f"{'':48}{n:29} {fmt(v):>9}\n" for n, v in peers[1:]), end="")
+        print("".join(f"{'':48}{n:29} {fmt(v, r.unit):>9}\n" for n, v in peers[1:]), end="")
         print("".join(f"    {n} failed: {v}\n" for n, v in peers if isinstance(v, str)), end="")
         print("".join(f"    {n}\n" for n in r.notes), end="")
     (WORK / "results.json").write_text(

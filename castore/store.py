@@ -40,6 +40,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
+from castore.fsutil import syncfs
 from castore.hashing import hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree, path_key
 
@@ -62,14 +63,6 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob);
 """
 _SMALL = 8 << 20
-
-
-def _syncfs(fd: int) -> None:
-    import ctypes
-
-    if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @dataclass(frozen=True)
@@ -255,9 +248,8 @@ class LocalStore:
     def _flush(self) -> None:
         pending = self._pending
         assert pending is not None
-        fd = os.open(self.tmp, os.O_RDONLY)
         try:
-            _syncfs(fd)  # staged bytes durable before any rename publishes them
+            syncfs(self.tmp)  # staged bytes durable before any rename publishes them
             dirs = set()
             blobs = str(self.blobs)
             for oid, staged in list(pending.files.items()):
@@ -266,11 +258,9 @@ class LocalStore:
                     dirs.add(oid[:2])
                 os.rename(staged, f"{blobs}/{oid[:2]}/{oid}")
                 del pending.files[oid]
-            _syncfs(fd)  # renames durable before the rows that announce them
+            syncfs(self.tmp)  # renames durable before the rows that announce them
         except OSError as exc:
             raise _store_os_error(exc, self.root) from exc
-        finally:
-            os.close(fd)
         self._insert(pending.rows)
 
     def _insert(self, rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:

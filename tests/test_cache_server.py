@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import time
@@ -104,8 +105,9 @@ def test_push_and_pull_through_a_real_server(server: tuple[str, Path, str], tmp_
 def test_dedup_on_upload(server: tuple[str, Path, str], tmp_path: Path) -> None:
     url, _, token = server
     a = LocalStore(tmp_path / "a")
-    v1 = os.urandom(2 << 20)
-    v2 = v1[:700_000] + os.urandom(100_000) + v1[700_000:]
+    rng = random.Random(5)  # fixed bytes: fixed cut points
+    v1 = rng.randbytes(2 << 20)
+    v2 = v1[:700_000] + rng.randbytes(100_000) + v1[700_000:]
     (tmp_path / "v1").write_bytes(v1)
     (tmp_path / "v2").write_bytes(v2)
     id1, id2 = a.add_file(tmp_path / "v1"), a.add_file(tmp_path / "v2")

@@ -130,9 +130,10 @@ def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Prog
     return stats
 
 
-def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> dict[str, ObjectRecord]:
-    """The records of every object of the closures that the store lacks."""
+def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> tuple[dict[str, ObjectRecord], int]:
+    """The records of every object of the closures that the store lacks, and their bytes on the wire."""
     records: dict[str, ObjectRecord] = {}
+    wire = 0
     todo = [oid for oid in ids if not store.has(oid)]
     while todo:
         oid = todo.pop()
@@ -142,8 +143,9 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> di
         if data is None:
             raise NotFound(f"{cache.url} has no object {oid}")
         records[oid] = ObjectRecord.decode(oid, data)
+        wire += len(data)
         todo.extend(records[oid].refs)
-    return records
+    return records, wire
 
 
 def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bool = False,
@@ -155,8 +157,8 @@ def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bo
 def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress) -> CopyStats:
     config = cache_config(cache, create=False)
     del config  # chunks are addressed by id: a pull works whatever the cache's parameters
-    records = fetch_records(store, cache, wanted)
-    stats = CopyStats(present=len([o for o in wanted if store.has(o)]))
+    records, record_bytes = fetch_records(store, cache, wanted)
+    stats = CopyStats(present=len([o for o in wanted if store.has(o)]), bytes_on_wire=record_bytes)
     order = _refs_first(records, lambda o: [r for r in records[o].refs if r in records])
     resume = store.tmp / "chunk-cache"
     resume.mkdir(exist_ok=True)

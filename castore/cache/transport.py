@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from castore.errors import CastoreError, NotFound
-from castore.fsutil import atomic_write
+from castore.fsutil import atomic_write, syncfs
 
 _SAFE = re.compile(
     r"(castore-cache\.json|objects/[0-9a-f]{64}|chunks/[0-9a-f]{2}/[0-9a-f]{64}|realisations/[0-9a-f]{64})")
@@ -45,6 +45,7 @@ class DirTransport:
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
         self.root = Path(root).absolute()
         self.url = f"file://{self.root}"
+        self._dirty = False
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():
@@ -72,7 +73,20 @@ class DirTransport:
         self.close()
 
     def put(self, path: str, data: bytes) -> None:
-        atomic_write(self.root / check_path(path), data)
+        """Chunks are written without an fsync each; before the first record that could name
+        them is published, one syncfs makes them all durable."""
+        dest = self.root / check_path(path)
+        if path.startswith("chunks/"):
+            atomic_write(dest, data, fsync=False)
+            self._dirty = True
+            return
+        if self._dirty:
+            try:
+                syncfs(self.root)
+            except OSError as exc:
+                raise CastoreError(f"cannot sync {self.root}: {exc.strerror}") from exc
+            self._dirty = False
+        atomic_write(dest, data)
 
 
 class HttpTransport:
