@@ -7,9 +7,11 @@ non-zero exit; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -323,8 +325,9 @@ def pull(
             try:
                 cache = open_cache(url)
                 try:
-                    stats = do_pull(store, cache, ids, dry_run=dry_run,
-                                    progress=lambda s: None if as_json else _err(s))
+                    with _meter(enabled=not as_json and not dry_run and sys.stderr.isatty()) as meter:
+                        stats = do_pull(store, cache, ids, dry_run=dry_run, meter=meter,
+                                        progress=lambda s: None if as_json else _err(s))
                 finally:
                     cache.close()
             except CastoreError as exc:
@@ -336,6 +339,21 @@ def pull(
             _copy_report(stats, "would fetch" if dry_run else "pulled", as_json)
             return
     raise CastoreError("no substituter could provide it:\n  " + "\n  ".join(failures))
+
+
+@contextlib.contextmanager
+def _meter(enabled: bool) -> Iterator[Any]:
+    """A rich progress bar with bytes and rate on a terminal; None (plain lines) elsewhere."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("fetching", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("fetch", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _copy_report(stats: Any, verb: str, as_json: bool) -> None:

@@ -39,6 +39,7 @@ from castore.manifest import Image, Tree
 from castore.store import LocalStore
 
 Progress = Callable[[str], None]
+Meter = Callable[[int, int], None]  # (bytes of chunk data fetched so far, bytes to fetch in all)
 
 
 @dataclass
@@ -149,12 +150,13 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> tu
 
 
 def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bool = False,
-         progress: Progress = lambda s: None) -> CopyStats:
+         progress: Progress = lambda s: None, meter: Meter | None = None) -> CopyStats:
     with store.lock("gc", shared=True):  # gc must not sweep the resume cache under a running pull
-        return _pull(store, cache, list(ids), dry_run, progress)
+        return _pull(store, cache, list(ids), dry_run, progress, meter)
 
 
-def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress) -> CopyStats:
+def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress,
+          meter: Meter | None) -> CopyStats:
     config = cache_config(cache, create=False)
     del config  # chunks are addressed by id: a pull works whatever the cache's parameters
     records, record_bytes = fetch_records(store, cache, wanted)
@@ -170,7 +172,7 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
         stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed: an upper bound
         return stats
     kept_before = {cid for cid in lengths if (resume / cid).exists()}  # from a pull that was cut short
-    _prefetch(cache, need, lengths, resume, stats, progress)
+    _prefetch(cache, need, lengths, resume, stats, progress, meter)
     dctx = zstandard.ZstdDecompressor()
     for oid in order:
         rec = records[oid]
@@ -205,7 +207,7 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
 
 
 def _prefetch(cache: Transport, need: list[str], lengths: dict[str, int], resume: Path, stats: CopyStats,
-              progress: Progress, workers: int = 8) -> None:
+              progress: Progress, meter: Meter | None = None, workers: int = 8) -> None:
     """Fetch and verify chunks in parallel into the resume cache; memory: one chunk per worker."""
     if not need:
         return
@@ -219,12 +221,16 @@ def _prefetch(cache: Transport, need: list[str], lengths: dict[str, int], resume
         dctx = zstandard.ZstdDecompressor()
         return _fetch_chunk(cache, dctx, resume, cid, lengths[cid])
 
+    fetched = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for wire in pool.map(one, need):
+        for cid, wire in zip(need, pool.map(one, need), strict=True):
             stats.chunks_fetched += 1
             stats.bytes_on_wire += wire
             done += 1
-            if done % 64 == 0 or done == len(need):
+            fetched += lengths[cid]
+            if meter is not None:
+                meter(fetched, total)
+            elif done % 64 == 0 or done == len(need):
                 rate = stats.bytes_on_wire / max(time.monotonic() - started, 1e-6)
                 progress(f"fetched {done}/{len(need)} chunks, {stats.bytes_on_wire >> 20} MiB "
                          f"of ~{total >> 20} MiB, {rate / 2**20:.1f} MiB/s")
