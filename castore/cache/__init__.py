@@ -7,8 +7,9 @@ Layout (format 1)::
     objects/<id>              canonical msgpack: format, kind, size, refs, chunks [[chunk id, length], ...]
     chunks/<ab>/<chunk id>    one zstd frame holding that chunk's bytes
 
-A cache is reached through a :class:`~castore.cache.transport.Transport`: three
-primitives (get, put, exists) over a directory today, over HTTP next.
+A cache is reached through a :class:`~castore.cache.transport.Transport`: a few
+primitives (get, put, exists, missing) over a directory or over HTTP, where
+``castore serve`` (:mod:`castore.cache.server`) adds verified uploads.
 Nothing is published before what it names: chunks before their object,
 an object after every object it references, so a reader never sees a
 record it cannot complete.
