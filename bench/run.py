@@ -1,8 +1,9 @@
 """castore benchmark: figures and ratios against its peers, all measured in this run.
 
 Data: a Debian bookworm minbase tree (debootstrap, mirror read from this machine's apt
-configuration, without the .debs it downloaded) and its gzip squashfs, cached under /var/tmp/castore-bench. Prints a table and
-writes the same rows to /var/tmp/castore-bench/results.json.
+configuration, without the .debs it downloaded) and its gzip squashfs, cached under
+/var/tmp/castore-bench. Prints a table and writes the same rows to
+/var/tmp/castore-bench/results.json.
 
 Every timed import writes into a new directory under runs/, removed at the end of the run:
 ext4 without a journal (this machine's root) skips inodes freed in the last 60 s (360 s while

@@ -560,11 +560,11 @@ class LocalStore:
                 freed += stray.stat().st_size
                 stray.unlink()
             self.clean_stale_staging()
-            kept = self.tmp / "chunk-cache"  # verified chunks of pulls that did not finish
+            kept = self.tmp / "pulls"  # partial objects of pulls that did not finish
             if kept.is_dir():
-                for chunk in kept.iterdir():
-                    freed += chunk.stat().st_size
-                    chunk.unlink()
+                for part in kept.iterdir():
+                    freed += part.stat().st_blocks * 512
+                    part.unlink()
             return [d for d, _ in dead], freed
 
     def stray_files(self) -> list[Path]:
@@ -613,10 +613,10 @@ class LocalStore:
                 problems.append(f"realisation of plan {plan} names missing object {oid}")
         for stray in self.stray_files():
             notes.append(f"stray file {stray.name} (no record; castore gc removes it)")
-        kept = self.tmp / "chunk-cache"
+        kept = self.tmp / "pulls"
         if kept.is_dir() and any(kept.iterdir()):
-            notes.append(f"{len(list(kept.iterdir()))} verified chunks kept from an unfinished pull "
-                         "(the next pull uses them; castore gc removes them)")
+            notes.append(f"{len(list(kept.iterdir()))} partial objects kept from an unfinished pull "
+                         "(the next pull keeps what verifies in them; castore gc removes them)")
         for name in os.listdir(self.tmp):
             pid = name.split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):

@@ -171,7 +171,7 @@ def test_an_interrupted_pull_resumes_without_refetching(tmp_path: Path) -> None:
     assert s.chunks_seeded >= 10  # the ten verified before the drop were kept
     assert len([g for g in again.gets if g.startswith("chunks/")]) == s.chunks_fetched
     assert b.blob_path(oid).read_bytes() == data
-    assert list((b.tmp / "chunk-cache").iterdir()) == []
+    assert list((b.tmp / "pulls").iterdir()) == []
 
 
 def test_cache_paths_are_checked(tmp_path: Path) -> None:

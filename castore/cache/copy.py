@@ -3,17 +3,16 @@
 Push chunks each blob (recording the chunks in the store's chunk index),
 uploads only chunks the cache lacks, then publishes the object record, refs
 first. Pull reads the closure's records, takes every chunk it can from local
-blobs through the chunk index (the seed), fetches the rest, verifies each
-chunk and then the whole object, and only then adds it to the store. Fetched
-chunks are kept, verified, under ``tmp/chunk-cache`` until their object is
-in, so a pull that is killed resumes without fetching them again.
+blobs through the chunk index (the seed), fetches the rest in one pipelined
+stream, verifies each chunk as it is written into the object's partial file
+under ``tmp/pulls``, and adds the object once it hashes whole. A pull that is
+killed leaves its partial objects; the next one keeps every chunk in them
+that still verifies.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -132,26 +131,29 @@ def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Prog
 
 
 def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> tuple[dict[str, ObjectRecord], int]:
-    """The records of every object of the closures that the store lacks, and their bytes on the wire."""
+    """The records of every object of the closures that the store lacks, and their bytes on the wire.
+
+    One batch of requests per level of references: a tree's thousands of blobs in one pipeline.
+    """
     records: dict[str, ObjectRecord] = {}
     wire = 0
-    todo = [oid for oid in ids if not store.has(oid)]
-    while todo:
-        oid = todo.pop()
-        if oid in records or store.has(oid):
-            continue
-        data = cache.get(object_path(oid))
-        if data is None:
-            raise NotFound(f"{cache.url} has no object {oid}")
-        records[oid] = ObjectRecord.decode(oid, data)
-        wire += len(data)
-        todo.extend(records[oid].refs)
+    level = sorted({oid for oid in ids if not store.has(oid)})
+    while level:
+        refs: set[str] = set()
+        for path, data in cache.get_many([object_path(oid) for oid in level]):
+            oid = path.rpartition("/")[2]
+            if data is None:
+                raise NotFound(f"{cache.url} has no object {oid}")
+            records[oid] = ObjectRecord.decode(oid, data)
+            wire += len(data)
+            refs.update(records[oid].refs)
+        level = sorted(r for r in refs if r not in records and not store.has(r))
     return records, wire
 
 
 def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bool = False,
          progress: Progress = lambda s: None, meter: Meter | None = None) -> CopyStats:
-    with store.lock("gc", shared=True):  # gc must not sweep the resume cache under a running pull
+    with store.lock("gc", shared=True):  # gc must not sweep the partial objects of a running pull
         return _pull(store, cache, list(ids), dry_run, progress, meter)
 
 
@@ -162,83 +164,158 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
     records, record_bytes = fetch_records(store, cache, wanted)
     stats = CopyStats(present=len([o for o in wanted if store.has(o)]), bytes_on_wire=record_bytes)
     order = _refs_first(records, lambda o: [r for r in records[o].refs if r in records])
-    resume = store.tmp / "chunk-cache"
-    resume.mkdir(exist_ok=True)
-    lengths = {cid: n for oid in order for cid, n in records[oid].chunks}
-    need = [cid for cid in lengths if store.find_chunk(cid) is None and not (resume / cid).exists()]
     if dry_run:
+        lengths = {cid: n for oid in order for cid, n in records[oid].chunks}
+        need = [cid for cid in lengths if store.find_chunk(cid) is None]
         stats.ids = order
         stats.chunks_fetched = len(need)
         stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed: an upper bound
         return stats
-    kept_before = {cid for cid in lengths if (resume / cid).exists()}  # from a pull that was cut short
-    _prefetch(cache, need, lengths, resume, stats, progress, meter)
-    dctx = zstandard.ZstdDecompressor()
-    for oid in order:
-        rec = records[oid]
-        stats.ids.append(oid)
-        staged = store.staging_dir("pull") / "object"
-        try:
-            with open(staged, "wb") as out:
-                for cid, length in rec.chunks:
-                    out.write(_chunk(store, cache, dctx, resume, cid, length, stats, kept_before))
-            kind_check(rec, staged)
-            store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs)
-        except HashMismatch as exc:
-            raise CastoreError(f"object {oid} from {cache.url} reassembles to {exc.actual}",
-                               "the cache is corrupt; nothing was added") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                staged.unlink()
-            with contextlib.suppress(OSError):
-                staged.parent.rmdir()
-        offset = 0
-        index = []
-        for cid, length in rec.chunks:
-            index.append((cid, offset, length))
-            offset += length
-        store.record_chunks(oid, index)
-        for cid, _ in rec.chunks:
-            with contextlib.suppress(FileNotFoundError):
-                (resume / cid).unlink()
-        stats.objects += 1
-        progress(f"pulled {rec.kind} {oid[:12]}")
+    with store.lock("pull"):  # one pull at a time writes the partial objects
+        order = [oid for oid in order if not store.has(oid)]  # a pull we waited for may have added some
+        _Assembly(store, cache, records, order, stats, progress, meter).run()
     return stats
 
 
-def _prefetch(cache: Transport, need: list[str], lengths: dict[str, int], resume: Path, stats: CopyStats,
-              progress: Progress, meter: Meter | None = None, workers: int = 8) -> None:
-    """Fetch and verify chunks in parallel into the resume cache; memory: one chunk per worker."""
-    if not need:
-        return
-    from concurrent.futures import ThreadPoolExecutor
+class _Assembly:
+    """Objects put together in ``tmp/pulls/<id>``: every chunk is verified before it is written,
+    every object is verified whole before it enters the store.
 
-    total = sum(lengths[c] for c in need)
-    done = 0
-    started = time.monotonic()
+    A partial object stays when a pull fails or is killed; the next pull keeps each of its
+    chunks that still hashes right and fetches only the rest. Chunks come from, in order:
+    that partial object, the local blobs holding them (the chunk index), the cache.
+    """
 
-    def one(cid: str) -> int:
+    def __init__(self, store: LocalStore, cache: Transport, records: dict[str, ObjectRecord], order: list[str],
+                 stats: CopyStats, progress: Progress, meter: Meter | None) -> None:
+        self.store, self.cache, self.records, self.order = store, cache, records, order
+        self.stats, self.progress, self.meter = stats, progress, meter
+        self.dir = store.tmp / "pulls"
+        self.dir.mkdir(exist_ok=True)
+        self.left: dict[str, int] = {}  # object -> chunks still to write
+        self.dests: dict[str, list[tuple[str, int]]] = {}  # chunk to fetch -> (object, offset) to write it at
+        self.lengths: dict[str, int] = {}
+        self.fds: dict[str, int] = {}
+        self.done = 0  # objects of self.order added to the store
+
+    def run(self) -> None:
+        try:
+            for oid in self.order:
+                self._plan(oid)
+            self._finish_ready()
+            self._fetch()
+            self._finish_ready()
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+
+    def _fd(self, oid: str) -> int:
+        fd = self.fds.get(oid)
+        if fd is None:
+            if len(self.fds) >= 64:
+                os.close(self.fds.pop(next(iter(self.fds))))
+            fd = self.fds[oid] = os.open(self.dir / oid, os.O_RDWR | os.O_CREAT, 0o644)
+        return fd
+
+    def _plan(self, oid: str) -> None:
+        rec = self.records[oid]
+        fd = self._fd(oid)
+        size = os.fstat(fd).st_size
+        resumed = size == rec.size > 0
+        if size != rec.size:
+            if size:
+                os.ftruncate(fd, 0)
+            os.ftruncate(fd, rec.size)  # sparse until written
+        left = 0
+        offset = 0
+        for cid, length in rec.chunks:
+            if resumed and _ok(cid, os.pread(fd, length, offset)):
+                self.stats.chunks_seeded += 1
+            elif (data := self._local(cid, length)) is not None:
+                os.pwrite(fd, data, offset)
+                self.stats.chunks_seeded += 1
+            else:
+                self.dests.setdefault(cid, []).append((oid, offset))
+                self.lengths[cid] = length
+                left += 1
+            offset += length
+        self.left[oid] = left
+
+    def _local(self, cid: str, length: int) -> bytes | None:
+        local = self.store.find_chunk(cid)
+        if local is None:
+            return None
+        path, offset, n = local
+        with open(path, "rb") as f:
+            data = os.pread(f.fileno(), n, offset)
+        return data if n == length and _ok(cid, data) else None
+
+    def _fetch(self) -> None:
+        need = list(self.dests)
+        if not need:
+            return
+        total = sum(self.lengths[c] for c in need)
+        fetched = 0
+        started = time.monotonic()
         dctx = zstandard.ZstdDecompressor()
-        return _fetch_chunk(cache, dctx, resume, cid, lengths[cid])
-
-    fetched = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for cid, wire in zip(need, pool.map(one, need), strict=True):
+        stats = self.stats
+        limit = _frame_limit(max(self.lengths.values()))
+        for path, frame in self.cache.get_many([chunk_path(c) for c in need], limit):
+            cid = path.rpartition("/")[2]
+            data = _verified(self.cache, dctx, cid, self.lengths[cid], frame)
+            for oid, offset in self.dests[cid]:
+                os.pwrite(self._fd(oid), data, offset)
+                self.left[oid] -= 1
             stats.chunks_fetched += 1
-            stats.bytes_on_wire += wire
-            done += 1
-            fetched += lengths[cid]
-            if meter is not None:
-                meter(fetched, total)
-            elif done % 64 == 0 or done == len(need):
+            stats.bytes_on_wire += len(frame or b"")
+            fetched += len(data)
+            if self.meter is not None:
+                self.meter(fetched, total)
+            elif stats.chunks_fetched % 256 == 0 or stats.chunks_fetched == len(need):
                 rate = stats.bytes_on_wire / max(time.monotonic() - started, 1e-6)
-                progress(f"fetched {done}/{len(need)} chunks, {stats.bytes_on_wire >> 20} MiB "
-                         f"of ~{total >> 20} MiB, {rate / 2**20:.1f} MiB/s")
+                self.progress(f"fetched {stats.chunks_fetched}/{len(need)} chunks, {stats.bytes_on_wire >> 20} MiB "
+                              f"of ~{total >> 20} MiB, {rate / 2**20:.1f} MiB/s")
+            self._finish_ready()
+
+    def _finish_ready(self) -> None:
+        """Add, refs first, every object whose chunks are all written."""
+        while self.done < len(self.order) and self.left[self.order[self.done]] == 0:
+            oid = self.order[self.done]
+            self._add(oid)
+            self.done += 1
+
+    def _add(self, oid: str) -> None:
+        rec = self.records[oid]
+        fd = self.fds.pop(oid, None)
+        if fd is not None:
+            os.close(fd)
+        staged = self.dir / oid
+        try:
+            kind_check(rec, staged)
+            self.store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs)
+        except HashMismatch as exc:  # every chunk was right: the record lies
+            staged.unlink(missing_ok=True)
+            raise CastoreError(f"object {oid} from {self.cache.url} reassembles to {exc.actual}",
+                               "the cache is corrupt; nothing was added") from exc
+        except EncodingError:
+            staged.unlink(missing_ok=True)
+            raise
+        index = []
+        offset = 0
+        for cid, length in rec.chunks:
+            index.append((cid, offset, length))
+            offset += length
+        self.store.record_chunks(oid, index)
+        self.stats.objects += 1
+        self.stats.ids.append(oid)
+        self.progress(f"pulled {rec.kind} {oid[:12]}")
 
 
-def _fetch_chunk(cache: Transport, dctx: zstandard.ZstdDecompressor, resume: Path, cid: str, length: int) -> int:
-    """Fetch, decompress and verify one chunk into the resume cache; returns the bytes moved."""
-    frame = cache.get(chunk_path(cid))
+def _frame_limit(length: int) -> int:
+    return length + length // 64 + 4096  # zstd's worst case for incompressible data, with room
+
+
+def _verified(cache: Transport, dctx: zstandard.ZstdDecompressor, cid: str, length: int, frame: bytes | None) -> bytes:
     if frame is None:
         raise NotFound(f"{cache.url} lacks chunk {cid}", "the cache is incomplete; nothing was added")
     try:
@@ -253,33 +330,7 @@ def _fetch_chunk(cache: Transport, dctx: zstandard.ZstdDecompressor, resume: Pat
         check_chunk(cid, data)
     except EncodingError as exc:
         raise CastoreError(f"{exc.message} (from {cache.url})", "the cache is corrupt; nothing was added") from exc
-    tmp = resume / f".{cid}.{os.getpid()}.{threading.get_ident()}"
-    tmp.write_bytes(data)
-    os.replace(tmp, resume / cid)
-    return len(frame)
-
-
-def _chunk(store: LocalStore, cache: Transport, dctx: zstandard.ZstdDecompressor, resume: Path,
-           cid: str, length: int, stats: CopyStats, kept_before: set[str]) -> bytes:
-    local = store.find_chunk(cid)
-    if local is not None:
-        path, offset, n = local
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(n)
-        if n == length and _ok(cid, data):
-            stats.chunks_seeded += 1
-            return data
-    kept = resume / cid
-    if kept.exists():
-        data = kept.read_bytes()
-        if len(data) == length and _ok(cid, data):
-            stats.chunks_seeded += cid in kept_before
-            return data
-    wire = _fetch_chunk(cache, dctx, resume, cid, length)
-    stats.chunks_fetched += 1
-    stats.bytes_on_wire += wire
-    return kept.read_bytes()
+    return data
 
 
 def _ok(cid: str, data: bytes) -> bool:

@@ -9,13 +9,19 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from castore.cache.pipeline import Broken, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
 from castore.fsutil import atomic_write, syncfs
 
+if TYPE_CHECKING:
+    import httpx
+
+MAX_BODY = 1 << 30  # no cache file is bigger: the largest is the record of a blob of ~700 GiB
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 _SAFE = re.compile(
     r"(castore-cache\.json|objects/[0-9a-f]{64}|chunks/[0-9a-f]{2}/[0-9a-f]{64}|realisations/[0-9a-f]{64})")
 
@@ -31,6 +37,7 @@ class Transport(Protocol):
     url: str
 
     def get(self, path: str) -> bytes | None: ...
+    def get_many(self, paths: Sequence[str], limit: int = ...) -> Iterator[tuple[str, bytes | None]]: ...
     def put(self, path: str, data: bytes) -> None: ...
     def exists(self, path: str) -> bool: ...
     def missing(self, paths: Iterable[str]) -> set[str]: ...
@@ -56,6 +63,10 @@ class DirTransport:
             return (self.root / check_path(path)).read_bytes()
         except FileNotFoundError:
             return None
+
+    def get_many(self, paths: Sequence[str], limit: int = MAX_BODY) -> Iterator[tuple[str, bytes | None]]:
+        for path in paths:
+            yield path, self.get(path)
 
     def exists(self, path: str) -> bool:
         return (self.root / check_path(path)).exists()
@@ -97,18 +108,30 @@ class HttpTransport:
     """
 
     def __init__(self, url: str, *, attempts: int = 4, timeout: float = 30.0, token: str | None = None) -> None:
-        import httpx  # here, not at import time: 140 ms that local commands should not pay
-
-        self._httpx = httpx
         self.url = url.rstrip("/")
         self.attempts = attempts
         self.token = token
+        self.timeout = timeout
         self._batch = True  # until the server shows it has no POST /missing
-        self.client = httpx.Client(timeout=timeout, follow_redirects=True,
-                                   limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+        self._pipe: Pipeline | None = None  # made on first use
+        self._pipe_ok = True  # until the server answers in a way the pipeline cannot read
+        self._client: httpx.Client | None = None
+
+    @property
+    def client(self) -> httpx.Client:
+        """Made on first use: importing httpx takes 140 ms, and a pull that pipelines never needs it."""
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.Client(timeout=self.timeout, follow_redirects=True,
+                                        limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+        return self._client
 
     def close(self) -> None:
-        self.client.close()
+        if self._pipe is not None:
+            self._pipe.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> HttpTransport:
         return self
@@ -117,7 +140,7 @@ class HttpTransport:
         self.close()
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        httpx = self._httpx
+        import httpx
         url = f"{self.url}/{path if path == 'missing' else check_path(path)}"
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         delay = 0.1
@@ -136,12 +159,58 @@ class HttpTransport:
                            "is the cache server up? nothing unverified was added")
 
     def get(self, path: str) -> bytes | None:
+        if self._pipeline() is not None:
+            return next(self.get_many([path]))[1]
+        return self._get(path)
+
+    def _get(self, path: str) -> bytes | None:
         status, body = self._request("GET", path)
         if status == 404:
             return None
         if status != 200:
             raise CastoreError(f"{self.url}/{path}: HTTP {status}")
         return body
+
+    def get_many(self, paths: Sequence[str], limit: int = MAX_BODY) -> Iterator[tuple[str, bytes | None]]:
+        """Each path's body (None when absent), in order, pipelined on one connection.
+
+        What the pipeline cannot read (redirects, 5xx, chunked bodies, proxies) goes through
+        :meth:`get` one path at a time, with its retries; a connection that breaks is reopened
+        and the pipeline resumes at the first path without a whole answer.
+        """
+        todo = [check_path(p) for p in paths]
+        i, stalls, delay = 0, 0, 0.1
+        while i < len(todo):
+            pipe = self._pipeline()
+            if pipe is None:
+                for path in todo[i:]:
+                    yield path, self._get(path)
+                return
+            try:
+                for status, body in pipe.get(todo[i:], limit):
+                    path = todo[i]
+                    i += 1
+                    stalls = 0
+                    yield path, body if status == 200 else None if status == 404 else self._get(path)
+            except Unsupported:
+                self._pipe_ok = False
+            except Broken as exc:
+                stalls += 1
+                if stalls >= self.attempts:
+                    raise CastoreError(f"{self.url}/{todo[i]}: {exc} (after {self.attempts} attempts)",
+                                       "is the cache server up? nothing unverified was added") from exc
+                time.sleep(delay)
+                delay *= 4
+
+    def _pipeline(self) -> Pipeline | None:
+        if self._pipe is None and self._pipe_ok:
+            try:
+                if any(os.environ.get(v) for v in _PROXY_VARS):
+                    raise Unsupported("a proxy is set")  # httpx goes through it; the pipeline would not
+                self._pipe = Pipeline(self.url, token=self.token, timeout=self.timeout)
+            except Unsupported:
+                self._pipe_ok = False
+        return self._pipe if self._pipe_ok else None
 
     def exists(self, path: str) -> bool:
         status, _ = self._request("HEAD", path)

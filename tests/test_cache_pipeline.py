@@ -1,0 +1,102 @@
+"""The pipelined GET client, against HTTP/1.1 servers that keep connections, cut them, or answer oddly."""
+
+from __future__ import annotations
+
+import http.server
+from typing import Any
+
+import pytest
+
+from castore.cache.pipeline import Pipeline, Unsupported
+from castore.cache.transport import HttpTransport
+from castore.errors import CastoreError
+from tests.helpers import _serving
+
+CHUNKS = {f"chunks/{i:02x}/{i:02x}" + "0" * 62: bytes([i]) * (1000 + 37 * i) for i in range(200)}
+
+
+class _KeepAlive(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive; counts connections; can cut a connection after some answers,
+    answer chunked, or claim an oversized body."""
+
+    protocol_version = "HTTP/1.1"
+    mode = "plain"
+    per_connection = 0  # close after this many answers (nginx's keepalive_requests); 0: never
+    connections: list[int] = []  # answers given on each connection
+    hits: dict[str, int] = {}
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.append(0)
+        self.index = len(self.connections) - 1
+
+    def do_GET(self) -> None:
+        path = self.path.lstrip("/")
+        self.hits[path] = self.hits.get(path, 0) + 1
+        body = CHUNKS.get(path)
+        self.connections[self.index] += 1
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        last = self.per_connection and self.connections[self.index] >= self.per_connection
+        if last:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        if self.mode == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            return
+        self.send_header("Content-Length", str(len(body) * (1000 if self.mode == "huge" else 1)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _server(**attrs: Any) -> Any:
+    return _serving(type("KA", (_KeepAlive,), {"connections": [], "hits": {}, **attrs}))
+
+
+def test_many_gets_share_one_connection_in_order() -> None:
+    with _server() as (url, handler):
+        pipe = Pipeline(url)
+        paths = [*CHUNKS, "chunks/ff/" + "f" * 64]
+        got = list(pipe.get(paths, limit=1 << 20))
+        pipe.close()
+    assert [b for s, b in got[:-1]] == list(CHUNKS.values()) and got[-1][0] == 404
+    assert handler.connections == [len(paths)] and pipe.keepalive
+
+
+def test_a_server_that_closes_every_few_answers_gets_each_path_asked_once() -> None:
+    with _server(per_connection=7) as (url, handler), HttpTransport(url) as http:
+        got = dict(http.get_many(list(CHUNKS)))
+    assert got == CHUNKS
+    assert len(handler.connections) == -(-len(CHUNKS) // 7) and set(handler.hits.values()) == {1}
+
+
+def test_chunked_answers_fall_back_to_one_request_at_a_time() -> None:
+    with _server(mode="chunked") as (url, _):
+        with pytest.raises(Unsupported):
+            list(Pipeline(url).get(list(CHUNKS)[:2], limit=1 << 20))
+        with HttpTransport(url) as http:
+            assert dict(http.get_many(list(CHUNKS)[:20])) == dict(list(CHUNKS.items())[:20])
+
+
+def test_a_body_over_the_limit_is_refused() -> None:
+    with _server(mode="huge") as (url, _), HttpTransport(url, attempts=2) as http, \
+            pytest.raises(CastoreError, match="more than the"):
+        list(http.get_many(list(CHUNKS)[:3], limit=100_000))
+
+
+def test_leaving_early_does_not_mix_up_answers() -> None:
+    with _server() as (url, _):
+        pipe = Pipeline(url)
+        paths = list(CHUNKS)
+        for status, body in pipe.get(paths, limit=1 << 20):
+            assert status == 200 and body == CHUNKS[paths[0]]
+            break  # answers to the rest are still in flight
+        assert [b for _, b in pipe.get(paths[5:9], limit=1 << 20)] == [CHUNKS[p] for p in paths[5:9]]
+        pipe.close()
