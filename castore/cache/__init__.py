@@ -1,10 +1,10 @@
 """Binary caches: a tree of static files any web server can serve, and the verb that
 copies closures between a local store and a cache.
 
-Layout (format 1)::
+Layout (format 2)::
 
-    castore-cache.json        {"format": 1, "chunking": {...}, "compression": "zstd"}
-    objects/<id>              canonical msgpack: format, kind, size, refs, chunks [[chunk id, length], ...]
+    castore-cache.json        {"format": 2, "chunking": {...}, "compression": "zstd"}
+    objects/<id>              canonical msgpack: format, kind, size, refs, chunks [[bin chunk id, length], ...]
     chunks/<ab>/<chunk id>    one zstd frame holding that chunk's bytes
 
 A cache is reached through a :class:`~castore.cache.transport.Transport`: a few

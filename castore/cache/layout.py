@@ -14,6 +14,7 @@ from castore.manifest import FORMAT
 
 CONFIG = "castore-cache.json"
 COMPRESSION = "zstd"
+CACHE_FORMAT = 2  # 2: chunk ids in object records are 32-byte bin, half the bytes of format 1's hex
 
 
 def object_path(oid: str) -> str:
@@ -30,7 +31,7 @@ class CacheConfig:
     compression: str = COMPRESSION
 
     def encode(self) -> bytes:
-        rec = {"format": FORMAT, "chunking": self.chunking.to_record(), "compression": self.compression}
+        rec = {"format": CACHE_FORMAT, "chunking": self.chunking.to_record(), "compression": self.compression}
         return (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -39,9 +40,10 @@ class CacheConfig:
             rec = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise EncodingError(f"{CONFIG} is not JSON: {exc}") from exc
-        if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        if not isinstance(rec, dict) or rec.get("format") != CACHE_FORMAT:
             raise EncodingError(f"{CONFIG}: cache format {rec.get('format') if isinstance(rec, dict) else rec!r} "
-                                f"is not supported (this castore reads format {FORMAT})")
+                                f"is not supported (this castore reads format {CACHE_FORMAT})",
+                                "push to a new cache directory with this castore")
         if rec.get("compression") != COMPRESSION:
             raise EncodingError(f"{CONFIG}: compression {rec.get('compression')!r} is not {COMPRESSION}")
         return cls(ChunkParams.from_record(rec.get("chunking")), COMPRESSION)
@@ -49,7 +51,13 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class ObjectRecord:
-    """What a cache keeps per object: its kind, size, references and chunks, in order."""
+    """What a cache keeps per object: its kind, size, references and chunks, in order.
+
+    Grammar (format 2)::
+
+        {"format": 2, "kind": "blob" | "tree" | "image", "size": int, "refs": [id, ...],
+         "chunks": [[bin(32) chunk id, length], ...]}
+    """
 
     id: str
     kind: str
@@ -59,24 +67,25 @@ class ObjectRecord:
 
     def encode(self) -> bytes:
         return canonical.encode({
-            "format": FORMAT, "kind": self.kind, "size": self.size, "refs": sorted(self.refs),
-            "chunks": [[c, n] for c, n in self.chunks],
+            "format": CACHE_FORMAT, "kind": self.kind, "size": self.size, "refs": sorted(self.refs),
+            "chunks": [[bytes.fromhex(c), n] for c, n in self.chunks],
         })
 
     @classmethod
     def decode(cls, oid: str, data: bytes) -> ObjectRecord:
         rec = canonical.decode(data, f"object record {oid}")
         try:
-            if rec["format"] != FORMAT:
+            if rec["format"] != CACHE_FORMAT:
                 raise EncodingError(f"object record {oid}: format {rec['format']} is not supported")
             kind, size, refs = rec["kind"], rec["size"], tuple(rec["refs"])
-            chunks = tuple((c, n) for c, n in rec["chunks"])
+            if not all(isinstance(c, bytes) and len(c) == 32 and isinstance(n, int) and n > 0
+                       for c, n in rec["chunks"]):
+                raise EncodingError(f"object record {oid} lists a bad chunk")
+            chunks = tuple((c.hex(), n) for c, n in rec["chunks"])
         except (KeyError, TypeError, ValueError) as exc:
             raise EncodingError(f"object record {oid} is malformed: {exc}") from exc
         if kind not in ("blob", "tree", "image") or not all(is_id(r) for r in refs):
             raise EncodingError(f"object record {oid} has a bad kind or reference")
-        if not all(is_id(c) and isinstance(n, int) and n > 0 for c, n in chunks):
-            raise EncodingError(f"object record {oid} lists a bad chunk")
         if sum(n for _, n in chunks) != size:
             raise EncodingError(f"object record {oid}: chunk lengths add up to "
                                 f"{sum(n for _, n in chunks)}, not its size {size}")
