@@ -498,15 +498,24 @@ class LocalStore:
     def chunked(self, blob: str) -> bool:
         return bool(self._q("SELECT 1 FROM chunks WHERE blob = ? LIMIT 1", (blob,)))
 
-    def find_chunk(self, chunk: str) -> tuple[Path, int, int] | None:
-        """A local copy of a chunk: (blob path, offset, length), or None."""
-        for blob, offset, length in self._q(
-                "SELECT c.blob, c.offset, c.length FROM chunks c JOIN objects o ON o.id = c.blob "
-                "WHERE c.chunk = ? LIMIT 4", (chunk,)):
-            path = self.blob_path(blob)
-            if path.exists():
-                return path, offset, length
-        return None
+    def find_chunks(self, chunks: Iterable[str]) -> dict[str, tuple[Path, int, int]]:
+        """Local copies of the chunks the store has: chunk -> (blob path, offset, length)."""
+        found: dict[str, tuple[Path, int, int]] = {}
+        wanted = list(dict.fromkeys(chunks))
+        if not wanted or not self._q("SELECT 1 FROM chunks LIMIT 1"):
+            return found
+        blobs: dict[str, Path | None] = {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i:i + 500]
+            for chunk, blob, offset, length in self._q(
+                    "SELECT c.chunk, c.blob, c.offset, c.length FROM chunks c JOIN objects o ON o.id = c.blob "
+                    f"WHERE c.chunk IN ({','.join('?' * len(part))})", part):
+                if blob not in blobs:
+                    path = self.blob_path(blob)
+                    blobs[blob] = path if path.exists() else None
+                if chunk not in found and (where := blobs[blob]) is not None:
+                    found[chunk] = (where, offset, length)
+        return found
 
     # -- locks ------------------------------------------------------------------
 

@@ -90,6 +90,18 @@ def test_dedup_push_and_seeded_pull(tmp_path: Path) -> None:
     fetched = [g for g in cache.gets if g.startswith("chunks/")]
     assert len(fetched) == s.chunks_fetched == s2.chunks_sent  # exactly what v1 lacks
     assert s.chunks_seeded > 0 and b.blob_path(id2).read_bytes() == v2
+    # a local blob rotted on disk: the chunks seeded from it make v3 hash wrong, and nothing is added
+    v3 = v1[:2_500_000] + rng.randbytes(100_000) + v1[2_500_000:]
+    id3 = a.add_file(blob_file(tmp_path, "v3", v3))
+    push(a, cache, [id3])
+    b.blob_path(id1).chmod(0o644)
+    with open(b.blob_path(id1), "r+b") as f:
+        f.seek(3 << 19)
+        f.write(b"rot")
+    with pytest.raises(CastoreError, match="local blob") as err:
+        pull(b, cache, [id3])
+    assert "castore verify" in (err.value.hint or "") and not b.has(id3)
+    assert [p for p in b.verify()[0] if id1 in p]  # verify names the rotten blob
     a.close()
     b.close()
 

@@ -166,7 +166,8 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
     order = _refs_first(records, lambda o: [r for r in records[o].refs if r in records])
     if dry_run:
         lengths = {cid: n for oid in order for cid, n in records[oid].chunks}
-        need = [cid for cid in lengths if store.find_chunk(cid) is None]
+        local = store.find_chunks(lengths)
+        need = [cid for cid in lengths if cid not in local]
         stats.ids = order
         stats.chunks_fetched = len(need)
         stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed: an upper bound
@@ -197,6 +198,9 @@ class _Assembly:
         self.lengths: dict[str, int] = {}
         self.fds: dict[str, int] = {}
         self.done = 0  # objects of self.order added to the store
+        self.local = store.find_chunks(cid for oid in order for cid, _ in records[oid].chunks)
+        self.sources: dict[Path, int] = {}  # local blobs open for reading
+        self.seeded: set[str] = set()  # objects with chunks copied from local blobs
 
     def run(self) -> None:
         try:
@@ -206,7 +210,7 @@ class _Assembly:
             self._fetch()
             self._finish_ready()
         finally:
-            for fd in self.fds.values():
+            for fd in [*self.fds.values(), *self.sources.values()]:
                 os.close(fd)
 
     def _fd(self, oid: str) -> int:
@@ -231,9 +235,9 @@ class _Assembly:
         for cid, length in rec.chunks:
             if resumed and _ok(cid, os.pread(fd, length, offset)):
                 self.stats.chunks_seeded += 1
-            elif (data := self._local(cid, length)) is not None:
-                os.pwrite(fd, data, offset)
+            elif self._local(cid, length, fd, offset):
                 self.stats.chunks_seeded += 1
+                self.seeded.add(oid)
             else:
                 self.dests.setdefault(cid, []).append((oid, offset))
                 self.lengths[cid] = length
@@ -241,14 +245,24 @@ class _Assembly:
             offset += length
         self.left[oid] = left
 
-    def _local(self, cid: str, length: int) -> bytes | None:
-        local = self.store.find_chunk(cid)
-        if local is None:
-            return None
+    def _local(self, cid: str, length: int, fd: int, at: int) -> bool:
+        """Copy a chunk from a local blob, in the kernel. Store blobs were verified when they came
+        in, so the chunk is not hashed again here: the whole object is, before it is added."""
+        local = self.local.get(cid)
+        if local is None or local[2] != length:
+            return False
         path, offset, n = local
-        with open(path, "rb") as f:
-            data = os.pread(f.fileno(), n, offset)
-        return data if n == length and _ok(cid, data) else None
+        src = self.sources.get(path)
+        if src is None:
+            if len(self.sources) >= 64:
+                os.close(self.sources.pop(next(iter(self.sources))))
+            src = self.sources[path] = os.open(path, os.O_RDONLY)
+        while n:
+            copied = os.copy_file_range(src, fd, n, offset, at)
+            if copied == 0:
+                return False  # the blob is shorter than the index says: fetch the chunk instead
+            n, offset, at = n - copied, offset + copied, at + copied
+        return True
 
     def _fetch(self) -> None:
         need = list(self.dests)
@@ -293,10 +307,14 @@ class _Assembly:
         try:
             kind_check(rec, staged)
             self.store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs)
-        except HashMismatch as exc:  # every chunk was right: the record lies
+        except HashMismatch as exc:
             staged.unlink(missing_ok=True)
+            if oid in self.seeded:
+                raise CastoreError(f"object {oid} reassembles to {exc.actual}: a local blob it took chunks "
+                                   "from is corrupt, or the cache's record lies",
+                                   "run `castore verify`; nothing was added") from exc
             raise CastoreError(f"object {oid} from {self.cache.url} reassembles to {exc.actual}",
-                               "the cache is corrupt; nothing was added") from exc
+                               "the cache is corrupt; nothing was added") from exc  # every chunk hashed right
         except EncodingError:
             staged.unlink(missing_ok=True)
             raise
