@@ -1,11 +1,12 @@
-"""Cache pulls of castore's peers (nix, casync, ostree, curl) from one nginx on 127.0.0.1.
+"""Cache pulls of castore's peers (nix, ostree, curl, casync) from one nginx on 127.0.0.1.
 
 peer_pulls(v1, v2, work) publishes the two images for each peer under work/srv (untimed), serves
 work/srv with nginx and times each peer's pull command: "cold" = v1 into an empty destination,
 "delta" = v2 into a destination that already holds v1 (pulled untimed, over the same HTTP).
-Best of 3, each into a new directory under work/pulls (nothing is deleted before the caller
-removes work: this machine's ext4 is slow to reuse freshly freed inodes). Wire bytes and
-requests come from nginx's access log ($body_bytes_sent), for the best run.
+Best of 3, each into a new directory under work/pulls; nothing is deleted before the caller removes
+work (this machine's ext4 is slow to create files right after deleting many). Wire bytes and
+requests: nginx's access log ($body_bytes_sent) for the best run. casync runs last: each of its
+pulls creates and deletes thousands of files under $TMPDIR (default /var/tmp).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from pathlib import Path
 
 Argv = Sequence[str | Path]
 Measure = Callable[[], "PeerPull"]
+Log = list[list[str]]  # access log lines: method, uri, status, body bytes
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
+DATA = Path("/var/tmp/castore-bench")
 
 
 @dataclass
@@ -58,19 +61,18 @@ def link_or_copy(src: Path, dest: Path) -> None:
 
 
 def nix_env(cache: Path) -> dict[str, str]:
-    """Debian's nix 2.8 as root, chroot stores, no daemon; its narinfo cache (sqlite) in `cache`."""
+    """Debian's nix 2.8 as root: chroot stores, no daemon; its narinfo cache (sqlite) under `cache`."""
     return {**os.environ, "NIX_CONFIG": "build-users-group =\n", "XDG_CACHE_HOME": str(cache)}
 
 
 class Nginx:
-    """One nginx process (no master, one worker) serving `root`, logging method, URI, status, body bytes."""
+    """One nginx process (no master, one worker) serving `root`; stop() it."""
 
     def __init__(self, root: Path, home: Path) -> None:
         self.port, self.log, self._marks = free_port(), home / "access.log", itertools.count(1)
         home.mkdir(parents=True)
         temps = " ".join(f"{k}_temp_path {home}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (home / "nginx.conf").write_text(f"""
-daemon off; master_process off; worker_processes 1;
+        (home / "nginx.conf").write_text(f"""daemon off; master_process off; worker_processes 1;
 error_log {home}/error.log; pid {home}/nginx.pid;
 events {{ worker_connections 1024; }}
 http {{
@@ -82,34 +84,31 @@ http {{
 """)
         self.proc = subprocess.Popen(["nginx", "-c", str(home / "nginx.conf"), "-p", str(home)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and self.proc.poll() is None:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
             time.sleep(0.05)
-        err = home / "error.log"
         self.stop()
+        err = home / "error.log"
         raise RuntimeError(f"nginx did not start: {err.read_text()[-300:] if err.exists() else ''}")
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def lines(self) -> list[str]:
-        """The log once every request made so far is in it: the one worker logs a request in the
-        same event handler as its last write, so a request made now is logged after them all."""
-        token = f"/.mark-{next(self._marks)}"
+        """The access log once every request made so far is in it: the one worker logs a request in
+        the event handler that sends its last bytes, so a request made now is logged after them all."""
+        mark = f"/.mark-{next(self._marks)}"
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
-            conn.request("GET", token)
+            conn.request("GET", mark)
             conn.getresponse().read()
         finally:
             conn.close()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            got = self.log.read_text().splitlines() if self.log.exists() else []
-            if any(f" {token} " in line for line in got):
+            got = self.log.read_text().splitlines()
+            if any(f" {mark} " in line for line in got):
                 return [line for line in got if " /.mark-" not in line]
             time.sleep(0.01)
         raise RuntimeError("nginx did not log a request within 5 s")
@@ -128,25 +127,18 @@ class Lab:
     v1: Path
     v2: Path
     work: Path
+    srv: Path  # what nginx serves
     nginx: Nginx
     serial: itertools.count[int]
 
-    @property
-    def srv(self) -> Path:
-        return self.work / "srv"
-
-    def fresh(self, name: str) -> Path:
-        d = self.work / "pulls" / f"{name}-{next(self.serial)}"
-        d.mkdir(parents=True)
-        return d
-
     def best(self, name: str, argv: Callable[[Path], Argv], setup: Callable[[Path], object] = Path,
-             env: Callable[[Path], dict[str, str] | None] = lambda d: None,
-             explain: Callable[[list[list[str]]], str] = lambda log: "") -> PeerPull:
+             env: Callable[[Path], dict[str, str] | None] = lambda d: None, note: str = "",
+             explain: Callable[[Log], str] = lambda log: "") -> PeerPull:
         """Best of 3 pulls, each into a new directory: setup (untimed), os.sync(), then the pull alone."""
-        runs: list[tuple[PeerPull, list[list[str]]]] = []
+        runs: list[tuple[PeerPull, Log]] = []
         for _ in range(3):
-            d = self.fresh(name)
+            d = self.work / "pulls" / f"{name}-{next(self.serial)}"
+            d.mkdir(parents=True)
             setup(d)
             before = len(self.nginx.lines())
             os.sync()
@@ -157,8 +149,8 @@ class Lab:
             runs.append((PeerPull(seconds, sum(int(w[3]) for w in log), len(log)), log))
         pull, log = min(runs, key=lambda r: r[0].seconds)
         wires = sorted(p.wire for p, _ in runs)
-        varied = f"wire varied over the 3 runs: {wires[0]}..{wires[-1]} B" if wires[0] != wires[-1] else ""
-        pull.note = "; ".join(n for n in (explain(log), varied) if n)
+        varied = f"wire varied over the 3 runs: {wires[0]}..{wires[-1]} B" if wires[-1] > wires[0] * 1.01 else ""
+        pull.note = "; ".join(n for n in (note, explain(log), varied) if n)
         return pull
 
 
@@ -169,9 +161,9 @@ def nix_peer(lab: Lab) -> dict[str, Measure]:
               for f in (lab.v1, lab.v2))
     run([*NIX, "copy", "--from", stage / "store", "--to", f"file://{lab.srv}/nix?compression=zstd", v1, v2], env=env)
 
-    # --add-fixed makes content-addressed paths (narinfo CA: fixed:sha256:...), which nix accepts from
-    # a substituter without signatures: no --no-check-sigs / require-sigs = false needed. Each
-    # destination has its own XDG_CACHE_HOME: nix caches nix-cache-info and narinfos there.
+    # --add-fixed makes content-addressed paths (narinfo "CA: fixed:sha256:..."), which nix takes from a
+    # substituter without signatures: no --no-check-sigs or require-sigs = false needed. Each destination
+    # has its own XDG_CACHE_HOME, where nix caches nix-cache-info and the narinfos it fetched.
     def pull(path: str) -> Callable[[Path], Argv]:
         return lambda d: [*NIX, "copy", "--from", f"{lab.nginx.url}/nix", "--to", d / "store", path]
 
@@ -183,38 +175,41 @@ def nix_peer(lab: Lab) -> dict[str, Measure]:
                                       env=env_of)}
 
 
-def casync_peer(lab: Lab) -> dict[str, Measure]:
-    pub = lab.srv / "casync"
-    pub.mkdir(parents=True)
-    for ref, f in (("v1", lab.v1), ("v2", lab.v2)):
-        run(["casync", "make", f"--store={pub}/default.castr", pub / f"{ref}.caibx", f])
-    url = f"{lab.nginx.url}/casync"
-    store = f"--store={url}/default.castr"
-    return {"cold": lambda: lab.best("casync-cold", lambda d: ["casync", "extract", store, f"{url}/v1.caibx",
-                                                               d / "v1.sqfs"]),
-            "delta": lambda: lab.best("casync-delta", lambda d: ["casync", "extract", store, f"--seed={d}/v1.sqfs",
-                                                                 f"{url}/v2.caibx", d / "v2.sqfs"],
-                                      setup=lambda d: shutil.copyfile(lab.v1, d / "v1.sqfs"))}
-
-
 def ostree_repo(lab: Lab) -> Path:
-    """An archive repo (with a summary, as published repos have) with branches v1 and v2: one file each."""
+    """An archive repo with a summary (as published repos have), branches v1 and v2 of one file each."""
     repo = lab.srv / "ostree" / "repo"
-    if not repo.exists():
-        repo.mkdir(parents=True)
-        run(["ostree", f"--repo={repo}", "init", "--mode=archive"])
-        for ref, f in (("v1", lab.v1), ("v2", lab.v2)):
-            tree = lab.work / "ostree-trees" / ref
-            tree.mkdir(parents=True)
-            link_or_copy(f, tree / "image.sqfs")
-            run(["ostree", f"--repo={repo}", "commit", f"--branch={ref}", f"--tree=dir={tree}"])
-        run(["ostree", f"--repo={repo}", "summary", "-u"])
+    if repo.exists():
+        if not (repo / "summary").exists():
+            raise RuntimeError("publishing the ostree repo failed (see the ostree peer)")
+        return repo
+    repo.mkdir(parents=True)
+    run(["ostree", f"--repo={repo}", "init", "--mode=archive"])
+    for ref, f in (("v1", lab.v1), ("v2", lab.v2)):
+        tree = lab.work / "ostree-trees" / ref
+        tree.mkdir(parents=True)
+        link_or_copy(f, tree / "image.sqfs")
+        run(["ostree", f"--repo={repo}", "commit", f"--branch={ref}", f"--tree=dir={tree}"])
+    run(["ostree", f"--repo={repo}", "summary", "-u"])
     return repo
 
 
-def ostree_pulls(lab: Lab, name: str, repo: Path, kinds: Sequence[str]) -> dict[str, Measure]:
-    """By default `ostree pull` asks for a static delta from the commit the ref has locally (from nothing,
-    when cold) and, when the repo has none, fetches the missing objects one by one: here the whole file."""
+def ostree_peer(lab: Lab, static_delta: bool = False) -> dict[str, Measure]:
+    """By default `ostree pull` looks for a static delta from the commit the ref has locally (from nothing
+    when cold) and, when the repo has none, fetches each missing object whole: here all of v2's file.
+    static_delta: a copy of the repo (hard links) with a bsdiff delta v1 -> v2, which the pull fetches
+    instead. ostree before 2023.7 (Debian 12: 2022.7) also scans the delta's target commit while the delta
+    part is being applied and fetches the changed file whole as well (ostreedev/ostree#2053, fc5aef6f)."""
+    repo, note = ostree_repo(lab), ""
+    if static_delta:
+        copy = repo.with_name("repo-delta")
+        run(["cp", "-al", repo, copy])
+        (copy / "config").unlink()  # a file of its own: ostree may rewrite it
+        shutil.copyfile(repo / "config", copy / "config")
+        t = time.perf_counter()
+        run(["ostree", f"--repo={copy}", "static-delta", "generate", "--from=v1", "--to=v2"])
+        note = f"delta generated in {time.perf_counter() - t:.0f} s (untimed)"
+        run(["ostree", f"--repo={copy}", "summary", "-u"])
+        repo = copy
     remote = f"{lab.nginx.url}/{repo.relative_to(lab.srv)}"
 
     def pull(ref: str) -> Callable[[Path], Argv]:
@@ -228,37 +223,17 @@ def ostree_pulls(lab: Lab, name: str, repo: Path, kinds: Sequence[str]) -> dict[
         empty(d)
         run(pull("v1")(d))
 
-    def loose(log: list[list[str]]) -> str:  # file objects fetched one by one next to a delta
+    def loose(log: Log) -> str:  # file objects fetched whole next to a delta
         filez = sum(int(w[3]) for w in log if w[1].endswith(".filez"))
         return f"{filez} B of it loose .filez objects" if filez and any("/deltas/" in w[1] for w in log) else ""
 
-    found = {"cold": lambda: lab.best(f"{name}-cold", pull("v1"), setup=empty),
-             "delta": lambda: lab.best(f"{name}-delta", pull("v2"), setup=holding_v1, explain=loose)}
-    return {k: found[k] for k in kinds}
+    def delta() -> PeerPull:
+        return lab.best("ostree-sd-delta" if static_delta else "ostree-delta", pull("v2"), setup=holding_v1,
+                        note=note, explain=loose)
 
-
-def ostree_delta_peer(lab: Lab) -> dict[str, Measure]:
-    """A copy of the repo (hard links) with a static delta v1 -> v2 (bsdiff): what `ostree pull r v2`
-    fetches instead of objects. ostree before 2023.7 (Debian 12 has 2022.7) also scans the delta's target
-    commit while the delta part is being applied and fetches the changed file as a loose object too
-    (ostreedev/ostree#2053, fixed by fc5aef6f): the wire then holds both."""
-    repo = ostree_repo(lab)
-    copy = repo.with_name("repo-delta")
-    run(["cp", "-al", repo, copy])
-    (copy / "config").unlink()  # not shared with the plain repo: ostree may rewrite it
-    shutil.copyfile(repo / "config", copy / "config")
-    t = time.perf_counter()
-    run(["ostree", f"--repo={copy}", "static-delta", "generate", "--from=v1", "--to=v2"])
-    made = time.perf_counter() - t
-    run(["ostree", f"--repo={copy}", "summary", "-u"])
-    measure = ostree_pulls(lab, "ostree-sd", copy, ["delta"])["delta"]
-
-    def noted() -> PeerPull:
-        p = measure()
-        p.note = "; ".join(n for n in (f"delta generated in {made:.0f} s (untimed)", p.note) if n)
-        return p
-
-    return {"delta": noted}
+    if static_delta:
+        return {"delta": delta}
+    return {"cold": lambda: lab.best("ostree-cold", pull("v1"), setup=empty), "delta": delta}
 
 
 def curl_peer(lab: Lab) -> dict[str, Measure]:
@@ -267,12 +242,38 @@ def curl_peer(lab: Lab) -> dict[str, Measure]:
                                                         f"{lab.nginx.url}/v1.sqfs"])}
 
 
+def casync_peer(lab: Lab, tmpdir: str | None = None) -> dict[str, Measure]:
+    """casync extract hands each chunk from its HTTP helper over through a directory of files and symlinks
+    it makes and deletes in $TMPDIR (default /var/tmp): thousands per pull, slow on this machine's ext4
+    after recent deletions. tmpdir: run it with TMPDIR there instead (a tmpfs), to show casync's own cost."""
+    pub = lab.srv / "casync"
+    if not (pub / "v2.caibx").exists():
+        pub.mkdir()  # fails if an earlier attempt failed
+        for ref, f in (("v1", lab.v1), ("v2", lab.v2)):
+            run(["casync", "make", f"--store={pub}/default.castr", pub / f"{ref}.caibx", f])
+    if tmpdir and not os.path.ismount(tmpdir):
+        raise RuntimeError(f"{tmpdir} is not a mount point (a tmpfs)")
+    env = {**os.environ, "TMPDIR": tmpdir} if tmpdir else None
+    url, name = f"{lab.nginx.url}/casync", "casync-shm" if tmpdir else "casync"
+    extract = ["casync", "extract", f"--store={url}/default.castr"]
+
+    def cold() -> PeerPull:
+        return lab.best(f"{name}-cold", lambda d: [*extract, f"{url}/v1.caibx", d / "v1.sqfs"], env=lambda d: env)
+
+    def delta() -> PeerPull:
+        return lab.best(f"{name}-delta", lambda d: [*extract, f"--seed={d}/v1.sqfs", f"{url}/v2.caibx", d / "v2.sqfs"],
+                        setup=lambda d: shutil.copyfile(lab.v1, d / "v1.sqfs"), env=lambda d: env)
+
+    return {"cold": cold, "delta": delta}
+
+
 PEERS: list[tuple[str, Sequence[str], Callable[[Lab], dict[str, Measure]]]] = [
     ("nix", ("cold", "delta"), nix_peer),
-    ("casync", ("cold", "delta"), casync_peer),
-    ("ostree", ("cold", "delta"), lambda lab: ostree_pulls(lab, "ostree", ostree_repo(lab), ["cold", "delta"])),
-    ("ostree (static delta)", ("delta",), ostree_delta_peer),
+    ("ostree", ("cold", "delta"), ostree_peer),
+    ("ostree (static delta)", ("delta",), lambda lab: ostree_peer(lab, static_delta=True)),
     ("curl (whole file)", ("cold",), curl_peer),
+    ("casync", ("cold", "delta"), casync_peer),  # last: see the module docstring
+    ("casync (TMPDIR=/dev/shm)", ("cold", "delta"), lambda lab: casync_peer(lab, "/dev/shm")),
 ]
 
 
@@ -281,13 +282,13 @@ def why(exc: BaseException) -> str:
 
 
 def peer_pulls(v1: Path, v2: Path, work: Path) -> dict[str, dict[str, PeerPull | str]]:
-    """{"cold": {peer: PeerPull or why it failed}, "delta": {...}}; work: a fresh directory, removed by the caller."""
+    """{"cold": {peer: PeerPull or why it failed}, "delta": {...}}; work: a new directory, removed by the caller."""
     work = work.resolve()
     (work / "srv").mkdir()
     out: dict[str, dict[str, PeerPull | str]] = {"cold": {}, "delta": {}}
     nginx = Nginx(work / "srv", work / "nginx")
     try:
-        lab = Lab(v1.resolve(), v2.resolve(), work, nginx, itertools.count(1))
+        lab = Lab(v1.resolve(), v2.resolve(), work, work / "srv", nginx, itertools.count(1))
         for name, kinds, prepare in PEERS:
             try:  # one failing peer must not hide the others
                 measures = prepare(lab)
@@ -306,22 +307,21 @@ def peer_pulls(v1: Path, v2: Path, work: Path) -> dict[str, dict[str, PeerPull |
 
 
 def main() -> int:
-    data = Path("/var/tmp/castore-bench")
-    v1, v2 = data / "minbase.sqfs", data / "minbase-v2.sqfs"
+    v1, v2 = DATA / "minbase.sqfs", DATA / "minbase-v2.sqfs"
     work = Path(tempfile.mkdtemp(prefix="castore-peers-", dir="/var/tmp"))
     try:
         found = peer_pulls(v1, v2, work)
     finally:
         shutil.rmtree(work)
     print(f"v1 {v1} ({v1.stat().st_size / 2**20:.1f} MiB), v2 {v2} ({v2.stat().st_size / 2**20:.1f} MiB)")
-    head = f"{'pull':6} {'peer':22} {'time':>8} {'wire':>11} {'requests':>8}  note"
+    head = f"{'pull':6} {'peer':25} {'time':>8} {'wire':>11} {'requests':>8}  note"
     print(head + "\n" + "-" * len(head))
     for kind, peers in found.items():
         for name, p in peers.items():
             if isinstance(p, str):
-                print(f"{kind:6} {name:22} failed: {p}")
+                print(f"{kind:6} {name:25} failed: {p}")
             else:
-                print(f"{kind:6} {name:22} {p.seconds:6.3f} s {p.wire / 2**20:7.2f} MiB {p.requests:8}  {p.note}")
+                print(f"{kind:6} {name:25} {p.seconds:6.3f} s {p.wire / 2**20:7.2f} MiB {p.requests:8}  {p.note}")
     return 0
 
 

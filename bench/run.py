@@ -550,7 +550,33 @@ def bench_delta_pull() -> Row:
         noop.append(time.perf_counter() - t)
     row.notes.append(f"for scale, the same pull once v2 is there (start-up, imports, 1 request): {min(noop):.3f} s")
     row.ok = row.castore <= 0.1 and wire <= 5.3 * 2**20
+    row.notes.append(f"castore's wire: {mib(wire)}")
     return row
+
+
+def add_peer_pulls(cold: Row, delta: Row) -> None:
+    """nix copy, ostree pull and casync extract of the same v1 and v2 (bench/peers.py), each from
+    its own cache served by nginx; run after castore's pulls, since casync churns thousands of files."""
+    from peers import PeerPull, peer_pulls
+
+    work = new_dir("peers")
+    work.mkdir()
+    found = peer_pulls(SQFS, SQFS2, work)
+    for row, kind in ((cold, "cold"), (delta, "delta")):
+        for name, p in found[kind].items():
+            if name.startswith("curl"):
+                continue  # the cold row measures curl itself
+            row.peers[name] = p.seconds if isinstance(p, PeerPull) else p
+            if isinstance(p, PeerPull):
+                row.notes.append(f"{name}: {mib(p.wire)} on the wire, {p.requests} requests"
+                                 + (f"; {p.note}" if p.note else ""))
+        if row.castore is None:
+            continue
+        beaten = [v for n, v in row.peers.items() if isinstance(v, float) and not n.startswith("curl")]
+        ahead = all(row.castore < v for v in beaten)
+        row.notes.append(f"castore {'ahead of' if ahead else 'behind'} "
+                         f"{'every peer' if ahead else 'at least one peer'} in this run")
+        row.ok = bool(row.ok) and ahead
 
 
 def pull_profile(oid: str, url: str) -> list[str]:
@@ -697,6 +723,12 @@ def main() -> int:
                 rows[bench.__name__] = bench()
             except Exception as exc:  # one failing benchmark must not hide the others
                 rows[bench.__name__] = Row(bench.__name__, "-", notes=[f"failed: {exc}"])
+        if "bench_cold_pull" in rows and "bench_delta_pull" in rows:
+            say("running the peers' pulls (bench/peers.py)")
+            try:
+                add_peer_pulls(rows["bench_cold_pull"], rows["bench_delta_pull"])
+            except Exception as exc:
+                rows["bench_cold_pull"].notes.append(f"peers' pulls failed: {exc}")
     finally:
         stop_servers()
     shown = [rows[b.__name__] for b in (order[2], order[3], order[0], order[1], *order[4:])]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = Tr
     """Write a whole new file, fsynced unless the caller syncs later, then renamed over dest:
     readers see all of it or none."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+    tmp = dest.with_name(f".{dest.name}.{os.urandom(6).hex()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
