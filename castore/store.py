@@ -45,6 +45,7 @@ from castore.hashing import hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree, path_key
 
 KINDS = ("blob", "tree", "image")
+_SCHEMA_VERSION = 1  # PRAGMA user_version once the schema below is in place
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, added INTEGER NOT NULL);
@@ -96,9 +97,9 @@ class LocalStore:
                 _mkdir(d)
             self.db = sqlite3.connect(self.root / "db.sqlite", timeout=60, isolation_level=None,
                                       check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                self._init_db()
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store database in {self.root}: {exc}") from exc
         except PermissionError as exc:
@@ -109,6 +110,19 @@ class LocalStore:
         self._counter = itertools.count()
         self._tmp = str(self.tmp)
         self._nonce = os.urandom(4).hex()
+
+    def _init_db(self) -> None:
+        """Once per store, under a lock: processes opening a new store at once must not race
+        to switch its journal mode (SQLite answers "database is locked" without waiting)."""
+        fd = os.open(self.locks / "init.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                self.db.execute("PRAGMA journal_mode=WAL")  # kept in the file: set once
+                self.db.executescript(_SCHEMA)
+                self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self.db.close()

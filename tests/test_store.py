@@ -151,3 +151,17 @@ def test_move_in_and_failed_move_restores(store: LocalStore, tmp_path: Path) -> 
     assert store.objects() == [] and os.listdir(store.tmp) == []
     oid = store.add_file(f, move=True)
     assert not f.exists() and store.blob_path(oid).read_bytes() == b"squashfs bytes"
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> None:
+    import sys
+
+    code = "import sys; from castore.store import LocalStore; LocalStore(sys.argv[1]).add_bytes(sys.argv[2].encode())"
+    for trial in range(3):
+        root = tmp_path / f"s{trial}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(root), str(i)], stderr=subprocess.PIPE)
+                 for i in range(8)]
+        errors = [p.communicate()[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, errors
+        with LocalStore(root) as s:
+            assert len(s.objects()) == 8 and s.verify()[0] == []
