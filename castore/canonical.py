@@ -46,8 +46,34 @@ def _normalize(value: Value, where: str) -> Value:
     raise EncodingError(f"cannot encode {type(value).__name__} canonically (at {where})")
 
 
+_PLAIN = frozenset({type(None), bool, int, str, bytes})
+
+
+class _Unusual(Exception):
+    pass
+
+
+def _fast(value: Value) -> Value:
+    """_normalize for plain dicts, lists and scalars, without building a path per element;
+    anything else (floats, bad keys, other types) goes to _normalize for its precise error."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return [v if type(v) in _PLAIN else _fast(v) for v in value]
+    if kind is dict:
+        if not all(type(k) is str for k in value):
+            raise _Unusual
+        return {k: value[k] if type(value[k]) in _PLAIN else _fast(value[k]) for k in sorted(value)}
+    if kind in _PLAIN:
+        return value
+    raise _Unusual
+
+
 def encode(value: Value) -> bytes:
-    data: bytes = msgpack.packb(_normalize(value, "$"), use_bin_type=True)
+    try:
+        plain = _fast(value)
+    except _Unusual:
+        plain = _normalize(value, "$")
+    data: bytes = msgpack.packb(plain, use_bin_type=True)
     return data
 
 

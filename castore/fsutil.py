@@ -7,6 +7,7 @@ import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from castore.errors import CastoreError
 from castore.manifest import Tree
@@ -83,17 +84,38 @@ def check_free(path: Path, need: int) -> None:
         raise CastoreError(f"not enough free space in {path}: {need >> 20} MiB needed")
 
 
+_libc: Any = None
+
+
+def _c() -> Any:
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return _libc
+
+
 def syncfs(path: str | os.PathLike[str]) -> None:
     """Flush every dirty page of the filesystem holding path: one call instead of an fsync per file."""
-    import ctypes
+    libc = _c()
+    import ctypes  # loaded by _c(): this is a lookup
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+        if libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk now, without waiting (sync_file_range
+    SYNC_FILE_RANGE_WRITE): the fsync or syncfs that must come later then finds the disk
+    already busy with them, instead of starting after the hashing and bookkeeping."""
+    _c().sync_file_range(fd, 0, 0, 2)  # advisory: an error here leaves the later sync to do it all
 
 
 def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = True) -> None:

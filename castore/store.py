@@ -40,7 +40,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
-from castore.fsutil import syncfs
+from castore.fsutil import start_writeback, syncfs
 from castore.hashing import hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree, path_key
 
@@ -357,6 +357,7 @@ class LocalStore:
                 os.rename(src, staged)
                 moved = True
                 with open(staged, "rb") as f:
+                    start_writeback(f.fileno())  # dirty pages go to disk while we hash
                     size = os.fstat(f.fileno()).st_size
                     oid = hash_fileobj(f, size)
             else:
@@ -435,6 +436,7 @@ class LocalStore:
                     view = memoryview(data)
                     while view:
                         view = view[os.write(out, view):]
+                    start_writeback(out)  # the batch's syncfs then waits for less
                 finally:
                     os.close(out)
             except OSError:
@@ -748,8 +750,10 @@ def _copy_hashing(src: Path, dest: Path) -> tuple[str, int]:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(out, view):]
+                start_writeback(out)
                 return hash_bytes(data), len(data)
             copied = _kernel_copy(fd, out)
+            start_writeback(out)  # the disk writes while we hash
         finally:
             os.close(out)
     finally:

@@ -34,6 +34,7 @@ from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
 from castore.chunking import ChunkParams, cut_file
 from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound
+from castore.fsutil import start_writeback
 from castore.manifest import Image, Tree
 from castore.store import LocalStore
 
@@ -244,6 +245,8 @@ class _Assembly:
                 left += 1
             offset += length
         self.left[oid] = left
+        if oid in self.seeded:
+            start_writeback(fd)  # the copied bytes go to disk while the rest is fetched
 
     def _local(self, cid: str, length: int, fd: int, at: int) -> bool:
         """Copy a chunk from a local blob, in the kernel. Store blobs were verified when they came
@@ -278,8 +281,11 @@ class _Assembly:
             cid = path.rpartition("/")[2]
             data = _verified(self.cache, dctx, cid, self.lengths[cid], frame)
             for oid, offset in self.dests[cid]:
-                os.pwrite(self._fd(oid), data, offset)
+                fd = self._fd(oid)
+                os.pwrite(fd, data, offset)
                 self.left[oid] -= 1
+            if fetched // _WRITEBACK != (fetched + len(data)) // _WRITEBACK:
+                start_writeback(fd)  # the disk keeps up with the network; the final fsync waits for less
             stats.chunks_fetched += 1
             stats.bytes_on_wire += len(frame or b"")
             fetched += len(data)
@@ -327,6 +333,9 @@ class _Assembly:
         self.stats.objects += 1
         self.stats.ids.append(oid)
         self.progress(f"pulled {rec.kind} {oid[:12]}")
+
+
+_WRITEBACK = 8 << 20
 
 
 def _frame_limit(length: int) -> int:

@@ -1,0 +1,81 @@
+"""File helpers: hole-preserving copies, materialized trees, atomic writes, early writeback, syncfs."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from castore.errors import CastoreError
+from castore.fsutil import atomic_write, copy_sparse, materialize, start_writeback, syncfs
+from castore.store import LocalStore
+
+
+def test_copy_sparse_keeps_holes_and_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        f.write(b"head")
+        f.seek(64 << 20)
+        f.write(b"middle")
+        f.truncate(200 << 20)  # ends in a hole
+    copy_sparse(src, tmp_path / "dest")
+    dest = tmp_path / "dest"
+    assert dest.stat().st_size == src.stat().st_size
+    assert dest.stat().st_blocks * 512 < 1 << 20  # two small extents, not 200 MiB
+    with open(dest, "rb") as f:
+        assert f.read(4) == b"head"
+        f.seek(64 << 20)
+        assert f.read(6) == b"middle"
+    with pytest.raises(FileExistsError):
+        copy_sparse(src, dest)  # never over an existing file
+
+
+def test_materialize_writes_modes_links_and_owners(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "motd").write_text("hi\n")
+    os.chmod(src / "etc" / "motd", 0o600)
+    os.symlink("motd", src / "etc" / "link")
+    os.link(src / "etc" / "motd", src / "etc" / "hard")
+    tree = store.read_tree(store.add_dir(src, all_root=True))
+    out = tmp_path / "out"
+    materialize(tree, out, store.blob_path)
+    motd = out / "etc" / "motd"
+    assert motd.read_text() == "hi\n" and stat.S_IMODE(motd.stat().st_mode) == 0o600
+    assert os.readlink(out / "etc" / "link") == "motd"
+    assert (out / "etc" / "hard").stat().st_ino == motd.stat().st_ino
+    if os.geteuid() == 0:
+        assert motd.stat().st_uid == 0
+    with pytest.raises(FileExistsError):
+        materialize(tree, out, store.blob_path)
+    store.close()
+
+
+def test_atomic_write_replaces_whole_and_reports_errors(tmp_path: Path) -> None:
+    dest = tmp_path / "d" / "file"
+    atomic_write(dest, b"one")
+    atomic_write(dest, b"two", mode=0o444, fsync=False)
+    assert dest.read_bytes() == b"two" and stat.S_IMODE(dest.stat().st_mode) == 0o444
+    assert [p.name for p in dest.parent.iterdir()] == ["file"]  # no temporary left behind
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if os.geteuid() != 0:
+        with pytest.raises(CastoreError, match="cannot write"):
+            atomic_write(tmp_path / "ro" / "x", b"x")
+
+
+def test_writeback_and_syncfs_keep_the_bytes(tmp_path: Path) -> None:
+    data = os.urandom(4 << 20)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        start_writeback(fd)  # advisory: starts the disk writes, changes nothing visible
+    finally:
+        os.close(fd)
+    syncfs(tmp_path)
+    assert path.read_bytes() == data
+    with pytest.raises(FileNotFoundError):
+        syncfs(tmp_path / "missing")
