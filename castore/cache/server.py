@@ -240,4 +240,5 @@ async def _send(send: Send, status: int, body: bytes, ctype: str, *, length: int
 def serve(root: str, host: str, port: int) -> None:  # pragma: no cover - runs until stopped
     import uvicorn
 
-    uvicorn.run(CacheApp(root), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(CacheApp(root), host=host, port=port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools")
