@@ -289,7 +289,8 @@ class LocalStore:
 
     def _publish(self, oid: str, staged: Path, kind: str, size: int, refs: tuple[str, ...]) -> str:
         """Move a staged, hashed file into blobs/ (or drop it if present) and record it."""
-        missing = [r for r in refs if not self.has(r) and not (self._pending and r in self._pending.rows)]
+        unsure = {r for r in refs if not (self._pending and r in self._pending.rows)}
+        missing = sorted(unsure - self._present(unsure)) if unsure else []
         if missing:
             staged.unlink(missing_ok=True)
             raise StoreError(f"{kind} {oid} references {missing[0]}, which is not in the store")
@@ -394,41 +395,63 @@ class LocalStore:
             raise NotFound(f"{base} is not a directory")
         entries, files = _scan(base, all_root)
         # One thread: on two cores a pool measured slower (GIL hand-offs), the kernel does the copying.
+        # Small files are read and hashed in groups, then one query tells which the store lacks.
         with self.batch():
-            for item in files:
-                index, oid, size = self._stage_file(item)
-                e = entries[index]
-                entries[index] = Entry(e.path, "file", e.mode, e.uid, e.gid, blob=oid, size=size)
+            group: list[tuple[int, str, bytes]] = []
+            held = 0
+            for index, full in files:
+                oid, data, size = self._read_or_stage(full)
+                if data is None:
+                    self._set_blob(entries, index, oid, size)
+                    continue
+                group.append((index, oid, data))
+                held += len(data)
+                if len(group) >= 500 or held >= 32 << 20:
+                    self._stage_group(group, entries)
+                    group, held = [], 0
+            self._stage_group(group, entries)
             entries.sort(key=lambda e: path_key(e.path))
             tid = self.add_tree(Tree(tuple(entries)))
         return tid
 
-    def _stage_file(self, item: tuple[int, str]) -> tuple[int, str, int]:
-        """Hash one file and, unless the store or this batch has it, stage a copy for the batch."""
-        index, full = item
-        pending = self._pending
-        assert pending is not None
+    @staticmethod
+    def _set_blob(entries: list[Entry], index: int, oid: str, size: int) -> None:
+        e = entries[index]
+        entries[index] = Entry(e.path, "file", e.mode, e.uid, e.gid, blob=oid, size=size)
+
+    def _read_or_stage(self, full: str) -> tuple[str, bytes | None, int]:
+        """A small file's (id, bytes, size); a large one is copied in the kernel, hashed from
+        the copy and staged for the batch right away: (id, None, size)."""
         try:
             fd = os.open(full, os.O_RDONLY)
             try:
                 size = os.fstat(fd).st_size
-                if size > _SMALL:
-                    big = self._stage_path()
-                    try:
-                        oid, size = _copy_hashing(Path(full), big)
-                        self._publish(oid, big, "blob", size, ())
-                    except BaseException:
-                        big.unlink(missing_ok=True)
-                        raise
-                    return index, oid, size
-                data = _read_all(fd, size)
+                if size <= _SMALL:
+                    data = _read_all(fd, size)
+                    return hash_bytes(data), data, len(data)
             finally:
                 os.close(fd)
-            oid = hash_bytes(data)
-            with pending.lock:
-                if oid in pending.rows or self.has(oid):
-                    return index, oid, len(data)
-                pending.rows[oid] = ("blob", len(data), ())
+            big = self._stage_path()
+            try:
+                oid, size = _copy_hashing(Path(full), big)
+                self._publish(oid, big, "blob", size, ())
+            except BaseException:
+                big.unlink(missing_ok=True)
+                raise
+            return oid, None, size
+        except OSError as exc:
+            raise _store_os_error(exc, self.root, Path(full)) from exc
+
+    def _stage_group(self, group: list[tuple[int, str, bytes]], entries: list[Entry]) -> None:
+        """Stage, for the batch, the files of a group that neither the store nor the batch has."""
+        pending = self._pending
+        assert pending is not None
+        present = self._present({oid for _, oid, _ in group})
+        for index, oid, data in group:
+            self._set_blob(entries, index, oid, len(data))
+            if oid in present or oid in pending.rows:
+                continue
+            pending.rows[oid] = ("blob", len(data), ())
             staged = f"{self._tmp}/{os.getpid()}-obj-{next(self._counter)}-{self._nonce}"
             try:
                 out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
@@ -436,18 +459,24 @@ class LocalStore:
                     view = memoryview(data)
                     while view:
                         view = view[os.write(out, view):]
-                    start_writeback(out)  # the batch's syncfs then waits for less
                 finally:
                     os.close(out)
-            except OSError:
+            except OSError as exc:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(staged)
-                raise
-            with pending.lock:
-                pending.files[oid] = staged
-        except OSError as exc:
-            raise _store_os_error(exc, self.root, Path(full)) from exc
-        return index, oid, len(data)
+                del pending.rows[oid]
+                raise _store_os_error(exc, self.root) from exc
+            pending.files[oid] = staged
+
+    def _present(self, oids: set[str]) -> set[str]:
+        """Which of these ids the store has: one query per 500."""
+        found: set[str] = set()
+        ids = sorted(oids)
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            found.update(r[0] for r in self._q(
+                f"SELECT id FROM objects WHERE id IN ({','.join('?' * len(part))})", part))
+        return found
 
     # -- realisations and roots ----------------------------------------------
 
