@@ -5,12 +5,23 @@ file share most chunks even though the change moves every later byte. A
 chunk's id is the BLAKE3 of its uncompressed bytes. The parameters are fixed
 per cache (``castore-cache.json``): changing them moves every cut point.
 
-Why 8/32/128 KiB: on the Debian minbase squashfs (87 MiB) and a v2 with one
-file changed and 5 MiB of random data added, v2 needs 5.25 MiB of new chunks
-at a 16 KiB average, 5.28 MiB at 32 KiB, 5.36 MiB at 64 KiB and 6.1 MiB at
-128 KiB, while v1 is 4,508 / 2,281 / 1,135 / 550 chunks: 32 KiB is the
-largest average that keeps an update near its true size (5.0 MiB + the
-changed metadata), at half the requests of 16 KiB.
+Why 8/32/128 KiB (min/avg/max), measured on the Debian minbase squashfs (57 MiB) and a
+v2 with /etc/hostname changed and 5 MiB of random bytes added. What a pull of v2 moves when
+v1 is there is the new chunks plus v2's record (38 bytes a chunk):
+
+    min/avg/max KiB   v1 chunks   v2 new chunk data   + record   = on the wire
+    4/16/64           2,958       5.243 MiB           119 KiB    5.360 MiB
+    2/16/128          3,129       5.241 MiB           126 KiB    5.364 MiB
+    8/24/96           1,678       5.278 MiB            67 KiB    5.343 MiB
+    8/32/128          1,486       5.278 MiB            60 KiB    5.336 MiB
+    4/32/128          1,559       5.278 MiB            63 KiB    5.339 MiB
+    16/32/64          1,420       5.296 MiB            57 KiB    5.352 MiB
+    16/64/256           734       5.358 MiB            30 KiB    5.387 MiB
+
+Smaller chunks find the changed bytes more closely but the record grows as fast; larger ones
+halve the requests of a cold pull but waste more around each change. 8/32/128 moves the
+least, and a cold pull of v1 is 1,486 requests, which a pipelined connection answers in
+about 35 ms here.
 """
 
 from __future__ import annotations
