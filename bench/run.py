@@ -598,8 +598,7 @@ def add_peer_pulls(cold: Row, delta: Row) -> None:
 
 
 def pull_profile(oid: str, url: str) -> list[str]:
-    """Where a cold pull's time goes: the same pull in-process under cProfile (the fetch threads
-    are not profiled; their wall time shows as _prefetch)."""
+    """Where a cold pull's time goes: the same pull in-process under cProfile."""
     import cProfile
     import pstats
 
@@ -617,10 +616,9 @@ def pull_profile(oid: str, url: str) -> list[str]:
         t2 = time.perf_counter()
     stats = pstats.Stats(prof)
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    wanted = {"_prefetch": "fetch+verify chunks into tmp/chunk-cache (8 threads)",
-              "_chunk": "reassemble from the chunk cache", "add_file": "add the object to the store",
-              "record_chunks": "record the chunk index", "fetch_records": "fetch the records",
-              "unlink": "delete the chunk-cache files"}
+    wanted = {"_fetch": "fetch, verify and write the chunks (adding the object included)",
+              "add_file": "add the object to the store", "record_chunks": "record the chunk index",
+              "fetch_records": "fetch the records", "_plan": "seed from local blobs"}
     found = {name: ct for (_, _, name), (_, _, _, ct, _) in raw.items() if name in wanted}
     return [f"in-process cold pull: import+open {t1 - t0:.3f} s, pull {t2 - t1:.3f} s; cumulative:",
             "  " + "; ".join(f"{wanted[n]} {found[n]:.3f} s" for n in wanted if n in found)]
