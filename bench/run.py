@@ -274,6 +274,8 @@ def bench_file_import() -> Row:
     if row.castore > 0.1:
         from castore.store import LocalStore
 
+        warm()
+        os.sync()
         t0 = time.perf_counter()
         with LocalStore(new_dir("cs-file")) as store:
             t1 = time.perf_counter()
