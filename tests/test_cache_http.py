@@ -19,7 +19,7 @@ from castore.chunking import ChunkParams
 from castore.errors import CastoreError
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
-from tests.conftest import castore_json
+from tests.conftest import castore, castore_json
 from tests.helpers import cache_server, free_port, wait_port
 
 
@@ -176,3 +176,46 @@ def test_kill_9_mid_pull_then_resume_fetches_only_the_rest(tmp_path: Path) -> No
     assert len(refetched) == len(set(c.split("/")[-1] for c in chunks)) - len(kept)
     assert not partial.exists()
     assert castore_json("verify", store=store)["ok"]
+
+
+def test_pull_over_https_checks_the_certificate(tmp_path: Path) -> None:
+    """nginx with a self-signed certificate: trusted through SSL_CERT_FILE it serves the pull;
+    untrusted, the pull fails with the TLS error and adds nothing."""
+    run = tmp_path / "nginx"
+    run.mkdir()
+    cert, key = run / "cert.pem", run / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    a = LocalStore(tmp_path / "a")
+    (tmp_path / "x").write_bytes(random.Random(3).randbytes(300_000))
+    oid = a.add_file(tmp_path / "x")
+    push(a, DirTransport(tmp_path / "cache", create=True), [oid])
+    a.close()
+    port = free_port()
+    (run / "nginx.conf").write_text(f"""
+daemon off; master_process off; worker_processes 1;
+error_log {run}/error.log; pid {run}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {run}/body; proxy_temp_path {run}/proxy; fastcgi_temp_path {run}/fcgi;
+    uwsgi_temp_path {run}/uwsgi; scgi_temp_path {run}/scgi;
+    server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};
+             root {tmp_path / "cache"}; }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(run / "nginx.conf"), "-p", str(run)], stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, seconds=10)
+        url = f"https://127.0.0.1:{port}"
+        untrusted = castore("pull", oid, "--from", url, store=tmp_path / "b", check=False,
+                            env={"SSL_CERT_FILE": str(tmp_path / "none.pem")})
+        assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        assert "SSL_CERT_FILE" in untrusted.stderr and "attempts" not in untrusted.stderr  # said once, not retried
+        assert castore_json("ls", store=tmp_path / "b") == []
+        pulled = castore_json("pull", oid, "--from", url, store=tmp_path / "b", env={"SSL_CERT_FILE": str(cert)})
+        assert pulled["objects"] == 1 and castore_json("verify", store=tmp_path / "b")["ok"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

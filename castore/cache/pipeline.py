@@ -24,8 +24,11 @@ from collections.abc import Iterator, Sequence
 from urllib.parse import quote, urlsplit
 
 from castore import __version__
+from castore.errors import CastoreError
 
 MAX_HEADER = 64 * 1024
+UNTRUSTED = ("the server's certificate is not trusted here: install its CA in the system store, "
+             "or point SSL_CERT_FILE at it")
 
 
 class Unsupported(Exception):
@@ -70,7 +73,11 @@ class Pipeline:
             if self.scheme == "https":
                 import ssl
 
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+                try:
+                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+                except ssl.SSLCertVerificationError as exc:  # not transient: no retry
+                    sock.close()
+                    raise CastoreError(f"{self.scheme}://{self.host}:{self.port}: {exc}", UNTRUSTED) from exc
         except OSError as exc:
             raise Broken(f"cannot connect: {exc}") from exc
         self._sock = sock

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from castore.cache.pipeline import Broken, Pipeline, Unsupported
+from castore.cache.pipeline import UNTRUSTED, Broken, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
 from castore.fsutil import atomic_write, syncfs
 
@@ -151,6 +151,8 @@ class HttpTransport:
                     return resp.status_code, resp.content
                 problem = f"HTTP {resp.status_code}"
             except httpx.HTTPError as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # not transient: no retry
+                    raise CastoreError(f"{url}: {exc}", UNTRUSTED) from exc
                 problem = f"{type(exc).__name__}: {exc}"
             if attempt + 1 < self.attempts:
                 time.sleep(delay)
