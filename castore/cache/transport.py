@@ -177,8 +177,9 @@ class HttpTransport:
         """Each path's body (None when absent), in order, pipelined on one connection.
 
         What the pipeline cannot read (redirects, 5xx, chunked bodies, proxies) goes through
-        :meth:`get` one path at a time, with its retries; a connection that breaks is reopened
-        and the pipeline resumes at the first path without a whole answer.
+        httpx one path at a time, with its retries; a connection that breaks is reopened and
+        the pipeline resumes at the first path without a whole answer, backing off only while
+        no answer gets through.
         """
         todo = [check_path(p) for p in paths]
         i, stalls, delay = 0, 0, 0.1
@@ -192,7 +193,7 @@ class HttpTransport:
                 for status, body in pipe.get(todo[i:], limit):
                     path = todo[i]
                     i += 1
-                    stalls = 0
+                    stalls, delay = 0, 0.1
                     yield path, body if status == 200 else None if status == 404 else self._get(path)
             except Unsupported:
                 self._pipe_ok = False
