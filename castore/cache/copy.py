@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -32,7 +33,7 @@ from castore.cache.layout import (
 )
 from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
-from castore.chunking import ChunkParams, cut_file
+from castore.chunking import Chunk, ChunkParams, cut_file
 from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound
 from castore.fsutil import start_writeback
 from castore.manifest import Image, Tree
@@ -100,13 +101,7 @@ def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Prog
         wanted = {chunk_path(c.id): c for c in chunks}
         todo = cache.missing(wanted)
         with open(path, "rb") as f:
-            for cpath in sorted(todo):
-                c = wanted[cpath]
-                f.seek(c.offset)
-                frame = cctx.compress(f.read(c.length))
-                cache.put(cpath, frame)
-                stats.chunks_sent += 1
-                stats.bytes_on_wire += len(frame)
+            cache.put_many(_frames(f, [wanted[cpath] for cpath in sorted(todo)], cctx, stats))
         progress(f"pushed {info.kind} {oid[:12]} ({len(todo)} of {len(chunks)} chunks new)")
         record = ObjectRecord(oid, info.kind, info.size, info.refs, tuple((c.id, c.length) for c in chunks))
         data = record.encode()
@@ -129,6 +124,16 @@ def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Prog
                 cache.put(realisation_path(plan_hash), new.encode())
                 stats.realisations += 1
     return stats
+
+
+def _frames(f: BinaryIO, chunks: list[Chunk], cctx: zstandard.ZstdCompressor,
+            stats: CopyStats) -> Iterator[tuple[str, bytes]]:
+    """(cache path, zstd frame) of each chunk, read and compressed as the upload asks for it."""
+    for c in chunks:
+        frame = cctx.compress(os.pread(f.fileno(), c.length, c.offset))
+        stats.chunks_sent += 1
+        stats.bytes_on_wire += len(frame)
+        yield chunk_path(c.id), frame
 
 
 def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> tuple[dict[str, ObjectRecord], int]:

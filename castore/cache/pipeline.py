@@ -1,4 +1,4 @@
-"""Many GETs from one static HTTP server, pipelined on one keep-alive connection.
+"""Many GETs (or PUTs) to one HTTP server, pipelined on one keep-alive connection.
 
 A pull fetches thousands of small files (chunks). One request at a time through
 httpx costs about a millisecond of Python each, which is most of a cold pull;
@@ -53,7 +53,7 @@ class Pipeline:
         host_header = parts.netloc.rpartition("@")[2]
         extra = f"Authorization: Bearer {token}\r\n" if token else ""
         self._head = (f" HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: castore/{__version__}\r\n"
-                      f"Accept-Encoding: identity\r\n{extra}\r\n").encode()
+                      f"Accept-Encoding: identity\r\n{extra}").encode()  # the blank line comes per request
         self._sock: socket.socket | None = None
         self._reader: io.BufferedReader | None = None
         self.keepalive: bool | None = None  # unknown until the first response
@@ -83,11 +83,19 @@ class Pipeline:
         self._sock = sock
         self._reader = io.BufferedReader(socket.SocketIO(sock, "rb"), 1 << 20)
 
-    def _request(self, path: str) -> bytes:
-        return b"GET " + quote(f"{self.prefix}/{path}").encode() + self._head
+    def _request(self, method: bytes, path: str, body: bytes | None) -> bytes:
+        line = method + b" " + quote(f"{self.prefix}/{path}").encode() + self._head
+        if body is None:
+            return line + b"\r\n"
+        return line + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
     def get(self, paths: Sequence[str], limit: int) -> Iterator[tuple[int, bytes]]:
         """(status, body) for each path, in order. Bodies over limit bytes are an error (Broken)."""
+        return self.exchange(b"GET", paths, None, limit)
+
+    def exchange(self, method: bytes, paths: Sequence[str], bodies: Sequence[bytes] | None,
+                 limit: int) -> Iterator[tuple[int, bytes]]:
+        """(status, answer body) for each request, in order; bodies: what to send with each (PUT)."""
         sent = got = 0
         try:
             while got < len(paths):
@@ -99,7 +107,9 @@ class Pipeline:
                 if sent - got <= window // 2 and sent < len(paths):  # top up in batches: fewer sends
                     upto = min(len(paths), got + window)
                     try:
-                        self._sock.sendall(b"".join(self._request(p) for p in paths[sent:upto]))
+                        self._sock.sendall(b"".join(
+                            self._request(method, paths[k], bodies[k] if bodies is not None else None)
+                            for k in range(sent, upto)))
                     except OSError as exc:
                         self.close()
                         raise Broken(f"send failed: {exc}") from exc

@@ -39,6 +39,7 @@ class Transport(Protocol):
     def get(self, path: str) -> bytes | None: ...
     def get_many(self, paths: Sequence[str], limit: int = ...) -> Iterator[tuple[str, bytes | None]]: ...
     def put(self, path: str, data: bytes) -> None: ...
+    def put_many(self, items: Iterable[tuple[str, bytes]]) -> None: ...
     def exists(self, path: str) -> bool: ...
     def missing(self, paths: Iterable[str]) -> set[str]: ...
     def close(self) -> None: ...
@@ -98,6 +99,10 @@ class DirTransport:
                 raise CastoreError(f"cannot sync {self.root}: {exc.strerror}") from exc
             self._dirty = False
         atomic_write(dest, data)
+
+    def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
+        for path, data in items:
+            self.put(path, data)
 
 
 class HttpTransport:
@@ -233,8 +238,50 @@ class HttpTransport:
 
     def put(self, path: str, data: bytes) -> None:
         status, body = self._request("PUT", path, data)
-        if status in (200, 201, 204):
-            return
+        if status not in (200, 201, 204):
+            self._refused(path, status, body)
+
+    def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
+        """PUT each (path, bytes), pipelined 64 at a time (one batch in memory); 5xx and whatever
+        the pipeline cannot read go through :meth:`put`, with its retries."""
+        batch: list[tuple[str, bytes]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == 64:
+                self._put_batch(batch)
+                batch = []
+        self._put_batch(batch)
+
+    def _put_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        paths = [check_path(p) for p, _ in batch]
+        bodies = [data for _, data in batch]
+        i, stalls, delay = 0, 0, 0.1
+        while i < len(paths):
+            pipe = self._pipeline()
+            if pipe is None:
+                for k in range(i, len(paths)):
+                    self.put(paths[k], bodies[k])
+                return
+            try:
+                for status, body in pipe.exchange(b"PUT", paths[i:], bodies[i:], 1 << 20):
+                    path, data = paths[i], bodies[i]
+                    i += 1
+                    stalls, delay = 0, 0.1
+                    if status >= 500 or status == 429:
+                        self.put(path, data)
+                    elif status not in (200, 201, 204):
+                        self._refused(path, status, body)
+            except Unsupported:
+                self._pipe_ok = False
+            except Broken as exc:
+                stalls += 1
+                if stalls >= self.attempts:
+                    raise CastoreError(f"{self.url}/{paths[i]}: {exc} (after {self.attempts} attempts)",
+                                       "is the cache server up? what was uploaded stays valid") from exc
+                time.sleep(delay)
+                delay *= 4
+
+    def _refused(self, path: str, status: int, body: bytes) -> None:
         if status in (401, 403):
             raise CastoreError(f"{self.url} refused the upload of {path}: HTTP {status}",
                                "set a token with write scope: CASTORE_TOKEN or `tokens` in castore.toml")
