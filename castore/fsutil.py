@@ -120,18 +120,26 @@ def start_writeback(fd: int) -> None:
 
 def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = True) -> None:
     """Write a whole new file, fsynced unless the caller syncs later, then renamed over dest:
-    readers see all of it or none."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.urandom(6).hex()}.tmp")
+    readers see all of it or none. The mode is set on the open file, whatever the umask."""
+    head, _, name = os.fspath(dest).rpartition("/")
+    tmp = f"{head}/.{name}.{os.urandom(6).hex()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            os.makedirs(head, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, dest)
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise CastoreError(f"cannot write {dest}: {exc.strerror}") from exc
