@@ -1,13 +1,15 @@
 """Many GETs (or PUTs) to one HTTP server, pipelined on one keep-alive connection.
 
-A pull fetches thousands of small files (chunks). One request at a time through
-httpx costs about a millisecond of Python each, which is most of a cold pull;
-HTTP/1.1 pipelining (as apt does) sends the next requests before the answers
-arrive and parses responses straight off a buffered socket, so the per-chunk
-cost drops to tens of microseconds and the server works while we verify.
+A pull fetches thousands of small files (chunks), and a push uploads them. One
+request at a time through httpx costs about a millisecond of Python each, which
+was most of a cold pull; HTTP/1.1 pipelining (as apt does) sends the next
+requests before the answers arrive and parses responses straight off a buffered
+socket, so the per-chunk cost drops to tens of microseconds and the server works
+while we verify.
 
 It speaks only the plain part of HTTP/1.1 that static servers (nginx, a CDN, a
-bucket) give for GET: a status line, headers, a Content-Length body. Anything
+bucket) and `castore serve` answer with: a status line, headers, a
+Content-Length body. Anything
 else raises :class:`Unsupported`, and the caller falls back to one request at a
 time through httpx. Connection trouble raises :class:`Broken` after the
 responses that arrived whole; the caller resumes from the first path that did

@@ -106,7 +106,9 @@ class DirTransport:
 
 
 class HttpTransport:
-    """A cache over HTTP(S), read-only: any static server (nginx, a CDN) serving a cache directory.
+    """A cache over HTTP(S): any static server (nginx, a CDN) serving a cache directory for
+    pulls, and `castore serve` for pushes too. Many GETs or PUTs go pipelined on one
+    connection (:mod:`castore.cache.pipeline`); single requests and fallbacks go through httpx.
 
     Transient failures (connection errors, truncated bodies, 5xx, 429) are retried
     with back-off; a 404 means absent. Bytes are never trusted: callers verify them.
