@@ -189,25 +189,34 @@ class HttpTransport:
         no answer gets through.
         """
         todo = [check_path(p) for p in paths]
+        for k, status, body in self._exchange(b"GET", todo, None, limit):
+            path = todo[k]
+            yield path, body if status == 200 else None if status == 404 else self._get(path)
+
+    def _exchange(self, method: bytes, paths: list[str], bodies: list[bytes] | None,
+                  limit: int) -> Iterator[tuple[int, int | None, bytes]]:
+        """(index, status, body) of each request, pipelined; status None for the requests the
+        pipeline cannot carry, which the caller sends alone. A broken connection is reopened and
+        the pipeline resumes at the first request without a whole answer, backing off only while
+        no answer gets through."""
         i, stalls, delay = 0, 0, 0.1
-        while i < len(todo):
+        while i < len(paths):
             pipe = self._pipeline()
             if pipe is None:
-                for path in todo[i:]:
-                    yield path, self._get(path)
+                for k in range(i, len(paths)):
+                    yield k, None, b""
                 return
             try:
-                for status, body in pipe.get(todo[i:], limit):
-                    path = todo[i]
+                for status, body in pipe.exchange(method, paths[i:], None if bodies is None else bodies[i:], limit):
                     i += 1
                     stalls, delay = 0, 0.1
-                    yield path, body if status == 200 else None if status == 404 else self._get(path)
+                    yield i - 1, status, body
             except Unsupported:
                 self._pipe_ok = False
             except Broken as exc:
                 stalls += 1
                 if stalls >= self.attempts:
-                    raise CastoreError(f"{self.url}/{todo[i]}: {exc} (after {self.attempts} attempts)",
+                    raise CastoreError(f"{self.url}/{paths[i]}: {exc} (after {self.attempts} attempts)",
                                        "is the cache server up? nothing unverified was added") from exc
                 time.sleep(delay)
                 delay *= 4
@@ -257,31 +266,11 @@ class HttpTransport:
     def _put_batch(self, batch: list[tuple[str, bytes]]) -> None:
         paths = [check_path(p) for p, _ in batch]
         bodies = [data for _, data in batch]
-        i, stalls, delay = 0, 0, 0.1
-        while i < len(paths):
-            pipe = self._pipeline()
-            if pipe is None:
-                for k in range(i, len(paths)):
-                    self.put(paths[k], bodies[k])
-                return
-            try:
-                for status, body in pipe.exchange(b"PUT", paths[i:], bodies[i:], 1 << 20):
-                    path, data = paths[i], bodies[i]
-                    i += 1
-                    stalls, delay = 0, 0.1
-                    if status >= 500 or status == 429:
-                        self.put(path, data)
-                    elif status not in (200, 201, 204):
-                        self._refused(path, status, body)
-            except Unsupported:
-                self._pipe_ok = False
-            except Broken as exc:
-                stalls += 1
-                if stalls >= self.attempts:
-                    raise CastoreError(f"{self.url}/{paths[i]}: {exc} (after {self.attempts} attempts)",
-                                       "is the cache server up? what was uploaded stays valid") from exc
-                time.sleep(delay)
-                delay *= 4
+        for k, status, body in self._exchange(b"PUT", paths, bodies, 1 << 20):
+            if status is None or status >= 500 or status == 429:
+                self.put(paths[k], bodies[k])
+            elif status not in (200, 201, 204):
+                self._refused(paths[k], status, body)
 
     def _refused(self, path: str, status: int, body: bytes) -> None:
         if status in (401, 403):
