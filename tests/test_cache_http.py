@@ -23,12 +23,10 @@ from tests.conftest import castore, castore_json
 from tests.helpers import cache_server, free_port, wait_port
 
 
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
-    """nginx on 127.0.0.1 serving tmp_path/cache read-only; yields (url, cache dir, access log)."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    run = tmp_path / "nginx"
+@contextlib.contextmanager
+def _nginx(run: Path, root: Path, listen: str = "", tls: str = "") -> Iterator[tuple[int, Path]]:
+    """nginx on a free 127.0.0.1 port serving root read-only, run from the directory run;
+    yields (port, access log). listen and tls add to the listen line and the server block."""
     run.mkdir()
     port = free_port()
     conf = run / "nginx.conf"
@@ -42,7 +40,7 @@ http {{
     keepalive_requests 7;  # the pipelined client must reconnect and ask again what was in flight
     client_body_temp_path {run}/body; proxy_temp_path {run}/proxy; fastcgi_temp_path {run}/fcgi;
     uwsgi_temp_path {run}/uwsgi; scgi_temp_path {run}/scgi;
-    server {{ listen 127.0.0.1:{port}; root {cache}; location / {{ try_files $uri =404; }} }}
+    server {{ listen 127.0.0.1:{port} {listen}; {tls} root {root}; location / {{ try_files $uri =404; }} }}
 }}
 """)
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(run)], stderr=subprocess.DEVNULL)
@@ -52,10 +50,19 @@ http {{
         proc.kill()
         raise AssertionError(f"nginx did not start: {(run / 'error.log').read_text()}") from None
     try:
-        yield f"http://127.0.0.1:{port}", cache, run / "access.log"
+        yield port, run / "access.log"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """nginx on 127.0.0.1 serving tmp_path/cache read-only; yields (url, cache dir, access log)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with _nginx(tmp_path / "nginx", cache) as (port, log):
+        yield f"http://127.0.0.1:{port}", cache, log
 
 
 def test_pull_from_nginx_and_count_bytes_on_the_server(nginx: tuple[str, Path, Path], tmp_path: Path) -> None:
@@ -181,9 +188,7 @@ def test_kill_9_mid_pull_then_resume_fetches_only_the_rest(tmp_path: Path) -> No
 def test_pull_over_https_checks_the_certificate(tmp_path: Path) -> None:
     """nginx with a self-signed certificate: trusted through SSL_CERT_FILE it serves the pull;
     untrusted, the pull fails with the TLS error and adds nothing."""
-    run = tmp_path / "nginx"
-    run.mkdir()
-    cert, key = run / "cert.pem", run / "key.pem"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
                     "-out", str(cert)], check=True, capture_output=True)
@@ -192,22 +197,8 @@ def test_pull_over_https_checks_the_certificate(tmp_path: Path) -> None:
     oid = a.add_file(tmp_path / "x")
     push(a, DirTransport(tmp_path / "cache", create=True), [oid])
     a.close()
-    port = free_port()
-    (run / "nginx.conf").write_text(f"""
-daemon off; master_process off; worker_processes 1;
-error_log {run}/error.log; pid {run}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {run}/body; proxy_temp_path {run}/proxy; fastcgi_temp_path {run}/fcgi;
-    uwsgi_temp_path {run}/uwsgi; scgi_temp_path {run}/scgi;
-    server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};
-             root {tmp_path / "cache"}; }}
-}}
-""")
-    proc = subprocess.Popen(["nginx", "-c", str(run / "nginx.conf"), "-p", str(run)], stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, seconds=10)
+    with _nginx(tmp_path / "nginx", tmp_path / "cache", "ssl",
+                f"ssl_certificate {cert}; ssl_certificate_key {key};") as (port, _):
         url = f"https://127.0.0.1:{port}"
         untrusted = castore("pull", oid, "--from", url, store=tmp_path / "b", check=False,
                             env={"SSL_CERT_FILE": str(tmp_path / "none.pem")})
@@ -216,6 +207,3 @@ http {{
         assert castore_json("ls", store=tmp_path / "b") == []
         pulled = castore_json("pull", oid, "--from", url, store=tmp_path / "b", env={"SSL_CERT_FILE": str(cert)})
         assert pulled["objects"] == 1 and castore_json("verify", store=tmp_path / "b")["ok"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
