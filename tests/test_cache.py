@@ -106,6 +106,35 @@ def test_dedup_push_and_seeded_pull(tmp_path: Path) -> None:
     b.close()
 
 
+def test_seeding_copies_runs_and_fetches_what_a_short_blob_lacks(tmp_path: Path) -> None:
+    rng = random.Random(12)
+    v1 = rng.randbytes(2 << 20)
+    v2 = v1[:1_000_000] + rng.randbytes(50_000) + v1[1_000_000:]
+    a = LocalStore(tmp_path / "a")
+    id1, id2 = (a.add_file(blob_file(tmp_path, n, d)) for n, d in (("v1", v1), ("v2", v2)))
+    (tmp_path / "cache").mkdir()
+    cache = Counting(tmp_path / "cache")
+    push(a, cache, [id1, id2])
+    b = LocalStore(tmp_path / "b")
+    pull(b, cache, [id1])
+    # v1 lost its tail on disk after it was indexed: the chunks past the new end are fetched
+    b.blob_path(id1).chmod(0o644)
+    os.truncate(b.blob_path(id1), 1_500_000)
+    cache.gets.clear()
+    s = pull(b, cache, [id2])
+    fetched = {g.rpartition("/")[2] for g in cache.gets if g.startswith("chunks/")}
+    record = ObjectRecord.decode(id2, (tmp_path / "cache" / object_path(id2)).read_bytes())
+    offsets, at = {}, 0
+    for cid, n in record.chunks:
+        offsets[cid], at = at, at + n
+    assert b.blob_path(id2).read_bytes() == v2
+    assert s.chunks_seeded and s.chunks_seeded + s.chunks_fetched == len(record.chunks)
+    assert any(offsets[c] > 1_600_000 for c in fetched)  # past the short blob's end: fetched
+    assert [p for p in b.verify()[0] if id1 in p]
+    a.close()
+    b.close()
+
+
 def test_dry_run_counts_and_adds_nothing(tmp_path: Path) -> None:
     a = LocalStore(tmp_path / "a")
     oid = a.add_file(blob_file(tmp_path, "x", os.urandom(500_000)))

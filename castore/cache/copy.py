@@ -184,6 +184,24 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
     return stats
 
 
+class _Run:
+    """Chunks of one object that lie end to end in one local blob: copied with one call."""
+
+    __slots__ = ("at", "chunks", "offset", "path", "size")
+
+    def __init__(self, path: Path, offset: int, at: int, chunks: list[tuple[str, int]]) -> None:
+        self.path, self.offset, self.at = path, offset, at  # in the blob, in the object
+        self.chunks = chunks
+        self.size = sum(n for _, n in chunks)
+
+    def extend(self, path: Path, offset: int, at: int, cid: str, length: int) -> bool:
+        if not self.chunks or path != self.path or offset != self.offset + self.size or at != self.at + self.size:
+            return False
+        self.chunks.append((cid, length))
+        self.size += length
+        return True
+
+
 class _Assembly:
     """Objects put together in ``tmp/pulls/<id>``: every chunk is verified before it is written,
     every object is verified whole before it enters the store.
@@ -236,41 +254,53 @@ class _Assembly:
             if size:
                 os.ftruncate(fd, 0)
             os.ftruncate(fd, rec.size)  # sparse until written
-        left = 0
+        self.left[oid] = 0
+        run = _Run(Path(), 0, 0, [])
         offset = 0
         for cid, length in rec.chunks:
             if resumed and _ok(cid, os.pread(fd, length, offset)):
                 self.stats.chunks_seeded += 1
-            elif self._local(cid, length, fd, offset):
-                self.stats.chunks_seeded += 1
-                self.seeded.add(oid)
+            elif (local := self.local.get(cid)) is not None and local[2] == length:
+                if not run.extend(local[0], local[1], offset, cid, length):
+                    self._copy(oid, fd, run)
+                    run = _Run(local[0], local[1], offset, [(cid, length)])
             else:
-                self.dests.setdefault(cid, []).append((oid, offset))
-                self.lengths[cid] = length
-                left += 1
+                self._need(oid, cid, length, offset)
             offset += length
-        self.left[oid] = left
+        self._copy(oid, fd, run)
         if oid in self.seeded:
             start_writeback(fd)  # the copied bytes go to disk while the rest is fetched
 
-    def _local(self, cid: str, length: int, fd: int, at: int) -> bool:
-        """Copy a chunk from a local blob, in the kernel. Store blobs were verified when they came
-        in, so the chunk is not hashed again here: the whole object is, before it is added."""
-        local = self.local.get(cid)
-        if local is None or local[2] != length:
-            return False
-        path, offset, n = local
-        src = self.sources.get(path)
+    def _need(self, oid: str, cid: str, length: int, offset: int) -> None:
+        self.dests.setdefault(cid, []).append((oid, offset))
+        self.lengths[cid] = length
+        self.left[oid] += 1
+
+    def _copy(self, oid: str, fd: int, run: _Run) -> None:
+        """Copy a run of chunks that lie end to end in one local blob, in the kernel, with one call
+        for the lot. Store blobs were verified when they came in, so the chunks are not hashed
+        again here: the whole object is, before it is added."""
+        if not run.chunks:
+            return
+        src = self.sources.get(run.path)
         if src is None:
             if len(self.sources) >= 64:
                 os.close(self.sources.pop(next(iter(self.sources))))
-            src = self.sources[path] = os.open(path, os.O_RDONLY)
+            src = self.sources[run.path] = os.open(run.path, os.O_RDONLY)
+        done, n, offset, at = 0, run.size, run.offset, run.at
         while n:
             copied = os.copy_file_range(src, fd, n, offset, at)
             if copied == 0:
-                return False  # the blob is shorter than the index says: fetch the chunk instead
-            n, offset, at = n - copied, offset + copied, at + copied
-        return True
+                break  # the blob is shorter than the index says: fetch the rest instead
+            done, n, offset, at = done + copied, n - copied, offset + copied, at + copied
+        at = run.at
+        for cid, length in run.chunks:
+            if at + length <= run.at + done:
+                self.stats.chunks_seeded += 1
+                self.seeded.add(oid)
+            else:
+                self._need(oid, cid, length, at)
+            at += length
 
     def _fetch(self) -> None:
         need = list(self.dests)
