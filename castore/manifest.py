@@ -60,8 +60,11 @@ def normalize_path(path: str, what: str = "path") -> str:
     return "/".join(parts)
 
 
-def path_key(path: str) -> tuple[bytes, ...]:
-    return tuple(p.encode() for p in path.split("/"))
+def path_key(path: str) -> bytes:
+    """Tree order: paths compared component by component, as bytes. NUL sorts below every byte
+    a path component may hold, so the path with its slashes made NULs compares the same way,
+    in one C-level comparison (a tuple of components cost 8 us an entry)."""
+    return path.encode().replace(b"/", b"\0")
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ class Tree:
 
     def validate(self) -> None:
         seen: dict[str, Entry] = {}
-        previous: tuple[bytes, ...] | None = None
+        previous: bytes | None = None
         for e in self.entries:
             e.check()
             key = path_key(e.path)

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from castore.errors import EncodingError, UnsafeArchive
-from castore.manifest import Entry, Image, Layer, Tree, normalize_path, object_record
+from castore.manifest import Entry, Image, Layer, Tree, normalize_path, object_record, path_key
 from tests.conftest import golden
 
 B1 = "1" * 64
@@ -69,3 +71,13 @@ def test_unsorted_or_duplicate_records_are_refused() -> None:
         Tree((Entry("f", "file", 0o644),))  # no blob
     with pytest.raises(EncodingError):
         Tree((Entry("f", "dir", 0o40755),))  # type bits in the mode
+
+
+def test_path_key_orders_component_by_component() -> None:
+    rng = random.Random(5)
+    alphabet = ["a", "b", "-", ".", " ", "\x01", "\xe9", "ab", "a-b", "a.b"]
+    paths = {"/".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(3000)}
+    paths = {p for p in paths if p == normalize_path(p)}
+    by_components = sorted(paths, key=lambda p: tuple(c.encode() for c in p.split("/")))
+    assert sorted(paths, key=path_key) == by_components
+    assert path_key("a/b") < path_key("a-b") < path_key("a.b/c")  # a directory's entries come first
