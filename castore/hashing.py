@@ -6,14 +6,16 @@ by mmap with blake3's own threads, so a 60 MB squashfs hashes in milliseconds.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import blake3
+
+if TYPE_CHECKING:
+    import hashlib
 
 ID_LENGTH = 64
 _ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -39,7 +41,7 @@ class Hasher:
 
     def __init__(self, sha256: bool = False) -> None:
         self._b3 = blake3.blake3()
-        self._sha = hashlib.sha256() if sha256 else None
+        self._sha = _sha256() if sha256 else None
         self.size = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
@@ -54,6 +56,12 @@ class Hasher:
     def sha256(self) -> str:
         assert self._sha is not None, "Hasher(sha256=True) needed"
         return self._sha.hexdigest()
+
+
+def _sha256() -> hashlib._Hash:
+    import hashlib  # OpenSSL's loading costs 3 ms; only fetch checks need sha256
+
+    return hashlib.sha256()
 
 
 def hash_fileobj(f: BinaryIO, size: int) -> str:
@@ -73,7 +81,7 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    h = _sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import collections
 import functools
-import logging
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from castore.errors import ToolError, ToolMissing
-
-log = logging.getLogger("castore.tools")
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # 2000-01-01T00:00:00Z: every timestamp a builder writes, unless a plan says otherwise.
@@ -116,7 +114,8 @@ def run(
     """Run argv; output (stdout and stderr merged) goes to log_file and is returned."""
     args = [os.fspath(a) for a in argv]
     exe = args[0] if "/" in args[0] else which(args[0])
-    log.debug("+ %s", shlex.join(args))
+    if "logging" in sys.modules:  # imported by --debug; without it nothing would show the line
+        sys.modules["logging"].getLogger("castore.tools").debug("+ %s", shlex.join(args))
     if log_file is not None:
         log_file.write(f"+ {shlex.join(args)}\n".encode())
         log_file.flush()

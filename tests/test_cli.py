@@ -83,6 +83,8 @@ def test_json_of_realize_names_the_paths(tmp_path: Path) -> None:
     fsck = subprocess.run(["e2fsck", "-fn", res["path"]], capture_output=True)
     assert fsck.returncode == 0
     assert json.loads(castore("ls", "--json", store=tmp_path / "s").stdout)[0]["name"] == "overlay"
+    debug = castore("--debug", "realize", "tests/recipes/small.py:overlay", store=tmp_path / "d")
+    assert "+ mke2fs " in debug.stderr  # --debug shows every command run
 
 
 def test_add_move_only_when_safe(tmp_path: Path) -> None:
