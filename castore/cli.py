@@ -40,10 +40,20 @@ StoreOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from castore import __version__
+
+        print(f"castore {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     store: StoreOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and every command run.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print castore's version and exit.")] = False,
 ) -> None:
     _state["store"] = store
     _state["debug"] = debug

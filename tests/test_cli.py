@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import castore, castore_json
@@ -13,6 +14,14 @@ def test_help_teaches() -> None:
     for cmd in ("realize", "add", "export", "show", "path", "ls", "verify", "gc", "log"):
         assert cmd in out
     assert "castore realize recipes/app.py" in castore("realize", "--help").stdout
+
+
+def test_version_and_python_m() -> None:
+    from castore import __version__
+
+    assert castore("--version").stdout == f"castore {__version__}\n"
+    module = subprocess.run([sys.executable, "-m", "castore", "--version"], capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout == f"castore {__version__}\n"
 
 
 def test_add_show_path_export_roundtrip(tmp_path: Path) -> None:
