@@ -244,24 +244,38 @@ def export(
     """Write an object out of the store: a blob as a file (holes kept), a tree as a directory,
     an image as a directory with vmlinux, rootfs layers and image.json."""
     from castore.fsutil import copy_sparse, materialize
+    from castore.store import remove_tree
 
     with _store(create=False) as store:
         oid = store.resolve(object_id)
         kind = store.info(oid).kind
-        if dest.exists():
+        if dest.exists() or dest.is_symlink():
             raise CastoreError(f"{dest} already exists", "export writes only new paths")
-        if kind == "blob":
-            copy_sparse(store.blob_path(oid), dest)
-            os.chmod(dest, 0o644)
-        elif kind == "tree":
-            materialize(store.read_tree(oid), dest, store.blob_path, warn=lambda m: _err(f"warning: {m}"))
-        else:
-            img = store.read_image(oid)
-            dest.mkdir(parents=True)
-            copy_sparse(store.blob_path(img.kernel), dest / "vmlinux")
-            for i, layer in enumerate(img.layers):
-                copy_sparse(store.blob_path(layer.blob), dest / f"rootfs{i}.{layer.format}")
-            (dest / "image.json").write_text(json.dumps(img.to_record(), indent=2, sort_keys=True) + "\n")
+        # written beside dest, renamed into place when whole: a failed export leaves nothing
+        part = dest.parent / f".{dest.name}.{os.getpid()}.part"
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "blob":
+                copy_sparse(store.blob_path(oid), part)
+                os.chmod(part, 0o644)
+            elif kind == "tree":
+                materialize(store.read_tree(oid), part, store.blob_path, warn=lambda m: _err(f"warning: {m}"))
+            else:
+                img = store.read_image(oid)
+                part.mkdir()
+                copy_sparse(store.blob_path(img.kernel), part / "vmlinux")
+                for i, layer in enumerate(img.layers):
+                    copy_sparse(store.blob_path(layer.blob), part / f"rootfs{i}.{layer.format}")
+                (part / "image.json").write_text(json.dumps(img.to_record(), indent=2, sort_keys=True) + "\n")
+            if dest.exists() or dest.is_symlink():
+                raise CastoreError(f"{dest} appeared while exporting", "export writes only new paths")
+            os.rename(part, dest)
+        except OSError as exc:
+            raise CastoreError(f"cannot export {oid[:12]} to {dest}: {exc.strerror}",
+                               f"nothing was left at {dest}") from exc
+        finally:
+            if part.exists() or part.is_symlink():
+                remove_tree(part)
         print(dest)
 
 
@@ -626,6 +640,12 @@ def main() -> None:
     except KeyboardInterrupt:
         _err("interrupted; the store is unchanged by the step that was running")
         sys.exit(130)
+    except OSError as exc:  # one the command did not expect: still one line, not a traceback
+        if _state["debug"]:
+            raise
+        _err(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        _err("hint: --debug shows where it happened")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,27 @@ from typing import Any
 from castore.errors import CastoreError
 from castore.manifest import Tree
 
+_NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def copy_range(src: int, dest: int, n: int, offset: int = 0, at: int = 0) -> int:
+    """Copy n bytes of src from offset to dest at `at`, in the kernel where it can (copy_file_range;
+    not across filesystems), else through a buffer. Returns the bytes copied: fewer at src's end."""
+    done = 0
+    try:
+        while done < n and (k := os.copy_file_range(src, dest, n - done, offset + done, at + done)):
+            done += k
+        return done
+    except OSError as exc:
+        if exc.errno not in _NO_KERNEL_COPY:
+            raise
+    while done < n and (data := os.pread(src, min(n - done, 1 << 22), offset + done)):
+        view = memoryview(data)
+        while view:
+            k = os.pwrite(dest, view, at + done)
+            view, done = view[k:], done + k
+    return done
+
 
 def copy_sparse(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
     """Copy src to a new file dest, keeping holes as holes (SEEK_DATA/SEEK_HOLE)."""
@@ -26,12 +47,7 @@ def copy_sparse(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> No
                     break
                 raise
             hole = os.lseek(fi.fileno(), data, os.SEEK_HOLE)
-            pos = data
-            while pos < hole:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), hole - pos, pos, pos)
-                if n == 0:
-                    break
-                pos += n
+            copy_range(fi.fileno(), fo.fileno(), hole - data, data, data)
             offset = hole
         os.ftruncate(fo.fileno(), size)
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
-from castore.fsutil import start_writeback, syncfs
+from castore.fsutil import copy_range, start_writeback, syncfs
 from castore.hashing import hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree, path_key
 
@@ -274,7 +274,7 @@ class LocalStore:
                 del pending.files[oid]
             syncfs(self.tmp)  # renames durable before the rows that announce them
         except OSError as exc:
-            raise _store_os_error(exc, self.root) from exc
+            raise store_os_error(exc, self.root) from exc
         self._insert(pending.rows)
 
     def _insert(self, rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
@@ -322,7 +322,7 @@ class LocalStore:
             finally:
                 os.close(dfd)
         except OSError as exc:
-            raise _store_os_error(exc, self.root) from exc  # the caller removes or restores staged
+            raise store_os_error(exc, self.root) from exc  # the caller removes or restores staged
         self._insert({oid: (kind, size, refs)})
         return oid
 
@@ -340,7 +340,7 @@ class LocalStore:
         except BaseException as exc:
             staged.unlink(missing_ok=True)
             if isinstance(exc, OSError):
-                raise _store_os_error(exc, self.root) from exc
+                raise store_os_error(exc, self.root) from exc
             raise
 
     def add_file(self, path: str | os.PathLike[str], *, move: bool = False,
@@ -375,7 +375,7 @@ class LocalStore:
             if isinstance(exc, FileNotFoundError) and not moved:
                 raise NotFound(f"{src} does not exist") from exc
             if isinstance(exc, OSError):
-                raise _store_os_error(exc, self.root, src) from exc
+                raise store_os_error(exc, self.root, src) from exc
             raise
 
     def add_tree(self, tree: Tree) -> str:
@@ -440,7 +440,7 @@ class LocalStore:
                 raise
             return oid, None, size
         except OSError as exc:
-            raise _store_os_error(exc, self.root, Path(full)) from exc
+            raise store_os_error(exc, self.root, Path(full)) from exc
 
     def _stage_group(self, group: list[tuple[int, str, bytes]], entries: list[Entry]) -> None:
         """Stage, for the batch, the files of a group that neither the store nor the batch has."""
@@ -465,7 +465,7 @@ class LocalStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(staged)
                 del pending.rows[oid]
-                raise _store_os_error(exc, self.root) from exc
+                raise store_os_error(exc, self.root) from exc
             pending.files[oid] = staged
 
     def _present(self, oids: set[str]) -> set[str]:
@@ -781,7 +781,7 @@ def _copy_hashing(src: Path, dest: Path) -> tuple[str, int]:
                     view = view[os.write(out, view):]
                 start_writeback(out)
                 return hash_bytes(data), len(data)
-            copied = _kernel_copy(fd, out)
+            copied = copy_range(fd, out, 1 << 62)
             start_writeback(out)  # the disk writes while we hash
         finally:
             os.close(out)
@@ -791,28 +791,11 @@ def _copy_hashing(src: Path, dest: Path) -> tuple[str, int]:
         return hash_fileobj(f, copied), copied
 
 
-def _kernel_copy(src: int, dest: int) -> int:
-    """Copy all of src to dest without passing the bytes through Python where the kernel can."""
-    copied = 0
-    try:
-        while n := os.copy_file_range(src, dest, 1 << 30):
-            copied += n
-        return copied
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or copied:
-            raise
-    while chunk := os.read(src, 1 << 22):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dest, view):]
-        copied += len(chunk)
-    return copied
-
-
-def _store_os_error(exc: OSError, root: Path, what: Path | None = None) -> CastoreError:
+def store_os_error(exc: OSError, root: Path, what: Path | None = None,
+                   retry: str = "nothing was added; free space (castore gc) and retry") -> CastoreError:
+    """The error a user can act on for an OSError met while writing into the store at root."""
     if exc.errno == errno.ENOSPC:
-        return StoreError(f"no space left on the device holding {root}",
-                          "nothing was added; free space (castore gc) and retry")
+        return StoreError(f"no space left on the device holding {root}", retry)
     if exc.errno in (errno.EACCES, errno.EPERM):
         return StoreError(f"permission denied: {exc.filename or what}")
     return StoreError(f"I/O error on {exc.filename or what}: {exc.strerror}")

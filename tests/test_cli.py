@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import castore, castore_json
 
 
@@ -43,10 +45,39 @@ def test_add_show_path_export_roundtrip(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "etc" / "x").read_text() == "x" and os.readlink(tmp_path / "out" / "link") == "etc/x"
     castore("export", added["id"], str(tmp_path / "k2"), store=store)
     assert (tmp_path / "k2").read_bytes() == kernel.read_bytes()
+    assert list(tmp_path.glob(".*.part")) == []
     again = castore("export", added["id"], str(tmp_path / "k2"), store=store, check=False)
     assert again.returncode == 1 and "already exists" in again.stderr
     listing = castore_json("ls", store=store)
     assert {o["id"] for o in listing} >= {added["id"], tree["id"]}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_export_to_another_filesystem_and_to_a_full_one(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    blob = tmp_path / "rootfs.img"
+    blob.write_bytes(os.urandom(4 << 20))
+    oid = castore_json("add", str(blob), store=store)["id"]
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
+    try:
+        proc = castore("export", oid, str(small / "out.img"), store=store, check=False)
+        assert proc.returncode == 1 and "No space left" in proc.stderr and "Traceback" not in proc.stderr
+        assert os.listdir(small) == []  # no partial file
+        (small / "a").write_bytes(b"x")
+        castore("export", oid, str(small / "sub" / "k"), store=store, check=False)
+        assert sorted(os.listdir(small)) == ["a", "sub"] and os.listdir(small / "sub") == []
+        (small / "a").unlink()
+        for d in small.iterdir():
+            d.rmdir()
+        data = os.urandom(1 << 20)
+        blob.write_bytes(data)
+        small_id = castore_json("add", str(blob), store=store)["id"]
+        castore("export", small_id, str(small / "fits.img"), store=store)  # tmpfs: not the store's filesystem
+        assert (small / "fits.img").read_bytes() == data
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_show_names_the_plan_and_log(tmp_path: Path) -> None:

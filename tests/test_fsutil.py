@@ -9,8 +9,34 @@ from pathlib import Path
 import pytest
 
 from castore.errors import CastoreError
-from castore.fsutil import atomic_write, copy_sparse, materialize, start_writeback, syncfs
+from castore.fsutil import atomic_write, copy_range, copy_sparse, materialize, start_writeback, syncfs
 from castore.store import LocalStore
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev,
+                    reason="needs /dev/shm on another filesystem than /tmp")
+def test_copies_cross_filesystems(tmp_path: Path) -> None:
+    """copy_file_range refuses another filesystem (EXDEV): the copy goes through a buffer."""
+    src = tmp_path / "src"
+    data = os.urandom(3 << 20)
+    with open(src, "wb") as f:
+        f.write(data)
+        f.truncate(64 << 20)  # then a hole
+    shm = Path("/dev/shm") / f"castore-test-{os.getpid()}"
+    shm.mkdir()
+    try:
+        copy_sparse(src, shm / "copy")
+        assert (shm / "copy").stat().st_size == 64 << 20 and (shm / "copy").stat().st_blocks * 512 < 8 << 20
+        with open(shm / "copy", "rb") as f:
+            assert f.read(3 << 20) == data
+        with open(src, "rb") as fi, open(shm / "part", "wb") as fo:
+            # from offset 1 MiB, asking past the data: what is there is copied, at `at`
+            assert copy_range(fi.fileno(), fo.fileno(), 1 << 30, 1 << 20, 5) == (64 << 20) - (1 << 20)
+        assert (shm / "part").read_bytes()[5:(2 << 20) + 5] == data[1 << 20:]
+    finally:
+        for p in shm.iterdir():
+            p.unlink()
+        shm.rmdir()
 
 
 def test_copy_sparse_keeps_holes_and_bytes(tmp_path: Path) -> None:

@@ -35,9 +35,9 @@ from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
 from castore.chunking import Chunk, ChunkParams, cut_file
 from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound
-from castore.fsutil import start_writeback
+from castore.fsutil import copy_range, start_writeback
 from castore.manifest import Image, Tree
-from castore.store import LocalStore
+from castore.store import LocalStore, store_os_error
 
 Progress = Callable[[str], None]
 Meter = Callable[[int, int], None]  # (bytes of chunk data fetched so far, bytes to fetch in all)
@@ -233,6 +233,10 @@ class _Assembly:
             self._finish_ready()
             self._fetch()
             self._finish_ready()
+        except OSError as exc:
+            raise store_os_error(exc, self.store.root, retry="nothing unverified was added; free space "
+                                 "(castore gc also removes partial pulls) and pull again: what was verified "
+                                 "is kept") from exc
         finally:
             for fd in [*self.fds.values(), *self.sources.values()]:
                 os.close(fd)
@@ -287,13 +291,8 @@ class _Assembly:
             if len(self.sources) >= 64:
                 os.close(self.sources.pop(next(iter(self.sources))))
             src = self.sources[run.path] = os.open(run.path, os.O_RDONLY)
-        done, n, offset, at = 0, run.size, run.offset, run.at
-        while n:
-            copied = os.copy_file_range(src, fd, n, offset, at)
-            if copied == 0:
-                break  # the blob is shorter than the index says: fetch the rest instead
-            done, n, offset, at = done + copied, n - copied, offset + copied, at + copied
-        at = run.at
+        done = copy_range(src, fd, run.size, run.offset, run.at)  # short: the blob is shorter than
+        at = run.at  # the index says, and what is missing is fetched instead
         for cid, length in run.chunks:
             if at + length <= run.at + done:
                 self.stats.chunks_seeded += 1
