@@ -106,6 +106,7 @@ def realize(
     from castore.recipes import evaluate_target
 
     _, plan = evaluate_target(target)
+    link = _out_link(out_link) if out_link is not None else None
     with _store() as store:
         live = not as_json and not dry_run and sys.stderr.isatty()
         from castore.progress import LiveReporter, PlainReporter
@@ -131,19 +132,27 @@ def realize(
                 verb = "fetch" if s.plan.builder in ("fetch", "debian_package") else "build"
                 print(f"  {verb:5} {s.plan.label:28} {s.plan.builder:14} plan {s.hash[:16]}  ({s.plan.origin})")
             return
-        if live:
-            with reporter:
+        with store.lock("gc", shared=True):  # no gc between the build and its out-link's root
+            if live:
+                with reporter:
+                    outcome = realizer.realize(plan)
+            else:
                 outcome = realizer.realize(plan)
-        else:
-            outcome = realizer.realize(plan)
-        oid = outcome.root.oid
-        assert oid is not None
-        if out_link:
-            link = Path(out_link).absolute()
-            tmp = link.with_name(f".{link.name}.{os.getpid()}")
-            os.symlink(store.blob_path(oid), tmp)
-            os.replace(tmp, link)
-            store.add_root(str(link), oid, link=True)
+            oid = outcome.root.oid
+            assert oid is not None
+            if link is not None:
+                _out_link(str(link))  # still free to take
+                tmp = link.with_name(f".{link.name}.{os.getpid()}")
+                try:
+                    os.symlink(store.blob_path(oid), tmp)
+                    os.replace(tmp, link)
+                except OSError as exc:
+                    raise CastoreError(f"cannot make the out-link {link}: {exc.strerror}",
+                                       f"{oid} is built; `castore path {oid[:12]}` shows where") from exc
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                store.add_root(str(link), oid, link=True)
         info = store.info(oid)
         details = _details(store, oid, info.kind)
         if as_json:
@@ -208,14 +217,25 @@ def add(
 
     Example: castore add vmlinux; castore add --all-root ./rootfs-dir
     """
-    with _store() as store:
-        if path.is_dir():
+    import stat
+
+    if root_name is not None and not root_name.strip():
+        raise CastoreError("a gc root needs a name", "e.g. --root demo-kernel")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CastoreError(f"{path} does not exist") from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise CastoreError(f"{path} is not a regular file or a directory",
+                           "castore adds files (kernels, images) and directory trees")
+    with _store() as store, store.lock("gc", shared=True):  # no gc between the add and its root
+        if stat.S_ISDIR(mode):
+            if move:
+                _err(f"note: copying {path}: --move applies to files")
             oid = store.add_dir(path, all_root=all_root)
-        elif path.exists():
-            oid = store.add_file(path, move=move and _movable(path, store.root))
         else:
-            raise CastoreError(f"{path} does not exist")
-        if root_name:
+            oid = store.add_file(path, move=move and _movable(path, store.root))
+        if root_name is not None:
             store.add_root(root_name, oid)
         info = store.info(oid)
         if as_json:
@@ -224,13 +244,30 @@ def add(
             print(oid)
 
 
+def _out_link(name: str) -> Path:
+    """Where -o puts its symlink: a new name, or an earlier out-link (a symlink) to replace."""
+    if not name:
+        raise CastoreError("-o needs a name", "e.g. -o result")
+    link = Path(name).absolute()
+    if not link.parent.is_dir():
+        raise CastoreError(f"cannot make the out-link {link}: {link.parent} is not a directory")
+    if (link.exists() or link.is_symlink()) and not link.is_symlink():
+        raise CastoreError(f"{link} exists and is not a symlink", "-o replaces only an earlier out-link; "
+                           "pick another name, or remove it")
+    return link
+
+
 def _movable(path: Path, root: Path) -> bool:
-    """Moving is safe only for a file nobody else can still write through another name."""
-    st = path.stat()
+    """Moving is safe only for a file nobody else can still write through another name: not a
+    symlink (that would move the link, not the file), not a file of the store itself."""
+    import stat
+
+    st = path.lstat()
     same_fs = st.st_dev == os.stat(root).st_dev
-    if not (same_fs and st.st_nlink == 1 and st.st_uid == os.geteuid() and path.is_file()):
-        _err(f"note: copying {path}: --move needs a regular file with one link, owned by you, "
-             "on the store's filesystem")
+    inside = path.resolve().is_relative_to(root.resolve())
+    if not (same_fs and st.st_nlink == 1 and st.st_uid == os.geteuid() and stat.S_ISREG(st.st_mode)) or inside:
+        _err(f"note: copying {path}: --move needs a regular file (not a symlink) with one link, owned by "
+             "you, on the store's filesystem and outside the store")
         return False
     return True
 
@@ -405,8 +442,8 @@ def serve(
     from castore.cache.server import serve as run_server
 
     host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit():
-        raise CastoreError(f"--bind {bind!r} is not HOST:PORT", "for example 127.0.0.1:8080")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CastoreError(f"--bind {bind!r} is not HOST:PORT (a port from 1 to 65535)", "for example 127.0.0.1:8080")
     _err(f"serving {directory.absolute()} on http://{host}:{port}")
     run_server(str(directory), host, int(port))
 
@@ -537,6 +574,8 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List the objects in the store, with the names of the plans that made them."""
+    if kind not in (None, "blob", "tree", "image"):
+        raise CastoreError(f"--kind {kind!r}: there are blob, tree and image objects")
     with _store(create=False) as store:
         names = {oid: n for oid, n in store._q("SELECT object, name FROM realisations")}
         roots = {o for _, o, _ in store.roots()}
@@ -612,9 +651,11 @@ def roots(as_json: JsonOpt = False) -> None:
 @app.command()
 def log(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (or prefix), or a plan hash.")]) -> None:
     """Print the build log of the plan that made an object (or of a failed plan, by plan hash)."""
+    from castore.hashing import is_id
+
     with _store(create=False) as store:
         candidate = store.logs / f"{object_id}.log"
-        if not candidate.exists():
+        if not is_id(object_id) or not candidate.exists():  # a plan hash names its log; else an object
             oid = store.resolve(object_id)
             plans = store.plans_for(oid)
             if not plans:

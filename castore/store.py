@@ -101,6 +101,10 @@ class LocalStore:
                 self._init_db()
             self.db.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
+            if _full(self.root):
+                raise StoreError(f"no space left on the device holding {self.root}",
+                                 "free space on that device: even reading the store needs a little, "
+                                 "for SQLite's shared-memory file") from exc
             raise StoreError(f"cannot open the store database in {self.root}: {exc}") from exc
         except PermissionError as exc:
             raise StoreError(f"cannot write to the store at {self.root}: {exc.strerror}",
@@ -117,7 +121,13 @@ class LocalStore:
         fd = os.open(self.locks / "init.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if self.db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and (held := sum(1 for d in self.blobs.iterdir() if d.is_dir() for _ in d.iterdir())):
+                raise StoreError(f"the store database {self.root / 'db.sqlite'} holds nothing, but blobs/ "
+                                 f"holds {held} files: the database was lost or emptied",
+                                 "restore db.sqlite from a backup; castore will not take this for a new "
+                                 "store, whose gc would delete every blob")
+            if version != _SCHEMA_VERSION:
                 self.db.execute("PRAGMA journal_mode=WAL")  # kept in the file: set once
                 self.db.executescript(_SCHEMA)
                 self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
@@ -140,7 +150,13 @@ class LocalStore:
             try:
                 return self.db.execute(sql, tuple(args)).fetchall()
             except sqlite3.Error as exc:
-                raise StoreError(f"store database error: {exc}") from exc
+                raise self._db_error(exc) from exc
+
+    def _db_error(self, exc: sqlite3.Error) -> StoreError:
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return StoreError(f"no space left on the device holding {self.root}",
+                              "nothing was added; free space on that device and retry")
+        return StoreError(f"store database error: {exc}")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -154,7 +170,7 @@ class LocalStore:
                     raise
                 self.db.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise StoreError(f"store database error: {exc}") from exc
+                raise self._db_error(exc) from exc
 
     def kv_get(self, prefix: str) -> dict[str, str]:
         return {k[len(prefix):]: v for k, v in self._q(
@@ -251,8 +267,9 @@ class LocalStore:
             return
         self._pending = _Pending()
         try:
-            yield
-            self._flush()
+            with self.lock("gc", shared=True):  # gc would take renamed files without rows for strays
+                yield
+                self._flush()
         finally:
             pending, self._pending = self._pending, None
             for p in pending.files.values():
@@ -308,23 +325,36 @@ class LocalStore:
             staged.unlink()
             return oid
         dest = self.blob_path(oid)
-        try:
-            fd = os.open(staged, os.O_RDONLY)
+        with self.lock("gc", shared=True):  # gc would take a renamed file without its row for a stray
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _mkdir(dest.parent)
-            os.rename(staged, dest)
-            dfd = os.open(dest.parent, os.O_RDONLY)
+                fd = os.open(staged, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                _mkdir(dest.parent)
+                os.rename(staged, dest)
+                dfd = os.open(dest.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError as exc:
+                raise store_os_error(exc, self.root) from exc  # the caller removes or restores staged
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            raise store_os_error(exc, self.root) from exc  # the caller removes or restores staged
-        self._insert({oid: (kind, size, refs)})
+                self._insert({oid: (kind, size, refs)})
+            except BaseException:
+                if not self._has_safely(oid):
+                    os.rename(dest, staged)  # back to the caller, who removes it or gives it back
+                raise
         return oid
+
+    def _has_safely(self, oid: str) -> bool:
+        """has(), for error paths: when the database cannot answer, the object is not there."""
+        try:
+            return self.has(oid)
+        except (CastoreError, sqlite3.Error):
+            return False
 
     # -- adding -------------------------------------------------------------
 
@@ -509,6 +539,8 @@ class LocalStore:
         return rows[0][0], canonical.decode(rows[0][1], "plan record")
 
     def add_root(self, name: str, oid: str, *, link: bool = False) -> None:
+        if not name.strip():
+            raise StoreError("a gc root needs a name", "e.g. --root demo-kernel")
         if not self.has(oid):
             raise NotFound(f"object {oid} is not in the store")
         with self._transaction() as db:
@@ -693,6 +725,12 @@ def _scan(base: str, all_root: bool) -> tuple[list[Entry], list[tuple[int, str]]
             raise StoreError(f"cannot read {exc.filename}: {exc.strerror}") from exc
         for d in found:
             path = f"{rel}/{d.name}" if rel else d.name
+            if not d.name.isascii():
+                try:
+                    d.name.encode()
+                except UnicodeEncodeError:
+                    raise StoreError(f"{os.fsencode(d.path)!r}: the name is not UTF-8, and tree paths are",
+                                     "rename it (convmv can), or leave it out") from None
             st = d.stat(follow_symlinks=False)
             uid, gid = (0, 0) if all_root else (st.st_uid, st.st_gid)
             mode = stat.S_IMODE(st.st_mode)
@@ -789,6 +827,16 @@ def _copy_hashing(src: Path, dest: Path) -> tuple[str, int]:
         os.close(fd)
     with open(dest, "rb") as f:
         return hash_fileobj(f, copied), copied
+
+
+_SQLITE_FULL = 13
+
+
+def _full(path: Path) -> bool:
+    try:
+        return os.statvfs(path).f_bavail == 0
+    except OSError:
+        return False
 
 
 def store_os_error(exc: OSError, root: Path, what: Path | None = None,

@@ -138,3 +138,52 @@ def test_add_move_only_when_safe(tmp_path: Path) -> None:
     (tmp_path / "other-name").unlink()
     res = castore_json("add", "--move", str(img), store=store)
     assert not img.exists() and Path(res["path"]).read_bytes() == data
+
+
+def test_add_takes_files_and_dirs_only_and_moves_no_symlink(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc = castore("add", str(fifo), store=store, check=False, timeout=30)  # it used to block, reading
+    assert proc.returncode == 1 and "not a regular file or a directory" in proc.stderr
+    target = tmp_path / "kernel"
+    target.write_bytes(b"v1")
+    target.chmod(0o644)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    proc = castore("add", "--move", str(link), store=store)
+    assert "note: copying" in proc.stderr and link.is_symlink() and target.stat().st_mode & 0o777 == 0o644
+    blob = Path(castore("path", proc.stdout.strip(), store=store).stdout.strip())
+    assert not blob.is_symlink() and blob.read_bytes() == b"v1"
+    again = castore("add", "--move", str(blob), store=store)  # a store file is copied, never moved
+    assert "note: copying" in again.stderr and blob.exists()
+    assert castore_json("verify", store=store)["ok"]
+    empty_root = castore("add", "--root", "", str(target), store=store, check=False)
+    assert empty_root.returncode == 1 and "needs a name" in empty_root.stderr
+
+
+def test_out_link_replaces_only_an_earlier_out_link(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    (tmp_path / "adir").mkdir()
+    for name, why in ((mine, "exists and is not a symlink"), (tmp_path / "adir", "exists and is not a symlink"),
+                      (tmp_path / "nodir" / "link", "is not a directory")):
+        proc = castore("realize", "tests/recipes/small.py:overlay", "-o", str(name), store=store, check=False)
+        assert proc.returncode == 1 and why in proc.stderr, proc.stderr
+    assert mine.read_text() == "mine" and os.listdir(tmp_path / "adir") == []
+    res = tmp_path / "result"
+    for _ in range(2):  # the second replaces the first
+        castore("realize", "tests/recipes/small.py:overlay", "-o", str(res), store=store)
+    assert res.is_symlink() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".result")] == []
+
+
+def test_arguments_are_checked(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    castore("add", str(Path(__file__)), store=store)
+    (tmp_path / "secret.log").write_text("not a build log")
+    for args, why in ((["log", "../../secret"], "not an object id"),
+                      (["ls", "--kind", "bogus"], "--kind 'bogus'"),
+                      (["serve", str(tmp_path), "--bind", "127.0.0.1:99999"], "a port from 1 to 65535")):
+        proc = castore(*args, store=store, check=False, timeout=30)
+        assert proc.returncode == 1 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

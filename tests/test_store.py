@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -165,3 +166,73 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> No
         assert [p.returncode for p in procs] == [0] * 8, errors
         with LocalStore(root) as s:
             assert len(s.objects()) == 8 and s.verify()[0] == []
+
+
+def test_gc_waits_for_objects_being_published(tmp_path: Path) -> None:
+    """Renamed into blobs/ but not yet recorded, a file looks like a stray to gc: gc must wait."""
+    import sys
+    import time
+
+    root = tmp_path / "s"
+    f = tmp_path / "f"
+    f.write_bytes(b"published while gc runs")
+    code = "import sys; from castore.store import LocalStore; print(LocalStore(sys.argv[1]).gc()[1])"
+    with LocalStore(root) as s:
+        with s.batch():
+            oid = s.add_file(f)
+            gc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
+            time.sleep(1.0)
+            assert gc.poll() is None  # blocked on the lock the batch holds
+        gc.communicate(timeout=60)
+        assert gc.returncode == 0
+        assert s.verify() == ([], [])  # gc came after: the object was whole, then collected whole
+        assert not s.has(oid) and not s.blob_path(oid).exists()
+
+
+def test_an_emptied_database_is_not_taken_for_a_new_store(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    with LocalStore(root) as s:
+        oid = s.add_bytes(b"precious")
+    for p in root.glob("db.sqlite*"):
+        p.unlink()
+    (root / "db.sqlite").write_bytes(b"")
+    with pytest.raises(StoreError, match="holds nothing, but blobs/ holds 1 files") as err:
+        LocalStore(root)
+    assert "backup" in (err.value.hint or "")
+    assert (root / "blobs" / oid[:2] / oid).read_bytes() == b"precious"
+
+
+def test_a_name_that_is_not_utf8_is_refused(store: LocalStore, tmp_path: Path) -> None:
+    d = tmp_path / "tree"
+    d.mkdir()
+    (d / "ok").write_text("x")
+    open(os.path.join(os.fsencode(d), b"caf\xe9"), "wb").close()
+    with pytest.raises(StoreError, match="not UTF-8"):
+        store.add_dir(d)
+    assert store.objects() == [] and os.listdir(store.tmp) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_a_moved_file_comes_back_when_the_database_is_full(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    s = LocalStore(mnt / "store")
+    try:
+        s.add_bytes(b"the database has its first pages")
+        user = mnt / "userfile"
+        data = os.urandom(200_000)
+        user.write_bytes(data)
+        (s.blobs / hash_bytes(data)[:2]).mkdir(exist_ok=True)
+        # every block taken: the renames work, the WAL cannot grow
+        with open(mnt / "fill", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(4096))
+        with pytest.raises(StoreError, match="no space left"):
+            s.add_file(user, move=True)
+        assert user.read_bytes() == data and oct(user.stat().st_mode & 0o777) == "0o644"
+        (mnt / "fill").unlink()
+        assert len(s.objects()) == 1 and s.verify()[0] == [] and os.listdir(s.tmp) == []
+    finally:
+        s.close()
+        subprocess.run(["umount", str(mnt)], check=True)
