@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob);
 """
 _SMALL = 8 << 20
+_LISTED = 20  # stray files named one by one in verify's notes
 
 
 @dataclass(frozen=True)
@@ -423,6 +424,7 @@ class LocalStore:
         base = os.fspath(root)
         if not os.path.isdir(base):
             raise NotFound(f"{base} is not a directory")
+        self.clean_stale_staging()  # what a killed add left
         entries, files = _scan(base, all_root)
         # One thread: on two cores a pool measured slower (GIL hand-offs), the kernel does the copying.
         # Small files are read and hashed in groups, then one query tells which the store lacks.
@@ -697,16 +699,18 @@ class LocalStore:
         for plan, oid in self._q("SELECT plan, object FROM realisations"):
             if oid not in known:
                 problems.append(f"realisation of plan {plan} names missing object {oid}")
-        for stray in self.stray_files():
-            notes.append(f"stray file {stray.name} (no record; castore gc removes it)")
+        strays = self.stray_files()
+        notes += [f"stray file {p.name} (no record; castore gc removes it)" for p in strays[:_LISTED]]
+        if len(strays) > _LISTED:
+            notes.append(f"... and {len(strays) - _LISTED} more stray files")
         kept = self.tmp / "pulls"
         if kept.is_dir() and any(kept.iterdir()):
             notes.append(f"{len(list(kept.iterdir()))} partial objects kept from an unfinished pull "
                          "(the next pull keeps what verifies in them; castore gc removes them)")
-        for name in os.listdir(self.tmp):
-            pid = name.split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                notes.append(f"staging left by a stopped process: tmp/{name} (removed by the next realize or gc)")
+        left = [n for n in os.listdir(self.tmp) if (pid := n.split("-", 1)[0]).isdigit() and not _alive(int(pid))]
+        if left:
+            notes.append(f"staging left by a stopped process: {len(left)} files or build directories in tmp/ "
+                         "(removed by the next add, realize or gc)")
         return problems, notes
 
 

@@ -236,3 +236,19 @@ def test_a_moved_file_comes_back_when_the_database_is_full(tmp_path: Path) -> No
     finally:
         s.close()
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_verify_sums_up_litter_and_add_clears_a_killed_adds_staging(store: LocalStore, tmp_path: Path) -> None:
+    dead_pid = 2**22 + 7  # above the default pid_max: never a live process
+    for i in range(25):
+        (store.blobs / "ab").mkdir(exist_ok=True)
+        (store.blobs / "ab" / f"ab{i:062d}").write_bytes(b"stray")
+        (store.tmp / f"{dead_pid}-obj-{i}-cafe").write_bytes(b"staged by a killed add")
+    problems, notes = store.verify()
+    assert problems == [] and len(notes) == 22  # 20 strays named, 1 line for the rest, 1 for the staging
+    assert "and 5 more stray files" in notes[20] and "25 files or build directories" in notes[21]
+    d = tmp_path / "tree"
+    d.mkdir()
+    (d / "f").write_text("x")
+    store.add_dir(d)
+    assert os.listdir(store.tmp) == []
