@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from castore import canonical
+from castore.errors import EncodingError
 from castore.hashing import hash_bytes
 
 FORMAT = 1
@@ -51,8 +52,15 @@ class Plan:
 
     def __post_init__(self) -> None:
         assert self.output in OUTPUT_KINDS, self.output
-        # Validate eagerly so a bad parameter is reported at its recipe line.
-        canonical.encode(self.params)
+        # Validate eagerly so a bad parameter is reported at its recipe line. The recipe DSL checks
+        # types first; this is the backstop for what msgpack itself cannot take.
+        try:
+            canonical.encode(self.params)
+        except UnicodeEncodeError as exc:
+            raise EncodingError(f"a parameter of {self.label} is not valid UTF-8 text: "
+                                f"{exc.object[exc.start:exc.end]!r} ({exc.reason})") from None
+        except OverflowError:
+            raise EncodingError(f"an integer parameter of {self.label} is out of range (-2**63 to 2**64-1)") from None
 
     def __repr__(self) -> str:
         return f"<Plan {self.builder} {self.name or ''} at {self.origin}>"

@@ -2,7 +2,10 @@
 
 Evaluation is pure: it reads the local files a recipe names (to hash them),
 runs no process, opens no socket and writes nothing. Every DSL call records
-where in the recipe file it was made, so an error names the file and line.
+where in the recipe file it was made, so an error names the file and line, and
+checks the types and ranges of what it is passed there and then: nothing a
+recipe passes may fail later as a traceback at build time. A recipe (or recipe
+file) that calls ``sys.exit`` is an error at its line, not the end of castore.
 Local paths are resolved relative to the file of the calling recipe.
 """
 
@@ -60,6 +63,8 @@ def _fail(message: str, hint: str | None = None) -> RecipeError:
 
 
 def _source(path: str | os.PathLike[str], what: str) -> Source:
+    if not isinstance(path, str | os.PathLike):
+        raise _fail(f"{what} must be a path (a str), got {type(path).__name__} {_show(path)}")
     _, base = _origin()
     full = (base / path).resolve()
     try:
@@ -77,6 +82,7 @@ def _source(path: str | os.PathLike[str], what: str) -> Source:
 
 
 def _plan(builder: str, output: str, name: str, **kw: Any) -> Plan:
+    _str(name, "name")
     origin, _ = _origin()
     try:
         return Plan(builder, output, name=name, origin=origin, **kw)
@@ -101,20 +107,86 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KiB": 1 << 10, "M": 1 << 20, "MiB": 1 <<
           "G": 1 << 30, "GiB": 1 << 30, "T": 1 << 40, "TiB": 1 << 40}
 
 
+MAX_SIZE = (1 << 63) - 1  # the largest file size Linux can represent (loff_t)
+MAX_ID = (1 << 32) - 1  # uids, gids and device numbers are 32-bit on Linux
+
+
 def parse_size(value: int | str) -> int:
-    if isinstance(value, int) and value >= 0:
-        return value
-    if isinstance(value, str):
+    nbytes: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        nbytes = value
+    elif isinstance(value, str):
         m = _SIZE_RE.fullmatch(value.strip())
         if m:
-            return int(m.group(1)) * _UNITS[m.group(2)]
-    raise _fail(f"size {value!r} is not understood", "write bytes as an int, or like '512MiB', '1GiB'")
+            nbytes = int(m.group(1)) * _UNITS[m.group(2)]
+    if nbytes is None:
+        raise _fail(f"size {_show(value)} is not understood", "write bytes as an int, or like '512MiB', '1GiB'")
+    if nbytes > MAX_SIZE:
+        raise _fail(f"size {_show(value)} is too large: at most {MAX_SIZE} bytes (8 EiB)")
+    return nbytes
 
 
-def _mode(value: int, what: str) -> int:
-    if not isinstance(value, int) or not 0 <= value <= 0o7777:
-        raise _fail(f"{what} mode {value!r} must be an int between 0 and 0o7777")
+# -- checking what a recipe passes, where it passes it ---------------------
+# Every check raises through _fail, so the error names the recipe line of the call.
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(), shortened: a recipe may pass megabytes of text."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "[...]"
+
+
+def _int(value: Any, what: str, lo: int, hi: int, hint: str | None = None) -> int:
+    """An int (a bool is not one) from lo to hi."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _fail(f"{what} {_show(value)} must be an int from {lo} to {hi}", hint)
     return value
+
+
+def _str(value: Any, what: str, *, nul: bool = True) -> str:
+    """A str that encodes as UTF-8 (and, with nul=False, holds no NUL)."""
+    if not isinstance(value, str):
+        raise _fail(f"{what} must be a str, got {type(value).__name__} {_show(value)}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise _fail(
+            f"{what} {_show(value)} holds {value[exc.start]!r} at position {exc.start}, "
+            f"which is not valid in UTF-8 ({exc.reason})",
+            "lone surrogates come from bytes decoded with errors='surrogateescape'; pass real text",
+        ) from None
+    if not nul and "\0" in value:
+        raise _fail(f"{what} {_show(value)} contains a NUL character")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(f"{what} must be True or False, got {_show(value)}")
+    return value
+
+
+def _mode(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
+        raise _fail(f"{what} mode {_show(value)} must be an int between 0 and 0o7777", "write modes in octal: 0o644")
+    return value
+
+
+def _owner(uid: Any, gid: Any, what: str) -> dict[str, int]:
+    hint = "owners are numeric ids, as in the image's /etc/passwd: root is 0"
+    return {"uid": _int(uid, f"{what}: uid", 0, MAX_ID, hint), "gid": _int(gid, f"{what}: gid", 0, MAX_ID, hint)}
+
+
+def _tree_path(path: Any, what: str = "path", *, root: bool = False) -> str:
+    """A path inside a tree, normalized (``/usr//bin/`` -> ``usr/bin``); the root only if allowed."""
+    _str(path, what)
+    try:
+        norm = normalize_path(path, what)
+    except CastoreError as exc:
+        raise _fail(exc.message) from None
+    if not norm and not root:
+        raise _fail(f"{what} {path!r} names the tree root")
+    return norm
 
 
 # -- builders' front ends --------------------------------------------------
@@ -128,6 +200,7 @@ def fetch(
     The only builder with network access; its output is checked against the
     declared sha256 or blake3 before it enters the store.
     """
+    _str(url, "fetch URL", nul=False)
     if not url.startswith(("http://", "https://", "file://")):
         raise _fail(f"fetch URL {url!r} must start with http://, https:// or file://")
     if (sha256 is None) == (blake3 is None):
@@ -135,8 +208,8 @@ def fetch(
                     "run it once with a dummy hash to see the real one")
     algo, digest = ("sha256", sha256) if sha256 is not None else ("blake3", blake3)
     assert digest is not None
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise _fail(f"{algo} {digest!r} must be 64 lowercase hex digits")
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise _fail(f"{algo} {_show(digest)} must be 64 lowercase hex digits")
     return _plan(
         "fetch", "blob", name or url.rsplit("/", 1)[-1], params={"url": url, algo: digest}
     )
@@ -144,7 +217,10 @@ def fetch(
 
 def debian_package(name: str, version: str, *, sha256: str, arch: str = "amd64") -> Plan:
     """A Debian package fetched through the machine's apt configuration (``apt-get download``)."""
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+    _str(name, "debian_package name", nul=False)
+    _str(version, f"debian_package {name}: version", nul=False)
+    _str(arch, f"debian_package {name}: arch", nul=False)
+    if not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
         raise _fail(f"debian_package {name}: sha256 must be 64 lowercase hex digits")
     return _plan(
         "debian_package",
@@ -171,8 +247,9 @@ def squashfs(
     plan = _need_plan(rootfs, "squashfs' tree", ["tree"])
     if compression not in ("gzip", "xz", "zstd", "lz4", "lzo"):
         raise _fail(f"squashfs compression {compression!r} is not one of gzip, xz, zstd, lz4, lzo")
-    if block_size & (block_size - 1) or not 4096 <= block_size <= 1 << 20:
-        raise _fail(f"squashfs block_size {block_size} must be a power of two from 4096 to 1MiB")
+    if (isinstance(block_size, bool) or not isinstance(block_size, int)
+            or block_size & (block_size - 1) or not 4096 <= block_size <= 1 << 20):
+        raise _fail(f"squashfs block_size {_show(block_size)} must be a power of two from 4096 to 1MiB")
     return _plan(
         "squashfs",
         "blob",
@@ -187,7 +264,8 @@ def ext4(size: int | str, *, label: str = "", name: str | None = None) -> Plan:
     nbytes = parse_size(size)
     if nbytes < 1 << 20 or nbytes % 4096:
         raise _fail(f"ext4 size {size!r} must be at least 1MiB and a multiple of 4KiB")
-    if len(label) > 16:
+    _str(label, "ext4 label", nul=False)
+    if len(label.encode()) > 16:
         raise _fail(f"ext4 label {label!r} is longer than 16 bytes")
     return _plan("ext4", "blob", name or f"ext4({size})", params={"size": nbytes, "label": label})
 
@@ -204,6 +282,7 @@ def kernel(
     src = _need_plan(source, "kernel source", ["blob"])
     if base not in ("tinyconfig", "allnoconfig", "defconfig"):
         raise _fail(f"kernel base {base!r} must be tinyconfig, allnoconfig or defconfig")
+    _str(arch, "kernel arch", nul=False)
     return _plan(
         "kernel",
         "blob",
@@ -225,10 +304,12 @@ def image(
     inputs: dict[str, Plan | Source] = {"kernel": k}
     for i, layer in enumerate(layers):
         inputs[f"layer{i}"] = _need_plan(layer, f"image's rootfs layer {i}", ["blob"])
-    if not (isinstance(vcpus, int) and 1 <= vcpus <= 32):
-        raise _fail(f"vcpus {vcpus!r} must be an int from 1 to 32")
-    if not (isinstance(mem_mib, int) and mem_mib >= 16):
-        raise _fail(f"mem_mib {mem_mib!r} must be an int of at least 16")
+    _int(vcpus, "vcpus", 1, 32)
+    _int(mem_mib, "mem_mib", 16, MAX_ID)
+    _str(cmdline, "image cmdline", nul=False)
+    overlay = parse_size(overlay_size)
+    if overlay < 1 << 20:
+        raise _fail(f"overlay_size {overlay_size!r} must be at least 1MiB", "the overlay is an ext4 filesystem")
     return _plan(
         "image",
         "image",
@@ -236,7 +317,7 @@ def image(
         params={
             "cmdline": cmdline,
             "layers": len(layers),
-            "overlay_size": parse_size(overlay_size),
+            "overlay_size": overlay,
             "vcpus": vcpus,
             "mem_mib": mem_mib,
         },
@@ -247,13 +328,15 @@ def image(
 def local_file(path: str | os.PathLike[str], *, name: str | None = None) -> Plan:
     """A file next to the recipe, as a blob (its content is hashed into the plan)."""
     src = _source(path, "file")
-    return _plan("source", "blob", name or os.path.basename(src.path), inputs={"file": src})
+    # a file name need not be UTF-8; the display name derived from it must be
+    shown = os.path.basename(src.path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _plan("source", "blob", name or shown, inputs={"file": src})
 
 
 def get(tree_plan: Any, path: str) -> Plan:
     """One file of a tree, as a blob."""
     plan = _need_plan(tree_plan, "get's tree", ["tree"])
-    norm = normalize_path(path)
+    norm = _tree_path(path, "get's path")
     return _plan("tree_get", "blob", f"{plan.label}:{norm}", params={"path": norm}, inputs={"tree": plan})
 
 
@@ -288,56 +371,63 @@ class TreeExpr:
 
     @staticmethod
     def _path(path: str) -> str:
-        try:
-            norm = normalize_path(path)
-        except CastoreError as exc:
-            raise _fail(exc.message) from None
-        if not norm:
-            raise _fail(f"path {path!r} names the tree root")
-        return norm
+        return _tree_path(path)
 
     def merge(self, layer: Any, *, only: Iterable[str] | None = None, prefix: str = "/") -> TreeExpr:
         """Copy entries of another tree (all, or those under the paths in ``only``)."""
         plan = _need_plan(layer, "merge's layer", ["tree"])
-        op: dict[str, Any] = {"op": "merge", "input": self._input(plan), "prefix": normalize_path(prefix)}
+        op: dict[str, Any] = {"op": "merge", "prefix": _tree_path(prefix, "merge's prefix", root=True)}
         if only is not None:
+            if isinstance(only, str | bytes) or not isinstance(only, Iterable):
+                raise _fail(f"merge's only= must be a list of paths, got {_show(only)}",
+                            f"write only=[{only!r}]" if isinstance(only, str) else None)
             op["only"] = [self._path(p) for p in only]
+        op["input"] = self._input(plan)
         return self._add(op)
 
     def file(self, path: str, *, source: str | os.PathLike[str] | Plan, mode: int = 0o644,
              uid: int = 0, gid: int = 0) -> TreeExpr:
         """A file whose bytes come from a file beside the recipe, or from a blob plan."""
-        value = _need_plan(source, "file source", ["blob"]) if isinstance(source, Plan) else _source(source, "file")
-        return self._add({"op": "file", "path": self._path(path), "input": self._input(value),
-                          "mode": _mode(mode, path), "uid": uid, "gid": gid})
+        norm = self._path(path)
+        mode, owner = _mode(mode, path), _owner(uid, gid, path)
+        value = (_need_plan(source, "file source", ["blob"]) if isinstance(source, Plan | Recipe | TreeExpr)
+                 else _source(source, "file"))
+        return self._add({"op": "file", "path": norm, "input": self._input(value), "mode": mode, **owner})
 
     def text(self, path: str, content: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0) -> TreeExpr:
         """A file with the given text (UTF-8)."""
-        if not isinstance(content, str):
-            raise _fail(f"text for {path} must be a str")
-        return self._add({"op": "text", "path": self._path(path), "content": content,
-                          "mode": _mode(mode, path), "uid": uid, "gid": gid})
+        norm = self._path(path)
+        _str(content, f"text for {path}")
+        return self._add({"op": "text", "path": norm, "content": content,
+                          "mode": _mode(mode, path), **_owner(uid, gid, path)})
 
     def dirs(self, *paths: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> TreeExpr:
         for path in paths:
-            self._add({"op": "dir", "path": self._path(path), "mode": _mode(mode, path), "uid": uid, "gid": gid})
+            norm = self._path(path)
+            self._add({"op": "dir", "path": norm, "mode": _mode(mode, path), **_owner(uid, gid, path)})
         return self
 
     def symlink(self, path: str, target: str, *, uid: int = 0, gid: int = 0) -> TreeExpr:
+        norm = self._path(path)
+        _str(target, f"symlink {path}: target")
         if not target or "\0" in target:
             raise _fail(f"symlink {path}: target {target!r} is empty or has a NUL")
-        return self._add({"op": "symlink", "path": self._path(path), "target": target, "uid": uid, "gid": gid})
+        return self._add({"op": "symlink", "path": norm, "target": target, **_owner(uid, gid, path)})
 
     def device(self, path: str, kind: str, major: int, minor: int, *, mode: int = 0o600,
                uid: int = 0, gid: int = 0) -> TreeExpr:
         """A character (``"c"``) or block (``"b"``) device node."""
+        norm = self._path(path)
         if kind not in ("c", "b"):
-            raise _fail(f"device {path}: kind must be 'c' or 'b', got {kind!r}")
-        return self._add({"op": "device", "path": self._path(path), "type": "char" if kind == "c" else "block",
-                          "major": major, "minor": minor, "mode": _mode(mode, path), "uid": uid, "gid": gid})
+            raise _fail(f"device {path}: kind must be 'c' or 'b', got {_show(kind)}")
+        return self._add({"op": "device", "path": norm, "type": "char" if kind == "c" else "block",
+                          "major": _int(major, f"device {path}: major", 0, MAX_ID),
+                          "minor": _int(minor, f"device {path}: minor", 0, MAX_ID),
+                          "mode": _mode(mode, path), **_owner(uid, gid, path)})
 
     def fifo(self, path: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0) -> TreeExpr:
-        return self._add({"op": "fifo", "path": self._path(path), "mode": _mode(mode, path), "uid": uid, "gid": gid})
+        norm = self._path(path)
+        return self._add({"op": "fifo", "path": norm, "mode": _mode(mode, path), **_owner(uid, gid, path)})
 
     def remove(self, *paths: str) -> TreeExpr:
         """Remove entries and everything under them; a missing path is an error at build time."""
@@ -346,11 +436,13 @@ class TreeExpr:
         return self
 
     def chmod(self, path: str, mode: int) -> TreeExpr:
-        return self._add({"op": "chmod", "path": self._path(path), "mode": _mode(mode, path)})
+        norm = self._path(path)
+        return self._add({"op": "chmod", "path": norm, "mode": _mode(mode, path)})
 
     def chown(self, path: str, uid: int, gid: int, *, recursive: bool = False) -> TreeExpr:
-        return self._add({"op": "chown", "path": self._path(path), "uid": uid, "gid": gid,
-                          "recursive": recursive})
+        norm = self._path(path)
+        return self._add({"op": "chown", "path": norm, **_owner(uid, gid, path),
+                          "recursive": _bool(recursive, "chown's recursive=")})
 
     def plan(self) -> Plan:
         if self._plan is None:
@@ -410,6 +502,9 @@ class Recipe:
             raise
         except RecursionError:
             raise RecipeError(f"{_display(self.file)}:{self.line}: recipe {self.name} recurses without end") from None
+        except SystemExit as exc:  # not an Exception, but no recipe may end the program
+            raise RecipeError(f"{_where(exc, self)}: recipe {self.name} called sys.exit({exc.code!r})",
+                              _EXIT_HINT) from exc
         except Exception as exc:
             raise RecipeError(f"{_where(exc, self)}: recipe {self.name} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(result, TreeExpr):
@@ -421,6 +516,9 @@ class Recipe:
             )
         result.name = self.name
         return result
+
+
+_EXIT_HINT = "a recipe returns a plan; to stop with an error, raise an exception"
 
 
 def _where(exc: BaseException, recipe: Recipe) -> str:
@@ -438,6 +536,11 @@ def recipe(fn: Callable[..., Any]) -> Recipe:
     return Recipe(fn)
 
 
+def _at(shown: str, line: int | None) -> str:
+    """``file:line``, or just ``file`` when the line is not known."""
+    return f"{shown}:{line}" if line else shown
+
+
 def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
     """Execute a recipe file and return its recipes by name, in file order."""
     p = Path(path)
@@ -449,10 +552,15 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
     except OSError as exc:
         raise RecipeError(f"cannot read recipe file {shown}: {exc.strerror}") from exc
     filename = str(p.resolve())
+    nul = text.find(b"\0")
+    if nul >= 0:  # compile() refuses it without saying where
+        where = _at(shown, text.count(b"\n", 0, nul) + 1)
+        raise RecipeError(f"{where}: the recipe file contains a NUL byte",
+                          "a recipe file is Python source in UTF-8; is this a binary or UTF-16 file?")
     try:
         code = compile(text, filename, "exec", dont_inherit=True)
     except SyntaxError as exc:
-        raise RecipeError(f"{shown}:{exc.lineno}: syntax error: {exc.msg}") from None
+        raise RecipeError(f"{_at(shown, exc.lineno)}: syntax error: {exc.msg}") from None
     module_name = f"castore_recipe_{abs(hash(filename))}"
     namespace: dict[str, Any] = {"__name__": module_name, "__file__": filename}
     sys.path.insert(0, str(p.resolve().parent))
@@ -460,10 +568,13 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
         exec(code, namespace)
     except CastoreError:
         raise
-    except Exception as exc:
-        line = next((ln for fr, ln in traceback.walk_tb(exc.__traceback__)
-                     if fr.f_code.co_filename == filename), None)
-        raise RecipeError(f"{shown}:{line}: loading the recipe file raised {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        where = _at(shown, next((ln for fr, ln in traceback.walk_tb(exc.__traceback__)
+                                 if fr.f_code.co_filename == filename), None))
+        if isinstance(exc, SystemExit):
+            raise RecipeError(f"{where}: the recipe file called sys.exit({exc.code!r}) while loading",
+                              _EXIT_HINT) from exc
+        raise RecipeError(f"{where}: loading the recipe file raised {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path.remove(str(p.resolve().parent))
     return {k: v for k, v in namespace.items() if isinstance(v, Recipe) and v.file == filename}

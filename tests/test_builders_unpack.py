@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import io
+import signal
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -92,3 +97,80 @@ def test_tar_with_symlink_dir_replaced(tmp_path: Path) -> None:
             tar.addfile(info)
     res = unpack_archive(_write(tmp_path, buf.getvalue()), tmp_path / "scratch")
     assert [e.path for e in res.tree] == ["a", "a/b"]
+
+
+def _raw_tar(members: list[tuple[str, str, bytes | str]], fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    """A tar whose names may hold bytes that are not UTF-8 (given as surrogateescape'd str)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                assert isinstance(value, bytes)
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+                continue
+            assert isinstance(value, str)
+            info.type = tarfile.LNKTYPE if kind == "hard" else tarfile.SYMTYPE
+            info.linkname = value
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def _deb(data_tar: bytes) -> bytes:
+    def member(name: str, body: bytes) -> bytes:
+        head = f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(body):<10}`\n".encode()
+        return head + body + (b"\n" if len(body) % 2 else b"")
+    return b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("data.tar", data_tar)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Turn a hang into a failure (the loop that hung is pure Python, so the signal gets through)."""
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("data, shown", [
+    (_raw_tar([("caf\udce9/x", "file", b"x")]), r"'caf\xe9/x' has a name"),
+    (_raw_tar([("caf\udce9", "file", b"x")], tarfile.PAX_FORMAT), r"'caf\xe9' has a name"),
+    (_raw_tar([("ok", "sym", "t\udcff")]), r"'ok' has a link target 't\xff'"),
+    (_raw_tar([("a", "file", b"x"), ("b", "hard", "\udcff")]), r"'b' has a link target '\xff'"),
+])
+@pytest.mark.parametrize("wrap", ["tar", "deb"])
+def test_names_that_are_not_utf8_are_refused(tmp_path: Path, data: bytes, shown: str, wrap: str) -> None:
+    archive = _write(tmp_path, _deb(data) if wrap == "deb" else data, f"a.{wrap}")
+    with pytest.raises(UnsafeArchive) as err:
+        unpack_archive(archive, tmp_path / "scratch")
+    assert err.value.message == f"a.{wrap}: archive entry {shown} that is not valid UTF-8"
+    err.value.message.encode()  # printable as it is
+
+
+def test_hard_link_to_itself_is_refused_even_truncated(tmp_path: Path) -> None:
+    data = _raw_tar([("h", "file", b"x"), ("./h", "hard", "h")])
+    # whole; cut after the link's header (no end-of-archive blocks); cut inside the end blocks
+    for cut in (len(data), 1536, 2048):
+        with _deadline(10), pytest.raises(UnsafeArchive, match=r"hard link './h' -> 'h' names itself"):
+            unpack_archive(_write(tmp_path, data[:cut]), tmp_path / "scratch")
+    # compressed and cut anywhere: refused, or a clear error, never a hang or a traceback
+    gz = gzip.compress(data, mtime=0)
+    for cut in range(len(gz) + 1):
+        with _deadline(10), contextlib.suppress(CastoreError):
+            unpack_archive(_write(tmp_path, gz[:cut]), tmp_path / "scratch")
+
+
+def test_non_utf8_name_through_realize_is_one_error_line(tmp_path: Path) -> None:
+    data = _raw_tar([("ok", "file", b"fine"), ("caf\udce9", "file", b"x")])
+    archive = tmp_path / "latin1.tar"
+    archive.write_bytes(data)
+    env = {"CASTORE_TEST_URL": f"file://{archive}", "CASTORE_TEST_SHA256": hashlib.sha256(data).hexdigest()}
+    proc = castore("realize", "tests/recipes/fetching.py:unpacked", store=tmp_path / "store", env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "fetching.py:15" in proc.stderr and r"'caf\xe9' has a name that is not valid UTF-8" in proc.stderr

@@ -15,7 +15,7 @@ RANK = {
     "builders": 3, "store": 3,
     "cache": 4,
     "realize": 5,
-    "progress": 7, "cli": 7, "__init__": 8,
+    "progress": 7, "cli": 7, "__init__": 8, "__main__": 9,  # `python -m castore` runs the cli
 }
 SIBLINGS_APART = {("store", "builders"), ("builders", "store")}
 PURE = {"hashing", "canonical", "manifest", "plan", "recipes"}

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import pytest
+
+from castore.errors import EncodingError
 from castore.plan import Plan, Source, hash_graph, plan_record, walk
 from tests.conftest import golden
 
@@ -62,3 +65,11 @@ def test_shared_inputs_walked_once() -> None:
     root = Plan("image", "image", inputs={"kernel": shared, "layer0": u2}, params={"layers": 1})
     order = walk(root)
     assert len(order) == 4 and order[0] is shared and order[-1] is root
+
+
+def test_unencodable_parameters_are_a_castore_error() -> None:
+    """The backstop behind the recipe checks: msgpack's own errors never escape as tracebacks."""
+    with pytest.raises(EncodingError, match=r"not valid UTF-8 text: '\\udc80'"):
+        Plan("tree", "tree", params={"ops": [{"content": "x\udc80"}]}, name="t")
+    with pytest.raises(EncodingError, match="out of range"):
+        Plan("tree", "tree", params={"ops": [{"uid": 2**64}]}, name="t")

@@ -8,7 +8,7 @@ import pytest
 from castore.errors import RecipeError
 from castore.plan import walk
 from castore.recipes import evaluate_target, load_file, parse_size, select
-from tests.conftest import RECIPES, REPO
+from tests.conftest import RECIPES, REPO, castore
 
 
 def test_callpackage_style_defaults_and_selection() -> None:
@@ -91,3 +91,91 @@ def test_whitespace_and_comments_change_nothing(tmp_path: Path) -> None:
 
 def test_sizes() -> None:
     assert parse_size("1GiB") == 1 << 30 and parse_size("512M") == 512 << 20 and parse_size(4096) == 4096
+
+
+_IMPORTS = "from castore import ext4, fetch, get, image, recipe, squashfs, tree\n"
+_K = "ext4('1MiB')"  # any blob plan stands in for a kernel and a layer here
+
+
+@pytest.mark.parametrize("call, message", [
+    ('tree().text("/a", "x", uid="root")', "uid 'root' must be an int from 0 to 4294967295"),
+    ('tree().text("/a", "x\\udc80")', "'\\udc80' at position 1, which is not valid in UTF-8"),
+    ('tree().text("/a", b"x")', "must be a str, got bytes"),
+    ('tree().device("/dev/x", "c", "five", 1)', "major 'five' must be an int"),
+    ('tree().device("/dev/x", "c", 1, 2**32)', "minor 4294967296 must be an int from 0 to 4294967295"),
+    ('tree().device("/dev/x", "c", True, 1)', "major True must be an int"),
+    ('tree().text("/a", "x", uid=2**40)', "uid 1099511627776 must be an int from 0 to 4294967295"),
+    ('tree().dirs("/a", gid=-1)', "gid -1 must be an int"),
+    ('tree().fifo("/a", mode=True)', "mode True must be an int between 0 and 0o7777"),
+    ('tree().chmod("/a", 0o10000)', "mode 4096 must be an int between 0 and 0o7777"),
+    ('tree().chmod("/a", "755")', "mode '755' must be an int"),
+    ('tree().chown("/a", 0, "0")', "gid '0' must be an int"),
+    ('tree().chown("/a", 0, 0, recursive=1)', "recursive= must be True or False"),
+    ('tree().symlink(b"/a", "b")', "path must be a str, got bytes"),
+    ('tree().symlink("/a", 5)', "target must be a str, got int"),
+    ('tree().symlink("/a\\udcff", "b")', "not valid in UTF-8"),
+    ('tree().remove("/a", None)', "path must be a str, got NoneType"),
+    ('tree().file("/a", source=5)', "file must be a path"),
+    ('tree().merge(tree().dirs("/x"), only="x")', "only= must be a list of paths"),
+    ('tree().merge(tree().dirs("/x"), prefix="../up")', "climbs out"),
+    ('get(tree().dirs("/x"), "../x")', "climbs out"),
+    ('get(tree().dirs("/x"), 5)', "get's path must be a str"),
+    (f"image(kernel={_K}, rootfs={_K}, cmdline=5)", "image cmdline must be a str, got int 5"),
+    (f"image(kernel={_K}, rootfs={_K}, cmdline='a\\0b')", "contains a NUL"),
+    (f"image(kernel={_K}, rootfs={_K}, vcpus=True)", "vcpus True must be an int from 1 to 32"),
+    (f"image(kernel={_K}, rootfs={_K}, mem_mib=2**40)", "mem_mib 1099511627776 must be an int"),
+    (f"image(kernel={_K}, rootfs={_K}, overlay_size=True)", "size True is not understood"),
+    (f"image(kernel={_K}, rootfs={_K}, overlay_size=0)", "overlay_size 0 must be at least 1MiB"),
+    (f"image(kernel={_K}, rootfs={_K}, overlay_size='9999999999TiB')", "is too large"),
+    (f"image(kernel={_K}, rootfs=[{_K}, 5])", "rootfs layer 1 must be a plan"),
+    (f"image(kernel={_K}, rootfs={_K}, name=7)", "name must be a str"),
+    ('squashfs(tree().dirs("/x"), block_size="big")', "block_size 'big' must be a power of two"),
+    ('squashfs(tree().dirs("/x"), block_size=True)', "block_size True must be a power of two"),
+    ("ext4('1MiB', label=5)", "ext4 label must be a str"),
+    ("ext4('1MiB', label='\u00e9' * 9)", "longer than 16 bytes"),
+    ("ext4(2**70)", "is too large"),
+    ("fetch(5, sha256='0' * 64)", "fetch URL must be a str"),
+    ("fetch('https://x/y', sha256=5)", "sha256 5 must be 64 lowercase hex digits"),
+])
+def test_bad_arguments_are_reported_at_the_recipe_line(tmp_path: Path, call: str, message: str) -> None:
+    """Wrong types and out-of-range values fail at evaluation, naming the line that passed them."""
+    f = tmp_path / "r.py"
+    f.write_text(f"{_IMPORTS}\n\n@recipe\ndef default():\n    return {call}\n")
+    with pytest.raises(RecipeError) as err:
+        evaluate_target(str(f))
+    assert err.value.message.split(": ", 1)[0].endswith("r.py:6"), err.value.message
+    assert message in err.value.message
+    err.value.message.encode()  # printable: a lone surrogate is shown escaped, never raw
+
+
+def test_edge_values_are_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "r.py"
+    f.write_text(f"{_IMPORTS}\n\n@recipe\ndef default():\n    return image(kernel={_K}, rootfs=squashfs(tree()\n"
+                 "        .text('/a', 'caf\u00e9\\n', mode=0o7777, uid=2**32 - 1, gid=0)\n"
+                 "        .device('/dev/x', 'b', 0, 2**32 - 1).chown('/a', 0, 2**32 - 1, recursive=True)\n"
+                 "        .merge(tree().dirs('/x'), only=('x',), prefix='/opt')),\n"
+                 "        cmdline='console=ttyS0', overlay_size='1MiB', vcpus=32, mem_mib=2**32 - 1)\n")
+    _, plan = evaluate_target(str(f))
+    assert plan.params["overlay_size"] == 1 << 20 and plan.params["mem_mib"] == 2**32 - 1
+
+
+def test_sys_exit_in_a_recipe_is_an_error_at_its_line(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"bad_exit.py:9: recipe default called sys.exit\(0\)") as err:
+        evaluate_target(str(RECIPES / "bad_exit.py"))
+    assert err.value.hint and "raise an exception" in err.value.hint
+    with pytest.raises(RecipeError, match=r"bad_exit_load.py:5: the recipe file called sys.exit\(0\)"):
+        evaluate_target(str(RECIPES / "bad_exit_load.py"))
+    # and the CLI says so and fails, instead of exiting 0 without a word
+    for name, line in (("bad_exit.py", 9), ("bad_exit_load.py", 5)):
+        proc = castore("realize", f"tests/recipes/{name}", store=tmp_path / "store", check=False)
+        assert proc.returncode == 1 and f"{name}:{line}: " in proc.stderr and "sys.exit(0)" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_nul_byte_in_a_recipe_file_names_its_line(tmp_path: Path) -> None:
+    f = tmp_path / "nul.py"
+    f.write_bytes(b"from castore import recipe\n\nx = 1\0\n")
+    with pytest.raises(RecipeError) as err:
+        evaluate_target(str(f))
+    assert err.value.message == f"{f}:3: the recipe file contains a NUL byte"
+    assert "None" not in err.value.message

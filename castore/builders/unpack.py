@@ -4,7 +4,9 @@ Nothing is extracted onto the host: entries become manifest entries and file
 contents become blobs, so links are recorded and never followed. Refused:
 absolute paths, ``..`` components, relative symlinks that climb above the
 root, entries reached through a symlink, hard links to anything but an
-earlier regular file. Ownership and modes are kept from the archive.
+earlier regular file (a link to itself included), names and link targets that
+are not valid UTF-8 (a tree's paths are text). Ownership and modes are kept
+from the archive.
 """
 
 from __future__ import annotations
@@ -22,6 +24,27 @@ from castore.manifest import Entry, Tree, normalize_path
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _AR_MAGIC = b"!<arch>\n"
+# Names decode as UTF-8 whatever the host's locale; bytes that are not UTF-8 survive as lone
+# surrogates, so _check_names can refuse them showing the bytes.
+_NAMES: dict[str, Any] = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+def shown_name(name: str) -> str:
+    """A member name quoted as Python would, with the bytes that are not UTF-8 as ``\\xNN``."""
+    shown = (f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else repr(ch)[1:-1] for ch in name)
+    return "'" + "".join(shown) + "'"
+
+
+def _check_names(m: tarfile.TarInfo, what: str) -> None:
+    for field, value in (("name", m.name), ("link target", m.linkname)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnsafeArchive(
+                f"{what}: archive entry {shown_name(m.name)} has a {field} "
+                f"{shown_name(value) + ' ' if field != 'name' else ''}that is not valid UTF-8",
+                "castore keeps paths as UTF-8 text; rename the entry when making the archive",
+            ) from None
 
 
 def safe_path(name: str) -> str:
@@ -51,11 +74,13 @@ def _open_tar(f: IO[bytes], what: str) -> tarfile.TarFile:
         import zstandard
 
         reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        return tarfile.open(fileobj=io.BytesIO(reader.readall()), mode="r|")
+        return tarfile.open(fileobj=io.BytesIO(reader.readall()), mode="r|", **_NAMES)
     try:
-        return tarfile.open(fileobj=f, mode="r|*")
+        return tarfile.open(fileobj=f, mode="r|*", **_NAMES)
     except tarfile.TarError as exc:
         raise CastoreError(f"{what} is not a tar archive (plain, gz, bz2, xz or zst): {exc}") from exc
+    except TypeError as exc:  # tarfile's gzip header reader does ord(b"") on a header cut short
+        raise CastoreError(f"{what}: corrupt archive: the gzip header is cut short") from exc
 
 
 def _zstd_error() -> type[Exception]:
@@ -93,6 +118,7 @@ def unpack_archive(archive: Path, scratch: Path) -> TreeResult:
         try:
             with _open_tar(f, what) as tar:
                 for n, member in enumerate(tar):
+                    _check_names(member, what)
                     _member(tar, member, n, entries, new_blobs, scratch)
         except (tarfile.TarError, EOFError, OSError, _zstd_error()) as exc:
             raise CastoreError(f"{what}: corrupt archive: {exc}") from exc
@@ -136,6 +162,8 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: dict[str,
         if m.linkname.startswith("/"):
             raise UnsafeArchive(f"hard link {m.name!r} has an absolute target {m.linkname!r}")
         target = normalize_path(m.linkname, "hard link target")
+        if target == path:
+            raise UnsafeArchive(f"hard link {m.name!r} -> {m.linkname!r} names itself")
         t = entries.get(target)
         if t is None or t.type != "file":
             raise UnsafeArchive(f"hard link {m.name!r} -> {m.linkname!r} does not name an earlier file")
