@@ -34,7 +34,7 @@ from castore.builders import (
 )
 from castore.errors import BuildError, CastoreError, HashMismatch, StoreError
 from castore.plan import Plan, hash_graph
-from castore.store import LocalStore, remove_tree
+from castore.store import LocalStore, remove_tree, store_os_error
 from castore.tools import tool_version
 
 if TYPE_CHECKING:  # imported when a substituter is asked: a realize that needs none stays fast
@@ -250,6 +250,9 @@ class Realizer:
             self.store.record_realisation(step.hash, oid, step.record, plan.label)
             ok = True
             return oid
+        except OSError as exc:  # the log, the scratch directory or a builder's own writes
+            raise store_os_error(exc, self.store.root, retry="nothing was added; free space (castore gc) "
+                                 "and realize again") from exc
         finally:
             if ok or not self.keep_failed:
                 remove_tree(scratch)

@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from castore.realize import Realizer
 from castore.recipes import load_file
 from castore.store import LocalStore
@@ -106,3 +108,23 @@ def test_bad_recipes_leave_the_store_as_it_was(tmp_path: Path) -> None:
         assert snapshot(store) == before
         verify = castore_json("verify", store=store)
         assert verify["ok"] and verify["notes"] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_a_build_on_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        castore("add", "/etc/hostname", store=mnt / "s")  # the store exists, with its database
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        (mnt / "fill").write_bytes(bytes(free - (80 << 10)))  # room to open the store, not to build
+        proc = castore("realize", "tests/recipes/small.py:rootfs", store=mnt / "s", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "error: no space left on the device holding" in proc.stderr
+        (mnt / "fill").unlink()
+        assert castore_json("verify", store=mnt / "s")["ok"]  # steps that finished stay; the failed one left nothing
+        plans = castore_json("realize", "--dry-run", "tests/recipes/small.py:rootfs", store=mnt / "s")["plans"]
+        assert plans[-1]["action"] == "build"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
