@@ -12,7 +12,11 @@ Invariants, checked by :meth:`Tree.validate` on construction and on decode:
 * every parent of an entry is a ``dir`` entry of the same tree, so no entry
   is reached through a symlink;
 * a ``hardlink`` names a ``file`` entry of the same tree;
-* modes carry permission bits only (``0o7777``); the type is in ``type``.
+* modes carry permission bits only (``0o7777``); the type is in ``type``;
+* every field has its type and range: ``uid``, ``gid``, ``major`` and ``minor``
+  from 0 to 2**32-1, ``size`` from 0 to 2**63-1, text is str (never a bool for an
+  int). Decoding refuses missing fields and fields the entry type does not have,
+  so a manifest from a cache is as well-formed as one built here.
 
 Grammar of a tree record (canonical msgpack, see :mod:`castore.canonical`)::
 
@@ -29,6 +33,9 @@ machine defaults::
     {"format": 1, "kind": "image", "arch": "x86_64", "kernel": id,
      "layers": [{"blob": id, "format": "squashfs"}, ...],
      "cmdline": str, "overlay_size": int, "vcpus": int, "mem_mib": int}
+
+with layer formats from :data:`LAYER_FORMATS`, ``overlay_size`` from 0 to 2**63-1,
+``vcpus`` from 1 to 4096 and ``mem_mib`` from 1 to 2**32-1.
 """
 
 from __future__ import annotations
@@ -44,6 +51,43 @@ from castore.hashing import hash_bytes, is_id
 
 FORMAT = 1
 ENTRY_TYPES = ("dir", "file", "symlink", "hardlink", "char", "block", "fifo")
+LAYER_FORMATS = ("squashfs",)
+MAX_ID32 = (1 << 32) - 1  # uid, gid, device major and minor
+MAX_SIZE = (1 << 63) - 1  # what a file offset (off_t) holds
+
+_COMMON = ("path", "type", "mode", "uid", "gid")
+_ENTRY_KEYS = {
+    t: frozenset((*_COMMON, *extra))
+    for t, extra in (("dir", ()), ("file", ("blob", "size")), ("symlink", ("target",)), ("hardlink", ("target",)),
+                     ("char", ("major", "minor")), ("block", ("major", "minor")), ("fifo", ()))
+}
+_TREE_KEYS = frozenset(("format", "kind", "entries"))
+_IMAGE_KEYS = frozenset(("format", "kind", "arch", "kernel", "layers", "cmdline", "overlay_size", "vcpus", "mem_mib"))
+_LAYER_KEYS = frozenset(("blob", "format"))
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    """An int (a bool is not one) from low to high."""
+    return type(value) is int and low <= value <= high
+
+
+def brief(value: object) -> str:
+    """repr(value), cut short: error messages quote what a hostile record holds, however big."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:72]}...{text[-5:]}"
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, str) and is_id(value)
+
+
+def _fields(rec: dict[str, Any], keys: frozenset[str], what: str) -> None:
+    """rec has exactly keys: a record with a field missing or one it should not have is malformed."""
+    if rec.keys() != keys:
+        missing = sorted(keys - rec.keys())
+        if missing:
+            raise EncodingError(f"{what} lacks field {missing[0]!r}")
+        raise EncodingError(f"{what} has an unexpected field {brief(sorted(rec.keys() - keys)[0])}")
 
 
 def normalize_path(path: str, what: str = "path") -> str:
@@ -102,39 +146,52 @@ class Entry:
     def from_record(cls, rec: Any) -> Entry:
         if not isinstance(rec, dict):
             raise EncodingError("tree entry is not a map")
-        try:
-            return cls(
-                path=rec["path"],
-                type=rec["type"],
-                mode=rec["mode"],
-                uid=rec["uid"],
-                gid=rec["gid"],
-                blob=rec.get("blob"),
-                size=rec.get("size"),
-                target=rec.get("target"),
-                major=rec.get("major"),
-                minor=rec.get("minor"),
-            )
-        except KeyError as exc:
-            raise EncodingError(f"tree entry lacks field {exc}") from exc
+        kind = rec.get("type")
+        keys = _ENTRY_KEYS.get(kind) if isinstance(kind, str) else None
+        if keys is None:
+            raise EncodingError(f"tree entry {brief(rec.get('path'))}: unknown entry type {brief(kind)}")
+        if rec.keys() != keys:
+            _fields(rec, keys, f"tree entry {brief(rec.get('path'))}")
+        return cls(
+            path=rec["path"],
+            type=rec["type"],
+            mode=rec["mode"],
+            uid=rec["uid"],
+            gid=rec["gid"],
+            blob=rec.get("blob"),
+            size=rec.get("size"),
+            target=rec.get("target"),
+            major=rec.get("major"),
+            minor=rec.get("minor"),
+        )
 
     def check(self) -> None:
+        path = self.path
+        if not isinstance(path, str):
+            raise EncodingError(f"tree entry path {brief(path)} is not a string")
         if self.type not in ENTRY_TYPES:
-            raise EncodingError(f"{self.path}: unknown entry type {self.type!r}")
-        if not self.path or normalize_path(self.path) != self.path:
-            raise UnsafeArchive(f"tree entry path {self.path!r} is not normalized")
-        if not (0 <= self.mode <= 0o7777):
-            raise EncodingError(f"{self.path}: mode {self.mode:o} has bits beyond 0o7777")
-        if self.uid < 0 or self.gid < 0:
-            raise EncodingError(f"{self.path}: negative owner")
-        if self.type == "file" and (
-            self.blob is None or not is_id(self.blob) or self.size is None or self.size < 0
-        ):
-            raise EncodingError(f"{self.path}: file entry needs a blob id and a size")
-        if self.type in ("symlink", "hardlink") and not self.target:
-            raise EncodingError(f"{self.path}: {self.type} needs a target")
-        if self.type in ("char", "block") and (self.major is None or self.minor is None):
-            raise EncodingError(f"{self.path}: device needs major and minor numbers")
+            raise EncodingError(f"{brief(path)}: unknown entry type {brief(self.type)}")
+        if not path or normalize_path(path) != path:
+            raise UnsafeArchive(f"tree entry path {brief(path)} is not normalized")
+        if not _int_in(self.mode, 0, 0o7777):
+            raise EncodingError(f"{brief(path)}: mode {brief(self.mode)} is not an int of permission bits "
+                                "(0 to 0o7777)")
+        for name, value in (("uid", self.uid), ("gid", self.gid)):
+            if not _int_in(value, 0, MAX_ID32):
+                raise EncodingError(f"{brief(path)}: {name} {brief(value)} is not an int from 0 to 2**32-1")
+        if self.type == "file":
+            if not _is_id(self.blob):
+                raise EncodingError(f"{brief(path)}: file entry needs a blob id, not {brief(self.blob)}")
+            if not _int_in(self.size, 0, MAX_SIZE):
+                raise EncodingError(f"{brief(path)}: file size {brief(self.size)} is not an int from 0 to 2**63-1")
+        elif self.type in ("symlink", "hardlink"):
+            if not isinstance(self.target, str) or not self.target or "\0" in self.target:
+                raise EncodingError(f"{brief(path)}: {self.type} needs a target (a string without NUL), "
+                                    f"not {brief(self.target)}")
+        elif self.type in ("char", "block"):
+            for name, number in (("major", self.major), ("minor", self.minor)):
+                if not _int_in(number, 0, MAX_ID32):
+                    raise EncodingError(f"{brief(path)}: device {name} {brief(number)} is not an int from 0 to 2**32-1")
 
 
 @dataclass(frozen=True)
@@ -158,7 +215,12 @@ class Tree:
         for e in by_path.values():
             if e.type == "hardlink" and e.target in by_path:
                 target = e.target
+                chain = {e.path}
                 while by_path[target].type == "hardlink" and by_path[target].target in by_path:
+                    if target in chain:
+                        raise UnsafeArchive(f"hard link {e.path!r} -> {e.target!r} leads back to {target!r}: "
+                                            "a hard link cycle names no file")
+                    chain.add(target)
                     target = by_path[target].target or ""
                 groups.setdefault(target, []).append(e.path)
         for target, links in groups.items():
@@ -234,8 +296,11 @@ class Tree:
         rec = canonical.decode(data, "tree manifest")
         if not isinstance(rec, dict) or rec.get("kind") != "tree":
             raise EncodingError("not a tree manifest")
-        if rec.get("format") != FORMAT:
-            raise EncodingError(f"tree manifest format {rec.get('format')!r} is not supported")
+        if type(rec.get("format")) is not int or rec.get("format") != FORMAT:
+            raise EncodingError(f"tree manifest format {brief(rec.get('format'))} is not supported")
+        _fields(rec, _TREE_KEYS, "tree manifest")
+        if not isinstance(rec["entries"], list):
+            raise EncodingError(f"tree manifest entries are {brief(rec['entries'])}, not a list")
         return cls(tuple(Entry.from_record(r) for r in rec["entries"]))
 
 
@@ -256,10 +321,22 @@ class Image:
     arch: str = "x86_64"
 
     def __post_init__(self) -> None:
-        if not is_id(self.kernel) or not all(is_id(layer.blob) for layer in self.layers):
+        if not _is_id(self.kernel) or not all(_is_id(layer.blob) for layer in self.layers):
             raise EncodingError("image references must be full ids")
         if not self.layers:
             raise EncodingError("an image needs at least one rootfs layer")
+        for layer in self.layers:
+            if not isinstance(layer.format, str) or layer.format not in LAYER_FORMATS:
+                raise EncodingError(f"image layer {layer.blob} has format {brief(layer.format)}, "
+                                    f"not one of {', '.join(LAYER_FORMATS)}")
+        if not isinstance(self.arch, str) or not self.arch:
+            raise EncodingError(f"image arch {brief(self.arch)} is not a name")
+        if not isinstance(self.cmdline, str) or "\0" in self.cmdline:
+            raise EncodingError(f"image cmdline {brief(self.cmdline)} is not a string without NUL")
+        for name, value, low, high in (("overlay_size", self.overlay_size, 0, MAX_SIZE),
+                                       ("vcpus", self.vcpus, 1, 4096), ("mem_mib", self.mem_mib, 1, MAX_ID32)):
+            if not _int_in(value, low, high):
+                raise EncodingError(f"image {name} {brief(value)} is not an int from {low} to {high}")
 
     def refs(self) -> list[str]:
         return sorted({self.kernel, *(layer.blob for layer in self.layers)})
@@ -289,20 +366,23 @@ class Image:
         rec = canonical.decode(data, "image manifest")
         if not isinstance(rec, dict) or rec.get("kind") != "image":
             raise EncodingError("not an image manifest")
-        if rec.get("format") != FORMAT:
-            raise EncodingError(f"image manifest format {rec.get('format')!r} is not supported")
-        try:
-            return cls(
-                kernel=rec["kernel"],
-                layers=tuple(Layer(la["blob"], la["format"]) for la in rec["layers"]),
-                cmdline=rec["cmdline"],
-                overlay_size=rec["overlay_size"],
-                vcpus=rec["vcpus"],
-                mem_mib=rec["mem_mib"],
-                arch=rec["arch"],
-            )
-        except (KeyError, TypeError) as exc:
-            raise EncodingError(f"image manifest is malformed: {exc}") from exc
+        if type(rec.get("format")) is not int or rec.get("format") != FORMAT:
+            raise EncodingError(f"image manifest format {brief(rec.get('format'))} is not supported")
+        _fields(rec, _IMAGE_KEYS, "image manifest")
+        layers = rec["layers"]
+        if not isinstance(layers, list) or not all(isinstance(la, dict) for la in layers):
+            raise EncodingError(f"image manifest layers are {brief(layers)}, not a list of maps")
+        for la in layers:
+            _fields(la, _LAYER_KEYS, "image layer")
+        return cls(
+            kernel=rec["kernel"],
+            layers=tuple(Layer(la["blob"], la["format"]) for la in layers),
+            cmdline=rec["cmdline"],
+            overlay_size=rec["overlay_size"],
+            vcpus=rec["vcpus"],
+            mem_mib=rec["mem_mib"],
+            arch=rec["arch"],
+        )
 
 
 def with_path(entry: Entry, path: str) -> Entry:

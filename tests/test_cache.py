@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from castore import canonical
 from castore.cache.copy import pull, push
-from castore.cache.layout import CacheConfig, ObjectRecord, chunk_path, object_path
+from castore.cache.layout import CacheConfig, ObjectRecord, RealisationRecord, chunk_path, object_path
 from castore.cache.transport import DirTransport, HttpTransport, check_path, open_cache
 from castore.chunking import ChunkParams
 from castore.errors import CastoreError, EncodingError, NotFound
+from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import castore, castore_json, golden, snapshot
 
@@ -270,3 +273,143 @@ def test_pull_fails_over_between_substituters(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "blobs" / oid[:2] / oid).read_bytes() == data
     dry = castore_json("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "c")
     assert dry["chunks_fetched"] > 0 and dry["bytes_on_wire"] >= len(data)
+
+
+def _hostile(root: Path, data: bytes, kind: str, refs: tuple[str, ...] = ()) -> str:
+    """Publish data as an object of a directory cache, its record and chunk correctly hashed, as a
+    hostile cache would: nothing about its content is checked here."""
+    oid = hash_bytes(data)
+    cache = DirTransport(root, create=True)
+    if cache.get("castore-cache.json") is None:
+        cache.put("castore-cache.json", CacheConfig(ChunkParams()).encode())
+    cache.put(chunk_path(oid), zstandard.ZstdCompressor().compress(data))
+    cache.put(object_path(oid), ObjectRecord(oid, kind, len(data), refs, ((oid, len(data)),)).encode())
+    return oid
+
+
+def _tree_bytes(*entries: dict[str, object]) -> bytes:
+    return canonical.encode({"format": 1, "kind": "tree", "entries": list(entries)})
+
+
+HELLO = b"hello\n"
+HELLO_ID = hash_bytes(HELLO)
+FIFO = {"path": "a", "type": "fifo", "mode": 0o644, "uid": 0, "gid": 0}
+IMAGE = {"format": 1, "kind": "image", "arch": "x86_64", "kernel": HELLO_ID,
+         "layers": [{"blob": HELLO_ID, "format": "squashfs"}], "cmdline": "", "overlay_size": 1, "vcpus": 1,
+         "mem_mib": 16}
+
+HOSTILE: dict[str, tuple[bytes, str, tuple[str, ...], str]] = {  # data, kind, refs, complaint
+    "uid-str": (_tree_bytes({**FIFO, "uid": "root"}), "tree", (), "uid 'root'"),
+    "mode-str": (_tree_bytes({**FIFO, "mode": "rw"}), "tree", (), "mode 'rw'"),
+    "path-int": (_tree_bytes({**FIFO, "path": 5}), "tree", (), "path 5"),
+    "no-entries": (canonical.encode({"format": 1, "kind": "tree"}), "tree", (), "lacks field 'entries'"),
+    "entries-int": (canonical.encode({"format": 1, "kind": "tree", "entries": 5}), "tree", (), "not a list"),
+    "major-str": (_tree_bytes({**FIFO, "type": "char", "major": "x", "minor": 1}), "tree", (), "major 'x'"),
+    "major-huge": (_tree_bytes({**FIFO, "type": "char", "major": 2**40, "minor": 1}), "tree", (), "major"),
+    "uid-huge": (_tree_bytes({**FIFO, "uid": 2**63}), "tree", (), "uid 9223372036854775808"),
+    "target-int": (_tree_bytes({**FIFO, "type": "symlink", "target": 7}), "tree", (), "target"),
+    "size-lie": (_tree_bytes({**FIFO, "type": "file", "blob": HELLO_ID, "size": 999999}), "tree", (HELLO_ID,),
+                 "says 999999 bytes, but its blob"),
+    "image": (canonical.encode({**IMAGE, "vcpus": -3, "mem_mib": "lots", "cmdline": ["x"]}), "image",
+              (HELLO_ID,), "image"),
+    "layer-format": (canonical.encode({**IMAGE, "layers": [{"blob": HELLO_ID, "format": "ntfs"}]}), "image",
+                     (HELLO_ID,), "format 'ntfs'"),
+    "blob-refs": (b"other\n", "blob", (HELLO_ID,), "a blob with references"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_but_correctly_hashed_objects_add_nothing(tmp_path: Path, case: str) -> None:
+    data, kind, refs, complaint = HOSTILE[case]
+    _hostile(tmp_path / "cache", HELLO, "blob")
+    oid = _hostile(tmp_path / "cache", data, kind, refs)
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(EncodingError, match=re.escape(complaint)) as err:
+        pull(b, DirTransport(tmp_path / "cache"), [oid])
+    assert "corrupt" in (err.value.hint or "")
+    assert b.objects() == [] and b.verify()[0] == []  # not even the blob it names
+    assert not (b.tmp / "pulls" / oid).exists()
+    b.close()
+
+
+def test_an_ill_typed_tree_already_in_a_store_is_reported_and_not_exported(tmp_path: Path) -> None:
+    """A tree pulled before pulls checked types: verify names it, export refuses it in one line."""
+    data, _, _, complaint = HOSTILE["uid-huge"]
+    with LocalStore(tmp_path / "s") as s:
+        oid = s.add_bytes(data, "tree")
+        problems, _ = s.verify()
+    assert [p for p in problems if oid in p and complaint in p]
+    proc = castore("export", oid, str(tmp_path / "out"), store=tmp_path / "s", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and complaint in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+_CID = "b" * 64
+
+
+@pytest.mark.parametrize("rec, complaint", [
+    ({"kind": "blob", "refs": ["a" * 64]}, "blob with references"),
+    ({"kind": "thing"}, "bad kind"),
+    ({"kind": 5}, "bad kind"),
+    ({"size": "3"}, "bad size"),
+    ({"size": True}, "bad size"),
+    ({"size": -1}, "bad size"),
+    ({"refs": [5]}, "bad reference"),
+    ({"refs": "a" * 64}, "bad reference"),
+    ({"chunks": 5}, "bad chunk"),
+    ({"chunks": [[bytes.fromhex(_CID), "3"]]}, "bad chunk"),
+    ({"chunks": [[bytes.fromhex(_CID)]]}, "bad chunk"),
+    ({"chunks": [[bytes.fromhex(_CID), 0]], "size": 0}, "bad chunk"),
+    ({"chunks": [[bytes.fromhex(_CID), 1 << 30]], "size": 1 << 30}, "no chunk is over 16 MiB"),
+    ({"format": 2, "extra": 1}, "malformed"),
+])
+def test_object_records_are_type_checked(rec: dict[str, object], complaint: str) -> None:
+    fields: dict[str, object] = {"format": 2, "kind": "tree", "size": 3, "refs": [],
+                                 "chunks": [[bytes.fromhex(_CID), 3]], **rec}
+    with pytest.raises(EncodingError, match=re.escape(complaint)):
+        ObjectRecord.decode("a" * 64, canonical.encode(fields))
+    with pytest.raises(EncodingError, match="chunking"):
+        CacheConfig.decode(b'{"format": 2, "compression": "zstd", "chunking": {"algorithm": "fastcdc-2020"}}')
+
+
+def test_realisation_records_are_type_checked() -> None:
+    record = b"\x80"
+    plan = hash_bytes(record)
+    good = {"format": 1, "kind": "realisation", "plan": plan, "object": "a" * 64, "record": record,
+            "signatures": [{"key": "lab-1", "sig": b"s" * 64}]}
+    assert RealisationRecord.decode(plan, canonical.encode(good)).object == "a" * 64
+    for bad, complaint in [({"object": 5}, "names 5"), ({"object": ["x"]}, "not an object id"),
+                           ({"record": "x"}, "does not hash"), ({"plan": 5}, "another plan"),
+                           ({"signatures": 5}, "signature"), ({"signatures": [{"key": 1, "sig": b"s" * 64}]},
+                                                              "signature"),
+                           ({"signatures": [{"key": "k", "sig": b"short"}]}, "signature"),
+                           ({"format": True}, "not a format 1"), ({"extra": 1}, "malformed")]:
+        with pytest.raises(EncodingError, match=re.escape(complaint)):
+            RealisationRecord.decode(plan, canonical.encode({**good, **bad}))
+
+
+@pytest.mark.parametrize("length", [1 << 30, 1 << 20])  # over the hard cap; over this cache's chunking max
+def test_a_record_with_an_overlong_chunk_is_refused_before_anything_is_fetched(tmp_path: Path, length: int) -> None:
+    root = tmp_path / "cache"
+    cache = DirTransport(root, create=True)
+    cache.put("castore-cache.json", CacheConfig(ChunkParams()).encode())  # chunks of at most 128 KiB
+    oid, cid = "c" * 64, "d" * 64
+    cache.put(chunk_path(cid), zstandard.ZstdCompressor().compress(bytes(1 << 16)))  # a tiny frame
+    cache.put(object_path(oid), ObjectRecord(oid, "blob", length, (), ((cid, length),)).encode())
+    counting = Counting(root)
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(EncodingError, match=f"chunk of {length} bytes") as err:
+        pull(b, counting, [oid])
+    assert "corrupt" in (err.value.hint or "")
+    assert not [g for g in counting.gets if g.startswith("chunks/")]
+    assert b.objects() == [] and not (b.tmp / "pulls" / oid).exists()
+    b.close()
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://cache:99999", "http://", "https:///x"])
+def test_a_malformed_cache_url_is_a_clean_error(tmp_path: Path, url: str) -> None:
+    with pytest.raises(CastoreError, match="not a valid URL"):
+        open_cache(url)
+    proc = castore("pull", "e" * 64, "--from", url, store=tmp_path / "b", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: " in proc.stderr and "not a valid URL" in proc.stderr

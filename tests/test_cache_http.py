@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import os
 import random
+import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +211,87 @@ def test_pull_over_https_checks_the_certificate(tmp_path: Path) -> None:
         assert castore_json("ls", store=tmp_path / "b") == []
         pulled = castore_json("pull", oid, "--from", url, store=tmp_path / "b", env={"SSL_CERT_FILE": str(cert)})
         assert pulled["objects"] == 1 and castore_json("verify", store=tmp_path / "b")["ok"]
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """Answers every request with one status and a `castore serve`-style JSON error; counts them."""
+
+    status = 500
+    hits: list[str] = []
+
+    def _answer(self) -> None:
+        self.hits.append(self.command)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"code": self.status, "error": "e", "message": f"said {self.status}"}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _answering(status: int) -> Iterator[tuple[str, list[str]]]:
+    handler = type("Handler", (_Answering,), {"status": status, "hits": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status, said, hint", [
+    (507, "disk is full", "free space on the server"),
+    (505, "HTTP 505: said 505", "its log"),
+    (501, "takes no uploads", "does not accept uploads"),
+    (405, "takes no uploads", "does not accept uploads"),
+    (409, "HTTP 409: said 409", None),
+    (403, "HTTP 403", "write scope"),
+])
+def test_an_upload_answered_with_a_lasting_error_is_not_retried(status: int, said: str, hint: str | None) -> None:
+    with _answering(status) as (url, hits), HttpTransport(url, attempts=3) as http:
+        with pytest.raises(CastoreError, match=re.escape(said)) as err:
+            http.put("castore-cache.json", b"{}")
+        assert hits == ["PUT"]  # asked once
+        assert "is the cache server up" not in (err.value.hint or "")
+        if hint is not None:
+            assert hint in (err.value.hint or "")
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_transient_answers_are_retried(status: int) -> None:
+    with _answering(status) as (url, hits), HttpTransport(url, attempts=2) as http:
+        with pytest.raises(CastoreError, match=f"HTTP {status} \\(after 2 attempts\\)"):
+            http.put("castore-cache.json", b"{}")
+        assert hits == ["PUT", "PUT"]
+
+
+def test_a_failing_server_stops_a_pull_at_once(tmp_path: Path) -> None:
+    with _answering(501) as (url, hits), HttpTransport(url, attempts=3) as http:
+        with pytest.raises(CastoreError, match="HTTP 501") as err:
+            pull(LocalStore(tmp_path / "b"), http, ["a" * 64])
+        assert "nothing unverified was added" in (err.value.hint or "")
+        assert len(hits) == 2  # the pipelined GET, then once through httpx: not four times
+
+
+def test_a_push_to_a_static_server_says_it_takes_no_uploads(tmp_path: Path, nginx: tuple[str, Path, Path]) -> None:
+    a, root, _, _ = _setup(tmp_path)
+    url, cache_dir, _ = nginx  # nginx answers a PUT with 404 (try_files) or 405
+    (cache_dir / "castore-cache.json").write_bytes((root / "castore-cache.json").read_bytes())
+    with cache_server(root) as (python_url, _):  # http.server answers it with 501
+        for server in (url, python_url):
+            other = a.add_bytes(os.urandom(1000))
+            with HttpTransport(server) as http, pytest.raises(CastoreError, match="takes no uploads") as err:
+                push(a, http, [other])
+            assert "push to the cache's directory" in (err.value.hint or "")
+            assert "castore serve" in (err.value.hint or "")
+    a.close()

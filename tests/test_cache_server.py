@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import time
@@ -16,6 +18,7 @@ import httpx
 import pytest
 import zstandard
 
+from castore import canonical
 from castore.cache.copy import pull, push
 from castore.cache.layout import ObjectRecord, chunk_path, object_path
 from castore.cache.server import CacheApp, add_token
@@ -178,3 +181,89 @@ def test_lab_and_server_in_two_network_namespaces(two_hosts: tuple[str, str], tm
         server.terminate()
         server.wait(timeout=10)
     assert (tmp_path / "b" / "blobs" / res["id"][:2] / res["id"]).read_bytes() == Path(res["path"]).read_bytes()
+
+
+def test_malformed_records_are_a_400_with_a_json_error(tmp_path: Path) -> None:
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    record = b"\x80"
+    plan = hash_bytes(record)
+    bad = canonical.encode({"format": 1, "kind": "realisation", "plan": plan, "object": 5, "record": record,
+                            "signatures": []})
+    r = asgi(app, "PUT", f"/realisations/{plan}", bad, token=writer)
+    assert r.status_code == 400 and r.json()["error"] == "invalid" and "names 5" in r.json()["message"]
+    data = b"x" * 1000
+    cid = hash_bytes(data)
+    assert asgi(app, "PUT", f"/{chunk_path(cid)}", zstandard.ZstdCompressor().compress(data),
+                token=writer).status_code == 201
+    with_refs = ObjectRecord(cid, "blob", len(data), ("a" * 64,), ((cid, len(data)),)).encode()
+    r = asgi(app, "PUT", f"/{object_path(cid)}", with_refs, token=writer)
+    assert r.status_code == 400 and "blob with references" in r.json()["message"]
+    overlong = ObjectRecord("e" * 64, "blob", 1 << 20, (), ((cid, 1 << 20),)).encode()
+    r = asgi(app, "PUT", f"/{object_path('e' * 64)}", overlong, token=writer)
+    assert r.status_code == 400 and "chunking maximum" in r.json()["message"]
+    big = random.Random(1).randbytes(200_000)  # longer than this cache's chunks (128 KiB at most)
+    r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(big))}", zstandard.ZstdCompressor().compress(big), token=writer)
+    assert r.status_code == 400 and "chunking maximum" in r.json()["message"]
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == [
+        "castore-cache.json", cid, "tokens.json"]
+
+
+def test_a_corrupt_token_file_is_a_clean_error(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    writer = add_token(root, ["write"], "ci")
+    app = CacheApp(root)
+    tokens = root / ".castore" / "tokens.json"
+    for corrupt in (b"{not json", b'{"x": 5}', b"[]"):
+        tokens.write_bytes(corrupt)
+        r = asgi(app, "PUT", "/castore-cache.json", b"{}", token=writer)
+        assert r.status_code == 500 and set(r.json()) == {"code", "error", "message"}
+        assert str(root) not in r.json()["message"]  # no server internals in the answer
+        with pytest.raises(CastoreError, match=re.escape(f"{tokens} is not")):
+            CacheApp(root)
+        proc = castore("token", "add", str(root), "--scope", "write", "--name", "x", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"error: {tokens} is not" in proc.stderr and "castore token add" in proc.stderr
+        assert tokens.read_bytes() == corrupt  # left as it was for its owner to fix
+    assert asgi(app, "GET", "/castore-cache.json").status_code == 200  # reads need no token
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_a_full_disk_answers_507_and_the_client_says_so(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    proc = None
+    stderr = ""
+    try:
+        root = small / "cache"
+        token = add_token(root, ["write"], "ci")
+        port = free_port()
+        proc = subprocess.Popen([CASTORE, "serve", str(root), "--bind", f"127.0.0.1:{port}"], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_port(port)
+        with open(small / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        data = random.Random(2).randbytes(100_000)
+        frame = zstandard.ZstdCompressor().compress(data)
+        url = f"http://127.0.0.1:{port}"
+        r = httpx.put(f"{url}/{chunk_path(hash_bytes(data))}", content=frame,
+                      headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 507
+        assert r.json()["code"] == 507 and r.json()["error"] == "insufficient-storage"
+        assert "disk is full" in r.json()["message"] and str(root) not in r.json()["message"]
+        with HttpTransport(url, token=token) as http, pytest.raises(CastoreError, match="disk is full") as err:
+            http.put(chunk_path(hash_bytes(data)), frame)
+        assert "free space on the server" in (err.value.hint or "")
+        files = sorted(p.name for p in root.rglob("*") if not p.is_dir())
+        assert files == ["castore-cache.json", "tokens.json"]  # nothing partial, no temporary file
+    finally:
+        if proc is not None:
+            proc.terminate()
+            stderr = proc.communicate(timeout=10)[1]
+        subprocess.run(["umount", str(small)], check=True)
+    err_lines = [line for line in stderr.splitlines() if not line.startswith("serving ")]
+    assert "Traceback" not in "\n".join(err_lines)
+    assert len([line for line in err_lines if "cannot store chunks/" in line]) == 2  # one a request: no retry

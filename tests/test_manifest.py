@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 import random
+import re
+import signal
+from collections.abc import Iterator
 
 import pytest
 
+from castore import canonical
 from castore.errors import EncodingError, UnsafeArchive
 from castore.manifest import Entry, Image, Layer, Tree, normalize_path, object_record, path_key
 from tests.conftest import golden
@@ -81,3 +86,125 @@ def test_path_key_orders_component_by_component() -> None:
     by_components = sorted(paths, key=lambda p: tuple(c.encode() for c in p.split("/")))
     assert sorted(paths, key=path_key) == by_components
     assert path_key("a/b") < path_key("a-b") < path_key("a.b/c")  # a directory's entries come first
+
+
+@contextlib.contextmanager
+def _returns_within(seconds: int) -> Iterator[None]:
+    """Fail, instead of hanging the run, when the block loops for ever."""
+    def stop(signum: int, frame: object) -> None:
+        raise AssertionError(f"did not return within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("links", [
+    [("a", "a")],                            # a tar entry that hard-links itself
+    [("a", "b"), ("b", "a")],                # a cycle
+    [("c", "a"), ("a", "b"), ("b", "a")],    # a chain into a cycle
+])
+def test_hard_link_cycles_are_refused(links: list[tuple[str, str]]) -> None:
+    entries = [Entry(path, "hardlink", 0, target=target) for path, target in links]
+    with _returns_within(5), pytest.raises(UnsafeArchive, match=r"hard link '[abc]' -> '[ab]' leads back"):
+        Tree.build(entries)
+    with pytest.raises(UnsafeArchive, match="not an earlier file"):
+        Tree((Entry("a", "hardlink", 0, target="a"),))
+
+
+def _entry(base: dict[str, object] | None = None, **fields: object) -> dict[str, object]:
+    rec: dict[str, object] = {"path": "a", "type": "fifo", "mode": 0o644, "uid": 0, "gid": 0, **(base or {})}
+    rec.update(fields)
+    return {k: v for k, v in rec.items() if v is not _DROP}
+
+
+_DROP = object()
+_FILE = {"type": "file", "blob": B1, "size": 6}
+_DEV = {"type": "char", "major": 5, "minor": 1}
+_LINK = {"type": "symlink", "target": "b"}
+
+
+@pytest.mark.parametrize("rec, complaint", [
+    (_entry(uid="root"), "uid 'root'"),
+    (_entry(gid=-1), "gid -1"),
+    (_entry(uid=2**63), "uid 9223372036854775808"),
+    (_entry(uid=2**32), "uid 4294967296"),
+    (_entry(uid=True), "uid True"),
+    (_entry(mode="rw"), "mode 'rw'"),
+    (_entry(mode=0o40755), "mode 16877"),
+    (_entry(path=5), "path 5"),
+    (_entry(type=5), "unknown entry type 5"),
+    (_entry(type=["fifo"]), "unknown entry type"),
+    (_entry(gid=_DROP), "lacks field 'gid'"),
+    (_entry(blob=B1), "unexpected field 'blob'"),
+    (_entry(_DEV, major="x"), "major 'x'"),
+    (_entry(_DEV, minor=2**40), "minor 1099511627776"),
+    (_entry(_DEV, major=_DROP), "lacks field 'major'"),
+    (_entry(_LINK, target=7), "target"),
+    (_entry(_LINK, target=""), "target"),
+    (_entry(_LINK, target="a\0b"), "target"),
+    (_entry(_FILE, size=-1), "size -1"),
+    (_entry(_FILE, size="6"), "size '6'"),
+    (_entry(_FILE, size=False), "size False"),
+    (_entry(_FILE, blob=5), "blob id"),
+    (_entry(_FILE, blob="x" * 64), "blob id"),
+])
+def test_decode_refuses_ill_typed_entries(rec: dict[str, object], complaint: str) -> None:
+    data = canonical.encode({"format": 1, "kind": "tree", "entries": [rec]})
+    with pytest.raises(EncodingError, match=re.escape(complaint)):
+        Tree.decode(data)
+
+
+@pytest.mark.parametrize("rec, complaint", [
+    ({"format": 1, "kind": "tree"}, "lacks field 'entries'"),
+    ({"format": 1, "kind": "tree", "entries": None}, "not a list"),
+    ({"format": 1, "kind": "tree", "entries": 5}, "not a list"),
+    ({"format": 1, "kind": "tree", "entries": [5]}, "not a map"),
+    ({"format": 1, "kind": "tree", "entries": [], "extra": 1}, "unexpected field 'extra'"),
+    ({"format": True, "kind": "tree", "entries": []}, "format True"),
+])
+def test_decode_refuses_malformed_tree_records(rec: dict[str, object], complaint: str) -> None:
+    with pytest.raises(EncodingError, match=re.escape(complaint)):
+        Tree.decode(canonical.encode(rec))
+
+
+def _image(**fields: object) -> bytes:
+    rec: dict[str, object] = {"format": 1, "kind": "image", "arch": "x86_64", "kernel": B1,
+                              "layers": [{"blob": B2, "format": "squashfs"}], "cmdline": "console=ttyS0",
+                              "overlay_size": 1 << 30, "vcpus": 1, "mem_mib": 128}
+    rec.update(fields)
+    return canonical.encode({k: v for k, v in rec.items() if v is not _DROP})
+
+
+@pytest.mark.parametrize("data, complaint", [
+    (_image(vcpus=-3), "vcpus -3"),
+    (_image(vcpus=0), "vcpus 0"),
+    (_image(vcpus=True), "vcpus True"),
+    (_image(mem_mib="lots"), "mem_mib 'lots'"),
+    (_image(mem_mib=0), "mem_mib 0"),
+    (_image(overlay_size=-1), "overlay_size -1"),
+    (_image(cmdline=["x"]), "cmdline ['x']"),
+    (_image(arch=5), "arch 5"),
+    (_image(kernel=5), "full ids"),
+    (_image(layers=5), "not a list of maps"),
+    (_image(layers=[{"blob": B2, "format": "ntfs"}]), "format 'ntfs'"),
+    (_image(layers=[{"blob": B2}]), "lacks field 'format'"),
+    (_image(layers=[]), "at least one"),
+    (_image(mem_mib=_DROP), "lacks field 'mem_mib'"),
+    (_image(extra=1), "unexpected field 'extra'"),
+])
+def test_image_decode_refuses_ill_typed_fields(data: bytes, complaint: str) -> None:
+    with pytest.raises(EncodingError, match=re.escape(complaint)):
+        Image.decode(data)
+    assert Image.decode(_image()).vcpus == 1  # the well-formed one decodes
+
+
+def test_errors_quote_hostile_values_briefly() -> None:
+    data = canonical.encode({"format": 1, "kind": "tree", "entries": [_entry(uid="x" * 1_000_000)]})
+    with pytest.raises(EncodingError, match="uid 'xxx") as err:
+        Tree.decode(data)
+    assert len(err.value.message) < 200

@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from castore import canonical
 from tests.conftest import castore, castore_json
+from tests.helpers import cache_server
 
 TARGET = "tests/recipes/small.py:rootfs"
 
@@ -25,7 +27,7 @@ def _published(tmp_path: Path, secret: Path | None) -> tuple[Path, dict[str, Any
     return cache, res
 
 
-def _realize_b(tmp_path: Path, cache: Path, trusted: str, revoked: str = "") -> Any:
+def _realize_b(tmp_path: Path, cache: Path | str, trusted: str, revoked: str = "") -> Any:
     env = {"CASTORE_SUBSTITUTERS": str(cache), "CASTORE_TRUSTED_PUBLIC_KEYS": trusted,
            "CASTORE_REVOKED_KEYS": revoked, "CASTORE_CONFIG": str(tmp_path / "none")}
     proc = castore("realize", TARGET, "--json", store=tmp_path / "b", env=env)
@@ -72,3 +74,17 @@ def test_a_realisation_signed_for_another_plan_is_refused(tmp_path: Path) -> Non
     realisations[0].unlink()
     out, err = _realize_b(tmp_path, cache, public)
     assert out["substituted"] == [] and "another plan" in err
+
+
+def test_a_malformed_realisation_is_noted_and_the_plan_built(tmp_path: Path) -> None:
+    """A substituter serving a realisation whose object is not an id: a note, then a local build."""
+    secret, public = _keys(tmp_path, "lab-1")
+    cache, res = _published(tmp_path, secret)
+    [path] = (cache / "realisations").iterdir()
+    rec = canonical.decode(path.read_bytes())
+    assert isinstance(rec, dict)
+    path.write_bytes(canonical.encode({**rec, "object": 5}))
+    with cache_server(cache) as (url, _):
+        out, err = _realize_b(tmp_path, url, public)
+    assert out["id"] == res["id"] and out["substituted"] == [] and out["built"] == ["layer", "rootfs"]
+    assert "cannot substitute plan" in err and "names 5, not an object id" in err and "Traceback" not in err

@@ -8,6 +8,11 @@ stream, verifies each chunk as it is written into the object's partial file
 under ``tmp/pulls``, and adds the object once it hashes whole. A pull that is
 killed leaves its partial objects; the next one keeps every chunk in them
 that still verifies.
+
+Everything a cache serves is untrusted: records must decode in full (see
+:mod:`castore.cache.layout`), no chunk may be longer than the cache's chunking
+maximum (so a record cannot make a pull allocate what it never verifies), and
+a tree's file sizes must be those of its blobs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import zstandard
 
 from castore.cache.layout import (
     CONFIG,
+    CORRUPT,
+    MAX_CHUNK,
     CacheConfig,
     ObjectRecord,
     RealisationRecord,
@@ -34,8 +41,9 @@ from castore.cache.layout import (
 from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
 from castore.chunking import Chunk, ChunkParams, cut_file
-from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound
+from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound, UnsafeArchive
 from castore.fsutil import copy_range, start_writeback
+from castore.hashing import hash_file
 from castore.manifest import Image, Tree
 from castore.store import LocalStore, store_os_error
 
@@ -136,10 +144,12 @@ def _frames(f: BinaryIO, chunks: list[Chunk], cctx: zstandard.ZstdCompressor,
         yield chunk_path(c.id), frame
 
 
-def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> tuple[dict[str, ObjectRecord], int]:
+def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str],
+                  max_chunk: int = MAX_CHUNK) -> tuple[dict[str, ObjectRecord], int]:
     """The records of every object of the closures that the store lacks, and their bytes on the wire.
 
     One batch of requests per level of references: a tree's thousands of blobs in one pipeline.
+    A record listing a chunk longer than max_chunk (the cache's chunking maximum) is corrupt.
     """
     records: dict[str, ObjectRecord] = {}
     wire = 0
@@ -150,9 +160,13 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str]) -> tu
             oid = path.rpartition("/")[2]
             if data is None:
                 raise NotFound(f"{cache.url} has no object {oid}")
-            records[oid] = ObjectRecord.decode(oid, data)
+            rec = records[oid] = ObjectRecord.decode(oid, data)
+            longest = max((n for _, n in rec.chunks), default=0)
+            if longest > max_chunk:
+                raise EncodingError(f"object record {oid} from {cache.url} lists a chunk of {longest} bytes, "
+                                    f"longer than the cache's chunking maximum of {max_chunk}", CORRUPT)
             wire += len(data)
-            refs.update(records[oid].refs)
+            refs.update(rec.refs)
         level = sorted(r for r in refs if r not in records and not store.has(r))
     return records, wire
 
@@ -166,8 +180,7 @@ def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bo
 def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress,
           meter: Meter | None) -> CopyStats:
     config = cache_config(cache, create=False)
-    del config  # chunks are addressed by id: a pull works whatever the cache's parameters
-    records, record_bytes = fetch_records(store, cache, wanted)
+    records, record_bytes = fetch_records(store, cache, wanted, config.chunking.max)
     stats = CopyStats(present=len([o for o in wanted if store.has(o)]), bytes_on_wire=record_bytes)
     order = _refs_first(records, lambda o: [r for r in records[o].refs if r in records])
     if dry_run:
@@ -209,6 +222,10 @@ class _Assembly:
     A partial object stays when a pull fails or is killed; the next pull keeps each of its
     chunks that still hashes right and fetches only the rest. Chunks come from, in order:
     that partial object, the local blobs holding them (the chunk index), the cache.
+
+    The trees and images of the pull are fetched first and checked (whole hash, then
+    :func:`kind_check`) before any object enters the store, so a hostile manifest adds
+    nothing, not even the blobs it names.
     """
 
     def __init__(self, store: LocalStore, cache: Transport, records: dict[str, ObjectRecord], order: list[str],
@@ -225,6 +242,7 @@ class _Assembly:
         self.local = store.find_chunks(cid for oid in order for cid, _ in records[oid].chunks)
         self.sources: dict[Path, int] = {}  # local blobs open for reading
         self.seeded: set[str] = set()  # objects with chunks copied from local blobs
+        self.manifests = {oid for oid in order if records[oid].kind != "blob"}  # not yet checked
 
     def run(self) -> None:
         try:
@@ -302,7 +320,10 @@ class _Assembly:
             at += length
 
     def _fetch(self) -> None:
-        need = list(self.dests)
+        # manifests first: nothing is added before they are checked, so blobs would wait for them
+        first = [cid for cid, dests in self.dests.items() if any(oid in self.manifests for oid, _ in dests)]
+        later = set(self.dests).difference(first)
+        need = first + [cid for cid in self.dests if cid in later]
         if not need:
             return
         total = sum(self.lengths[c] for c in need)
@@ -332,32 +353,60 @@ class _Assembly:
             self._finish_ready()
 
     def _finish_ready(self) -> None:
-        """Add, refs first, every object whose chunks are all written."""
+        """Add, refs first, every object whose chunks are all written, once every manifest is checked."""
+        if self.manifests:
+            for oid in [o for o in self.manifests if self.left[o] == 0]:
+                self._check(oid)
+            if self.manifests:
+                return
         while self.done < len(self.order) and self.left[self.order[self.done]] == 0:
             oid = self.order[self.done]
             self._add(oid)
             self.done += 1
 
-    def _add(self, oid: str) -> None:
-        rec = self.records[oid]
-        fd = self.fds.pop(oid, None)
-        if fd is not None:
-            os.close(fd)
+    def _size(self, oid: str) -> int:
+        rec = self.records.get(oid)
+        return rec.size if rec is not None else self.store.info(oid).size
+
+    def _check(self, oid: str) -> None:
+        """A tree or image put together: it must hash to its id and pass kind_check."""
+        self._close(oid)
         staged = self.dir / oid
         try:
-            kind_check(rec, staged)
-            self.store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs)
+            actual = hash_file(staged)
+            if actual != oid:
+                raise HashMismatch(str(staged), oid, actual)
+            kind_check(self.records[oid], staged, self._size)
         except HashMismatch as exc:
             staged.unlink(missing_ok=True)
-            if oid in self.seeded:
-                raise CastoreError(f"object {oid} reassembles to {exc.actual}: a local blob it took chunks "
-                                   "from is corrupt, or the cache's record lies",
-                                   "run `castore verify`; nothing was added") from exc
-            raise CastoreError(f"object {oid} from {self.cache.url} reassembles to {exc.actual}",
-                               "the cache is corrupt; nothing was added") from exc  # every chunk hashed right
+            raise self._reassembly_error(oid, exc) from exc
         except EncodingError:
             staged.unlink(missing_ok=True)
             raise
+        self.manifests.discard(oid)
+
+    def _reassembly_error(self, oid: str, exc: HashMismatch) -> CastoreError:
+        if oid in self.seeded:
+            return CastoreError(f"object {oid} reassembles to {exc.actual}: a local blob it took chunks "
+                                "from is corrupt, or the cache's record lies",
+                                "run `castore verify`; nothing was added")
+        return CastoreError(f"object {oid} from {self.cache.url} reassembles to {exc.actual}",
+                            "the cache is corrupt; nothing was added")  # every chunk hashed right
+
+    def _close(self, oid: str) -> None:
+        fd = self.fds.pop(oid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _add(self, oid: str) -> None:
+        rec = self.records[oid]
+        self._close(oid)
+        staged = self.dir / oid
+        try:
+            self.store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs)
+        except HashMismatch as exc:
+            staged.unlink(missing_ok=True)
+            raise self._reassembly_error(oid, exc) from exc
         index = []
         offset = 0
         for cid, length in rec.chunks:
@@ -402,16 +451,26 @@ def _ok(cid: str, data: bytes) -> bool:
     return True
 
 
-def kind_check(rec: ObjectRecord, path: Path) -> None:
-    """Trees and images must decode before they enter the store."""
-    if rec.kind == "tree":
-        refs = Tree.decode(path.read_bytes()).refs()
-    elif rec.kind == "image":
-        refs = Image.decode(path.read_bytes()).refs()
-    else:
+def kind_check(rec: ObjectRecord, path: Path, size_of: Callable[[str], int]) -> None:
+    """Trees and images must decode before they enter the store, with the references their record
+    lists, and a tree's file entries must give the sizes of their blobs (size_of an id)."""
+    if rec.kind not in ("tree", "image"):
         return
+    try:
+        if rec.kind == "tree":
+            tree = Tree.decode(path.read_bytes())
+            refs = tree.refs()
+        else:
+            refs = Image.decode(path.read_bytes()).refs()
+    except (EncodingError, UnsafeArchive) as exc:
+        raise EncodingError(f"{rec.kind} {rec.id}: {exc.message}", CORRUPT) from exc
     if sorted(refs) != sorted(rec.refs):
-        raise CastoreError(f"{rec.kind} {rec.id}: its record's references do not match its manifest")
+        raise EncodingError(f"{rec.kind} {rec.id}: its record's references do not match its manifest", CORRUPT)
+    if rec.kind == "tree":
+        for e in tree:
+            if e.type == "file" and e.blob is not None and e.size != (actual := size_of(e.blob)):
+                raise EncodingError(f"tree {rec.id}: {e.path!r} says {e.size} bytes, but its blob {e.blob} "
+                                    f"has {actual}", CORRUPT)
 
 
 def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust: Trust,

@@ -1,4 +1,10 @@
-"""The cache's files: their paths and their records, encoded canonically."""
+"""The cache's files: their paths and their records, encoded canonically.
+
+A cache is untrusted input: every record is decoded into exactly the fields of
+its grammar, each of its type and within its range, or refused with an
+:class:`~castore.errors.EncodingError` (nothing is added from a record that
+does not decode).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,16 @@ from castore import canonical
 from castore.chunking import ChunkParams
 from castore.errors import EncodingError
 from castore.hashing import hash_bytes, is_id
-from castore.manifest import FORMAT
+from castore.manifest import FORMAT, MAX_SIZE, brief
 
 CONFIG = "castore-cache.json"
 COMPRESSION = "zstd"
 CACHE_FORMAT = 2  # 2: chunk ids in object records are 32-byte bin, half the bytes of format 1's hex
+MAX_CHUNK = 16 << 20  # the largest chunking max ChunkParams allows: no chunk is longer
+CORRUPT = "the cache is corrupt; nothing was added"
+KINDS = ("blob", "tree", "image")
+_RECORD_KEYS = frozenset(("format", "kind", "size", "refs", "chunks"))
+_REALISATION_KEYS = frozenset(("format", "kind", "plan", "object", "record", "signatures"))
 
 
 def object_path(oid: str) -> str:
@@ -45,8 +56,11 @@ class CacheConfig:
                                 f"is not supported (this castore reads format {CACHE_FORMAT})",
                                 "push to a new cache directory with this castore")
         if rec.get("compression") != COMPRESSION:
-            raise EncodingError(f"{CONFIG}: compression {rec.get('compression')!r} is not {COMPRESSION}")
-        return cls(ChunkParams.from_record(rec.get("chunking")), COMPRESSION)
+            raise EncodingError(f"{CONFIG}: compression {brief(rec.get('compression'))} is not {COMPRESSION}")
+        chunking = rec.get("chunking")
+        if not isinstance(chunking, dict) or not all(type(chunking.get(k)) is int for k in ("min", "avg", "max")):
+            raise EncodingError(f"{CONFIG}: chunking {brief(chunking)} does not give min, avg and max as ints")
+        return cls(ChunkParams.from_record(chunking), COMPRESSION)
 
 
 @dataclass(frozen=True)
@@ -73,23 +87,34 @@ class ObjectRecord:
 
     @classmethod
     def decode(cls, oid: str, data: bytes) -> ObjectRecord:
-        rec = canonical.decode(data, f"object record {oid}")
-        try:
-            if rec["format"] != CACHE_FORMAT:
-                raise EncodingError(f"object record {oid}: format {rec['format']} is not supported")
-            kind, size, refs = rec["kind"], rec["size"], tuple(rec["refs"])
-            if not all(isinstance(c, bytes) and len(c) == 32 and isinstance(n, int) and n > 0
-                       for c, n in rec["chunks"]):
-                raise EncodingError(f"object record {oid} lists a bad chunk")
-            chunks = tuple((c.hex(), n) for c, n in rec["chunks"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EncodingError(f"object record {oid} is malformed: {exc}") from exc
-        if kind not in ("blob", "tree", "image") or not all(is_id(r) for r in refs):
-            raise EncodingError(f"object record {oid} has a bad kind or reference")
-        if sum(n for _, n in chunks) != size:
-            raise EncodingError(f"object record {oid}: chunk lengths add up to "
-                                f"{sum(n for _, n in chunks)}, not its size {size}")
-        return cls(oid, kind, size, refs, chunks)
+        what = f"object record {oid}"
+        rec = canonical.decode(data, what)
+        if not isinstance(rec, dict) or rec.keys() != _RECORD_KEYS:
+            raise EncodingError(f"{what} is malformed: not a map of {', '.join(sorted(_RECORD_KEYS))}", CORRUPT)
+        if rec["format"] != CACHE_FORMAT:
+            raise EncodingError(f"{what}: format {brief(rec['format'])} is not supported")
+        kind, size, refs, chunks = rec["kind"], rec["size"], rec["refs"], rec["chunks"]
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise EncodingError(f"{what} has a bad kind {brief(kind)}", CORRUPT)
+        if type(size) is not int or not 0 <= size <= MAX_SIZE:
+            raise EncodingError(f"{what} has a bad size {brief(size)}", CORRUPT)
+        if not isinstance(refs, list) or not all(isinstance(r, str) and is_id(r) for r in refs):
+            raise EncodingError(f"{what} has a bad reference", CORRUPT)
+        if kind == "blob" and refs:
+            raise EncodingError(f"{what} is a blob with references: a blob names nothing", CORRUPT)
+        if not isinstance(chunks, list):
+            raise EncodingError(f"{what} lists a bad chunk", CORRUPT)
+        for c in chunks:
+            if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], bytes) and len(c[0]) == 32
+                    and type(c[1]) is int and c[1] > 0):
+                raise EncodingError(f"{what} lists a bad chunk", CORRUPT)
+            if c[1] > MAX_CHUNK:
+                raise EncodingError(f"{what} lists a chunk of {c[1]} bytes; no chunk is over "
+                                    f"{MAX_CHUNK >> 20} MiB", CORRUPT)
+        total = sum(n for _, n in chunks)
+        if total != size:
+            raise EncodingError(f"{what}: chunk lengths add up to {total}, not its size {size}", CORRUPT)
+        return cls(oid, kind, size, tuple(refs), tuple((c.hex(), n) for c, n in chunks))
 
 
 def realisation_path(plan_hash: str) -> str:
@@ -126,19 +151,24 @@ class RealisationRecord:
 
     @classmethod
     def decode(cls, plan_hash: str, data: bytes) -> RealisationRecord:
-        rec = canonical.decode(data, f"realisation {plan_hash}")
-        try:
-            if rec["format"] != FORMAT or rec["kind"] != "realisation":
-                raise EncodingError(f"realisation {plan_hash}: not a format {FORMAT} realisation")
-            out = cls(rec["plan"], rec["object"], rec["record"],
-                      tuple((s["key"], s["sig"]) for s in rec["signatures"]))
-        except (KeyError, TypeError) as exc:
-            raise EncodingError(f"realisation {plan_hash} is malformed: {exc}") from exc
-        if out.plan != plan_hash:
-            raise EncodingError(f"realisation {plan_hash} is for another plan ({out.plan})")
-        if not is_id(out.object) or not isinstance(out.record, bytes) or hash_bytes(out.record) != plan_hash:
-            raise EncodingError(f"realisation {plan_hash}: its plan record does not hash to its plan")
-        return out
+        what = f"realisation {plan_hash}"
+        rec = canonical.decode(data, what)
+        if not isinstance(rec, dict) or rec.keys() != _REALISATION_KEYS:
+            raise EncodingError(f"{what} is malformed: not a map of {', '.join(sorted(_REALISATION_KEYS))}")
+        if type(rec["format"]) is not int or rec["format"] != FORMAT or rec["kind"] != "realisation":
+            raise EncodingError(f"{what}: not a format {FORMAT} realisation")
+        plan, oid, record, sigs = rec["plan"], rec["object"], rec["record"], rec["signatures"]
+        if plan != plan_hash:
+            raise EncodingError(f"{what} is for another plan ({brief(plan)})")
+        if not isinstance(oid, str) or not is_id(oid):
+            raise EncodingError(f"{what} names {brief(oid)}, not an object id")
+        if not isinstance(record, bytes) or hash_bytes(record) != plan_hash:
+            raise EncodingError(f"{what}: its plan record does not hash to its plan")
+        if not isinstance(sigs, list) or not all(
+                isinstance(s, dict) and s.keys() == {"key", "sig"} and isinstance(s["key"], str) and s["key"]
+                and isinstance(s["sig"], bytes) and len(s["sig"]) == 64 for s in sigs):
+            raise EncodingError(f"{what} has a malformed signature (each is a key name and 64 bytes)")
+        return cls(plan, oid, record, tuple((s["key"], s["sig"]) for s in sigs))
 
 
 def check_chunk(cid: str, data: bytes) -> None:

@@ -14,14 +14,20 @@ A plain ASGI application (run by uvicorn):
   realisation).
 
 Tokens are random; the server keeps only their BLAKE3, with their scopes, in
-``DIR/.castore/tokens.json``. Errors are JSON ``{code, error, message}``.
+``DIR/.castore/tokens.json``. Errors are JSON ``{code, error, message}``, with
+no path of the server in them: 400 for an upload that does not verify, 507
+when the disk is full (nothing partial stays: files are renamed into place
+whole), 500 when the server itself is at fault; those last two also go to
+stderr as one line, for its operator.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ import zstandard
 
 from castore.cache.layout import (
     CONFIG,
+    MAX_CHUNK,
     CacheConfig,
     ObjectRecord,
     RealisationRecord,
@@ -45,7 +52,7 @@ from castore.hashing import Hasher, hash_bytes
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-MAX_BODY = 64 << 20  # records and chunks are small; a chunk is at most 16 MiB by the layout
+MAX_BODY = 64 << 20  # records and chunks are small; a chunk is at most MAX_CHUNK (16 MiB) by the layout
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
@@ -53,18 +60,43 @@ def tokens_file(root: Path) -> Path:
     return root / ".castore" / "tokens.json"
 
 
+_TOKENS_HINT = "fix it, or move it away and make the tokens again with `castore token add`"
+
+
+def load_tokens(root: Path) -> dict[str, dict[str, Any]]:
+    """{BLAKE3 of a token: {"name": str, "scopes": [str, ...]}}; none when the file is absent."""
+    path = tokens_file(root)
+    try:
+        known = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise CastoreError(f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise CastoreError(f"{path} is not JSON: {exc}", _TOKENS_HINT) from exc
+    if not isinstance(known, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("scopes"), list)
+            and all(isinstance(s, str) for s in v["scopes"]) for v in known.values()):
+        raise CastoreError(f"{path} is not a map of token hashes to {{name, scopes}}", _TOKENS_HINT)
+    return known
+
+
 def add_token(root: Path, scopes: list[str], name: str) -> str:
     """Make a token with the given scopes ("read", "write"); only its hash is stored."""
     token = secrets.token_urlsafe(32)
     path = tokens_file(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    known = json.loads(path.read_text()) if path.exists() else {}
+    known = load_tokens(root)
     known[hash_bytes(token.encode())] = {"name": name, "scopes": sorted(scopes)}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        tmp.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CastoreError(f"cannot write {path}: {exc.strerror}") from exc
     return token
 
 
@@ -73,11 +105,16 @@ class CacheApp:
         self.root = Path(root).absolute()
         self.public_read = public_read
         self._dirty = False
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CastoreError(f"cannot make the cache directory {self.root}: {exc.strerror}") from exc
         if not (self.root / CONFIG).exists():
             from castore.chunking import ChunkParams
 
-            self._write(CONFIG, CacheConfig(ChunkParams()).encode())
+            atomic_write(self.root / CONFIG, CacheConfig(ChunkParams()).encode())
+        self.max_chunk = CacheConfig.decode((self.root / CONFIG).read_bytes()).chunking.max
+        load_tokens(self.root)  # a broken token file stops the server here, not on each upload
 
     # -- ASGI ----------------------------------------------------------------
 
@@ -128,8 +165,12 @@ class CacheApp:
                 token = value[7:].decode(errors="replace")
         if not token:
             raise HttpError(401, "unauthorized", f"{what} needs a token: Authorization: Bearer TOKEN")
-        path = tokens_file(self.root)
-        known = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            known = load_tokens(self.root)
+        except CastoreError as exc:
+            _log(f"{exc.message}; refusing requests that need a token")
+            raise HttpError(500, "server-error", "the server cannot read its tokens; its operator must "
+                            "fix that (its log says how)") from None
         entry = known.get(hash_bytes(token.encode()))
         if entry is None or what not in entry["scopes"]:
             raise HttpError(403, "forbidden", f"this token may not {what}")
@@ -151,13 +192,20 @@ class CacheApp:
             if kind == "chunks":
                 cid = path.split("/")[-1]
                 try:
-                    data = zstandard.ZstdDecompressor().decompress(body, max_output_size=16 << 20)
+                    data = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_CHUNK)
                 except zstandard.ZstdError as exc:
                     raise HttpError(400, "bad-chunk", f"chunk {cid} is not a zstd frame: {exc}") from None
+                if len(data) > self.max_chunk:
+                    raise HttpError(400, "bad-chunk", f"chunk {cid} is {len(data)} bytes, longer than this "
+                                    f"cache's chunking maximum of {self.max_chunk}")
                 check_chunk(cid, data)
             elif kind == "objects":
                 oid = path.split("/")[-1]
                 rec = ObjectRecord.decode(oid, body)
+                longest = max((n for _, n in rec.chunks), default=0)
+                if longest > self.max_chunk:
+                    raise HttpError(400, "invalid", f"object {oid} lists a chunk of {longest} bytes, longer than "
+                                    f"this cache's chunking maximum of {self.max_chunk}")
                 if (self.root / path).exists():
                     return  # named by its content: what is there is already right
                 absent = [c for c, _ in rec.chunks if not (self.root / chunk_path(c)).exists()]
@@ -190,15 +238,32 @@ class CacheApp:
             raise HttpError(400, "invalid", f"the chunks of object {rec.id} hash to {h.hexdigest()}")
 
     def _write(self, path: str, data: bytes) -> None:
-        """Chunks land without an fsync each; one syncfs precedes the next record, which may name them."""
-        if path.startswith("chunks/"):
-            atomic_write(self.root / path, data, fsync=False)
-            self._dirty = True
-            return
-        if self._dirty:
-            syncfs(self.root)
-            self._dirty = False
-        atomic_write(self.root / path, data)
+        """Chunks land without an fsync each; one syncfs precedes the next record, which may name them.
+        A write that fails leaves nothing (atomic_write removes its temporary file) and answers
+        507 when the disk is full, 500 otherwise."""
+        try:
+            if path.startswith("chunks/"):
+                atomic_write(self.root / path, data, fsync=False)
+                self._dirty = True
+                return
+            if self._dirty:
+                syncfs(self.root)
+                self._dirty = False
+            atomic_write(self.root / path, data)
+        except (CastoreError, OSError) as exc:
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+            _log(f"cannot store {path}: {reason}")
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise HttpError(507, "insufficient-storage", f"the cache's disk is full: {path} was not stored; "
+                                "nothing partial was kept") from None
+            raise HttpError(500, "server-error", f"the server could not store {path} (its log says why); "
+                            "nothing partial was kept") from None
+
+
+def _log(line: str) -> None:
+    """One line on stderr for the operator (uvicorn logs only warnings, and no access log)."""
+    print(f"castore serve: {line}", file=sys.stderr, flush=True)
 
 
 class HttpError(Exception):

@@ -6,12 +6,14 @@ cache; ``put`` is atomic (a reader sees the whole file or none).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from castore.cache.pipeline import UNTRUSTED, Broken, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 
 MAX_BODY = 1 << 30  # no cache file is bigger: the largest is the record of a blob of ~700 GiB
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+_TRANSIENT = frozenset((408, 429, 500, 502, 503, 504))  # as curl --retry and nix: worth asking again
+_NO_UPLOADS = ("the server does not accept uploads: push to the cache's directory, or to a `castore serve` "
+               "of it (with a write token)")
 _SAFE = re.compile(
     r"(castore-cache\.json|objects/[0-9a-f]{64}|chunks/[0-9a-f]{2}/[0-9a-f]{64}|realisations/[0-9a-f]{64})")
 
@@ -110,11 +115,21 @@ class HttpTransport:
     pulls, and `castore serve` for pushes too. Many GETs or PUTs go pipelined on one
     connection (:mod:`castore.cache.pipeline`); single requests and fallbacks go through httpx.
 
-    Transient failures (connection errors, truncated bodies, 5xx, 429) are retried
-    with back-off; a 404 means absent. Bytes are never trusted: callers verify them.
+    Transient failures (connection errors, truncated bodies, 408, 429, 500, 502-504) are
+    retried with back-off; a 404 means absent; any other status is an error at once,
+    said in words that fit it (507: the server's disk is full; 404/405/501 to an
+    upload: a static server). Bytes are never trusted: callers verify them.
     """
 
     def __init__(self, url: str, *, attempts: int = 4, timeout: float = 30.0, token: str | None = None) -> None:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - parsed on access: a bad port raises here, not mid-pull
+        except ValueError as exc:
+            raise CastoreError(f"{url!r} is not a valid URL: {exc}", "for example http://cache.lab:8080 "
+                               "or http://[::1]:8080") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CastoreError(f"{url!r} is not a valid URL: it names no host", "for example http://cache.lab:8080")
         self.url = url.rstrip("/")
         self.attempts = attempts
         self.token = token
@@ -154,9 +169,11 @@ class HttpTransport:
         for attempt in range(self.attempts):
             try:
                 resp = self.client.request(method, url, content=body, headers=headers)
-                if resp.status_code < 500 and resp.status_code != 429:
+                if resp.status_code not in _TRANSIENT:
                     return resp.status_code, resp.content
                 problem = f"HTTP {resp.status_code}"
+            except httpx.InvalidURL as exc:
+                raise CastoreError(f"{url} is not a valid URL: {exc}") from exc
             except httpx.HTTPError as exc:
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # not transient: no retry
                     raise CastoreError(f"{url}: {exc}", UNTRUSTED) from exc
@@ -177,7 +194,7 @@ class HttpTransport:
         if status == 404:
             return None
         if status != 200:
-            raise CastoreError(f"{self.url}/{path}: HTTP {status}")
+            raise self._failed("GET", path, status, body)
         return body
 
     def get_many(self, paths: Sequence[str], limit: int = MAX_BODY) -> Iterator[tuple[str, bytes | None]]:
@@ -232,13 +249,13 @@ class HttpTransport:
         return self._pipe if self._pipe_ok else None
 
     def exists(self, path: str) -> bool:
-        status, _ = self._request("HEAD", path)
+        status, body = self._request("HEAD", path)
+        if status >= 500:
+            raise self._failed("HEAD", path, status, body)
         return status == 200
 
     def missing(self, paths: Iterable[str]) -> set[str]:
         """One POST /missing to `castore serve`; one HEAD per path to a plain static server."""
-        import json
-
         wanted = [check_path(p) for p in paths]
         if self._batch and wanted:
             status, body = self._request("POST", "missing", json.dumps(wanted).encode())
@@ -250,11 +267,11 @@ class HttpTransport:
     def put(self, path: str, data: bytes) -> None:
         status, body = self._request("PUT", path, data)
         if status not in (200, 201, 204):
-            self._refused(path, status, body)
+            raise self._failed("PUT", path, status, body)
 
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
-        """PUT each (path, bytes), pipelined 64 at a time (one batch in memory); 5xx and whatever
-        the pipeline cannot read go through :meth:`put`, with its retries."""
+        """PUT each (path, bytes), pipelined 64 at a time (one batch in memory); transient answers
+        and whatever the pipeline cannot read go through :meth:`put`, with its retries."""
         batch: list[tuple[str, bytes]] = []
         for item in items:
             batch.append(item)
@@ -267,19 +284,41 @@ class HttpTransport:
         paths = [check_path(p) for p, _ in batch]
         bodies = [data for _, data in batch]
         for k, status, body in self._exchange(b"PUT", paths, bodies, 1 << 20):
-            if status is None or status >= 500 or status == 429:
+            if status is None or status in _TRANSIENT:
                 self.put(paths[k], bodies[k])
             elif status not in (200, 201, 204):
-                self._refused(paths[k], status, body)
+                raise self._failed("PUT", paths[k], status, body)
 
-    def _refused(self, path: str, status: int, body: bytes) -> None:
+    def _failed(self, method: str, path: str, status: int, body: bytes) -> CastoreError:
+        """The error for an answer that is neither what was asked for nor worth asking again."""
+        message = _server_message(body)
+        upload = method in ("PUT", "POST")
         if status in (401, 403):
-            raise CastoreError(f"{self.url} refused the upload of {path}: HTTP {status}",
-                               "set a token with write scope: CASTORE_TOKEN or `tokens` in castore.toml")
-        if status == 405:
-            raise CastoreError(f"{self.url} takes no uploads (a static server?)",
-                               "push to the cache's directory, or run `castore serve` there")
-        raise CastoreError(f"{self.url} refused {path}: HTTP {status}: {body[:200].decode(errors='replace')}")
+            return CastoreError(f"{self.url} refused {'the upload of ' if upload else ''}{path}: HTTP {status}",
+                                f"set a token with {'write' if upload else 'read'} scope: CASTORE_TOKEN or "
+                                "`tokens` in castore.toml")
+        if upload and status in (404, 405, 501):  # nginx: 404 for a new path (try_files), 405 for an old one
+            return CastoreError(f"{self.url} takes no uploads (HTTP {status}: a static server?)", _NO_UPLOADS)
+        if status == 507:
+            return CastoreError(f"{self.url}: the cache server's disk is full; it did not store {path}",
+                                "free space on the server, then push again: what it stored before is whole "
+                                "and is not sent twice")
+        if status >= 500:
+            return CastoreError(f"{self.url}/{path}: HTTP {status}{message}",
+                                "the server failed: its log says why"
+                                + ("" if upload else "; nothing unverified was added"))
+        return CastoreError(f"{self.url} refused {path}: HTTP {status}{message}")
+
+
+def _server_message(body: bytes) -> str:
+    """': message' from a `castore serve` error body ({code, error, message}), or its first bytes."""
+    try:
+        rec = json.loads(body)
+        text = str(rec["message"]) if isinstance(rec, dict) else body[:200].decode(errors="replace")
+    except (ValueError, KeyError):
+        text = body[:200].decode(errors="replace")
+    text = " ".join(text.split())
+    return f": {text}" if text else ""
 
 
 def open_cache(url: str, *, create: bool = False, token: str | None = None) -> Transport:
