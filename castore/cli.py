@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from castore.errors import CastoreError
+from castore.errors import CastoreError, StoreError
 
 app = typer.Typer(
     name="castore",
@@ -392,7 +392,7 @@ def pull(
                 finally:
                     cache.close()
             except CastoreError as exc:
-                if len(urls) == 1:
+                if len(urls) == 1 or isinstance(exc, StoreError):  # the store's own trouble: no failover
                     raise
                 failures.append(f"{url}: {exc.message}")
                 _err(f"note: {url}: {exc.message}; trying the next substituter")
@@ -574,8 +574,10 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List the objects in the store, with the names of the plans that made them."""
-    if kind not in (None, "blob", "tree", "image"):
-        raise CastoreError(f"--kind {kind!r}: there are blob, tree and image objects")
+    from castore.manifest import KINDS
+
+    if kind is not None and kind not in KINDS:
+        raise CastoreError(f"--kind {kind!r}: there are {', '.join(KINDS)} objects", "for example --kind image")
     with _store(create=False) as store:
         names = {oid: n for oid, n in store._q("SELECT object, name FROM realisations")}
         roots = {o for _, o, _ in store.roots()}

@@ -27,11 +27,17 @@ def copy_range(src: int, dest: int, n: int, offset: int = 0, at: int = 0) -> int
         if exc.errno not in _NO_KERNEL_COPY:
             raise
     while done < n and (data := os.pread(src, min(n - done, 1 << 22), offset + done)):
-        view = memoryview(data)
-        while view:
-            k = os.pwrite(dest, view, at + done)
-            view, done = view[k:], done + k
+        pwrite_all(dest, data, at + done)
+        done += len(data)
     return done
+
+
+def pwrite_all(fd: int, data: bytes, at: int) -> None:
+    """pwrite all of data: a nearly full disk may take part of it before it says ENOSPC."""
+    view = memoryview(data)
+    while view:
+        k = os.pwrite(fd, view, at)
+        view, at = view[k:], at + k
 
 
 def copy_sparse(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:

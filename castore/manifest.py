@@ -52,6 +52,7 @@ from castore.hashing import hash_bytes, is_id
 FORMAT = 1
 ENTRY_TYPES = ("dir", "file", "symlink", "hardlink", "char", "block", "fifo")
 LAYER_FORMATS = ("squashfs",)
+KINDS = ("blob", "tree", "image")  # what the store holds
 MAX_ID32 = (1 << 32) - 1  # uid, gid, device major and minor
 MAX_SIZE = (1 << 63) - 1  # what a file offset (off_t) holds
 

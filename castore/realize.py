@@ -251,8 +251,10 @@ class Realizer:
             ok = True
             return oid
         except OSError as exc:  # the log, the scratch directory or a builder's own writes
-            raise store_os_error(exc, self.store.root, retry="nothing was added; free space (castore gc) "
-                                 "and realize again") from exc
+            failure = store_os_error(exc, self.store.root, retry="nothing was added; free space (castore gc) "
+                                   "and realize again")
+            self.reporter.failed(plan, failure, None)  # the log may be what could not be written
+            raise failure from exc
         finally:
             if ok or not self.keep_failed:
                 remove_tree(scratch)

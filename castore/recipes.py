@@ -24,7 +24,7 @@ from typing import Any
 
 from castore.errors import CastoreError, RecipeError
 from castore.hashing import hash_file
-from castore.manifest import normalize_path
+from castore.manifest import MAX_ID32, MAX_SIZE, brief, normalize_path
 from castore.plan import Plan, Source
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +64,7 @@ def _fail(message: str, hint: str | None = None) -> RecipeError:
 
 def _source(path: str | os.PathLike[str], what: str) -> Source:
     if not isinstance(path, str | os.PathLike):
-        raise _fail(f"{what} must be a path (a str), got {type(path).__name__} {_show(path)}")
+        raise _fail(f"{what} must be a path (a str), got {type(path).__name__} {brief(path)}")
     _, base = _origin()
     full = (base / path).resolve()
     try:
@@ -107,8 +107,6 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KiB": 1 << 10, "M": 1 << 20, "MiB": 1 <<
           "G": 1 << 30, "GiB": 1 << 30, "T": 1 << 40, "TiB": 1 << 40}
 
 
-MAX_SIZE = (1 << 63) - 1  # the largest file size Linux can represent (loff_t)
-MAX_ID = (1 << 32) - 1  # uids, gids and device numbers are 32-bit on Linux
 
 
 def parse_size(value: int | str) -> int:
@@ -120,9 +118,9 @@ def parse_size(value: int | str) -> int:
         if m:
             nbytes = int(m.group(1)) * _UNITS[m.group(2)]
     if nbytes is None:
-        raise _fail(f"size {_show(value)} is not understood", "write bytes as an int, or like '512MiB', '1GiB'")
+        raise _fail(f"size {brief(value)} is not understood", "write bytes as an int, or like '512MiB', '1GiB'")
     if nbytes > MAX_SIZE:
-        raise _fail(f"size {_show(value)} is too large: at most {MAX_SIZE} bytes (8 EiB)")
+        raise _fail(f"size {brief(value)} is too large: at most {MAX_SIZE} bytes (8 EiB)")
     return nbytes
 
 
@@ -130,51 +128,45 @@ def parse_size(value: int | str) -> int:
 # Every check raises through _fail, so the error names the recipe line of the call.
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    """repr(), shortened: a recipe may pass megabytes of text."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "[...]"
-
-
 def _int(value: Any, what: str, lo: int, hi: int, hint: str | None = None) -> int:
     """An int (a bool is not one) from lo to hi."""
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _fail(f"{what} {_show(value)} must be an int from {lo} to {hi}", hint)
+        raise _fail(f"{what} {brief(value)} must be an int from {lo} to {hi}", hint)
     return value
 
 
 def _str(value: Any, what: str, *, nul: bool = True) -> str:
     """A str that encodes as UTF-8 (and, with nul=False, holds no NUL)."""
     if not isinstance(value, str):
-        raise _fail(f"{what} must be a str, got {type(value).__name__} {_show(value)}")
+        raise _fail(f"{what} must be a str, got {type(value).__name__} {brief(value)}")
     try:
         value.encode()
     except UnicodeEncodeError as exc:
         raise _fail(
-            f"{what} {_show(value)} holds {value[exc.start]!r} at position {exc.start}, "
+            f"{what} {brief(value)} holds {value[exc.start]!r} at position {exc.start}, "
             f"which is not valid in UTF-8 ({exc.reason})",
             "lone surrogates come from bytes decoded with errors='surrogateescape'; pass real text",
         ) from None
     if not nul and "\0" in value:
-        raise _fail(f"{what} {_show(value)} contains a NUL character")
+        raise _fail(f"{what} {brief(value)} contains a NUL character")
     return value
 
 
 def _bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
-        raise _fail(f"{what} must be True or False, got {_show(value)}")
+        raise _fail(f"{what} must be True or False, got {brief(value)}")
     return value
 
 
 def _mode(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
-        raise _fail(f"{what} mode {_show(value)} must be an int between 0 and 0o7777", "write modes in octal: 0o644")
+        raise _fail(f"{what} mode {brief(value)} must be an int between 0 and 0o7777", "write modes in octal: 0o644")
     return value
 
 
 def _owner(uid: Any, gid: Any, what: str) -> dict[str, int]:
     hint = "owners are numeric ids, as in the image's /etc/passwd: root is 0"
-    return {"uid": _int(uid, f"{what}: uid", 0, MAX_ID, hint), "gid": _int(gid, f"{what}: gid", 0, MAX_ID, hint)}
+    return {"uid": _int(uid, f"{what}: uid", 0, MAX_ID32, hint), "gid": _int(gid, f"{what}: gid", 0, MAX_ID32, hint)}
 
 
 def _tree_path(path: Any, what: str = "path", *, root: bool = False) -> str:
@@ -209,7 +201,7 @@ def fetch(
     algo, digest = ("sha256", sha256) if sha256 is not None else ("blake3", blake3)
     assert digest is not None
     if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-        raise _fail(f"{algo} {_show(digest)} must be 64 lowercase hex digits")
+        raise _fail(f"{algo} {brief(digest)} must be 64 lowercase hex digits")
     return _plan(
         "fetch", "blob", name or url.rsplit("/", 1)[-1], params={"url": url, algo: digest}
     )
@@ -249,7 +241,7 @@ def squashfs(
         raise _fail(f"squashfs compression {compression!r} is not one of gzip, xz, zstd, lz4, lzo")
     if (isinstance(block_size, bool) or not isinstance(block_size, int)
             or block_size & (block_size - 1) or not 4096 <= block_size <= 1 << 20):
-        raise _fail(f"squashfs block_size {_show(block_size)} must be a power of two from 4096 to 1MiB")
+        raise _fail(f"squashfs block_size {brief(block_size)} must be a power of two from 4096 to 1MiB")
     return _plan(
         "squashfs",
         "blob",
@@ -305,7 +297,7 @@ def image(
     for i, layer in enumerate(layers):
         inputs[f"layer{i}"] = _need_plan(layer, f"image's rootfs layer {i}", ["blob"])
     _int(vcpus, "vcpus", 1, 32)
-    _int(mem_mib, "mem_mib", 16, MAX_ID)
+    _int(mem_mib, "mem_mib", 16, MAX_ID32)
     _str(cmdline, "image cmdline", nul=False)
     overlay = parse_size(overlay_size)
     if overlay < 1 << 20:
@@ -379,7 +371,7 @@ class TreeExpr:
         op: dict[str, Any] = {"op": "merge", "prefix": _tree_path(prefix, "merge's prefix", root=True)}
         if only is not None:
             if isinstance(only, str | bytes) or not isinstance(only, Iterable):
-                raise _fail(f"merge's only= must be a list of paths, got {_show(only)}",
+                raise _fail(f"merge's only= must be a list of paths, got {brief(only)}",
                             f"write only=[{only!r}]" if isinstance(only, str) else None)
             op["only"] = [self._path(p) for p in only]
         op["input"] = self._input(plan)
@@ -419,10 +411,10 @@ class TreeExpr:
         """A character (``"c"``) or block (``"b"``) device node."""
         norm = self._path(path)
         if kind not in ("c", "b"):
-            raise _fail(f"device {path}: kind must be 'c' or 'b', got {_show(kind)}")
+            raise _fail(f"device {path}: kind must be 'c' or 'b', got {brief(kind)}")
         return self._add({"op": "device", "path": norm, "type": "char" if kind == "c" else "block",
-                          "major": _int(major, f"device {path}: major", 0, MAX_ID),
-                          "minor": _int(minor, f"device {path}: minor", 0, MAX_ID),
+                          "major": _int(major, f"device {path}: major", 0, MAX_ID32),
+                          "minor": _int(minor, f"device {path}: minor", 0, MAX_ID32),
                           "mode": _mode(mode, path), **_owner(uid, gid, path)})
 
     def fifo(self, path: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0) -> TreeExpr:

@@ -44,7 +44,6 @@ from castore.fsutil import copy_range, start_writeback, syncfs
 from castore.hashing import hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree, path_key
 
-KINDS = ("blob", "tree", "image")
 _SCHEMA_VERSION = 1  # PRAGMA user_version once the schema below is in place
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -103,9 +102,8 @@ class LocalStore:
             self.db.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             if _full(self.root):
-                raise StoreError(f"no space left on the device holding {self.root}",
-                                 "free space on that device: even reading the store needs a little, "
-                                 "for SQLite's shared-memory file") from exc
+                raise no_space(self.root, "free space on that device: even reading the store needs a little, "
+                               "for SQLite's shared-memory file") from exc
             raise StoreError(f"cannot open the store database in {self.root}: {exc}") from exc
         except PermissionError as exc:
             raise StoreError(f"cannot write to the store at {self.root}: {exc.strerror}",
@@ -123,7 +121,10 @@ class LocalStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0 and (held := sum(1 for d in self.blobs.iterdir() if d.is_dir() for _ in d.iterdir())):
+            tables = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'objects'").fetchone()
+            # Stores made before user_version was set have their tables: those are adopted below.
+            if version == 0 and tables is None and (
+                    held := sum(1 for d in self.blobs.iterdir() if d.is_dir() for _ in d.iterdir())):
                 raise StoreError(f"the store database {self.root / 'db.sqlite'} holds nothing, but blobs/ "
                                  f"holds {held} files: the database was lost or emptied",
                                  "restore db.sqlite from a backup; castore will not take this for a new "
@@ -155,8 +156,7 @@ class LocalStore:
 
     def _db_error(self, exc: sqlite3.Error) -> StoreError:
         if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
-            return StoreError(f"no space left on the device holding {self.root}",
-                              "nothing was added; free space on that device and retry")
+            return no_space(self.root, "nothing was added; free space on that device and retry")
         return StoreError(f"store database error: {exc}")
 
     @contextlib.contextmanager
@@ -502,12 +502,15 @@ class LocalStore:
 
     def _present(self, oids: set[str]) -> set[str]:
         """Which of these ids the store has: one query per 500."""
-        found: set[str] = set()
-        ids = sorted(oids)
+        return set(self.sizes(oids))
+
+    def sizes(self, oids: Iterable[str]) -> dict[str, int]:
+        """The size of each of these objects the store has: one query per 500 ids."""
+        found: dict[str, int] = {}
+        ids = sorted(set(oids))
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
-            found.update(r[0] for r in self._q(
-                f"SELECT id FROM objects WHERE id IN ({','.join('?' * len(part))})", part))
+            found.update(self._q(f"SELECT id, size FROM objects WHERE id IN ({','.join('?' * len(part))})", part))
         return found
 
     # -- realisations and roots ----------------------------------------------
@@ -843,11 +846,15 @@ def _full(path: Path) -> bool:
         return False
 
 
+def no_space(root: Path, hint: str) -> StoreError:
+    return StoreError(f"no space left on the device holding {root}", hint)
+
+
 def store_os_error(exc: OSError, root: Path, what: Path | None = None,
                    retry: str = "nothing was added; free space (castore gc) and retry") -> CastoreError:
     """The error a user can act on for an OSError met while writing into the store at root."""
     if exc.errno == errno.ENOSPC:
-        return StoreError(f"no space left on the device holding {root}", retry)
+        return no_space(root, retry)
     if exc.errno in (errno.EACCES, errno.EPERM):
         return StoreError(f"permission denied: {exc.filename or what}")
     return StoreError(f"I/O error on {exc.filename or what}: {exc.strerror}")

@@ -232,6 +232,10 @@ def test_a_pull_onto_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> Non
         proc = castore("pull", oid, "--from", str(tmp_path / "cache"), store=small / "store", check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "error: no space left on the device" in proc.stderr and "pull again" in proc.stderr
+        # with two substituters, the store's own trouble is not a reason to try the next one
+        two = f"{tmp_path / 'cache'} {tmp_path / 'cache'}"
+        proc = castore("pull", oid, store=small / "store", check=False, env={"CASTORE_SUBSTITUTERS": two})
+        assert proc.returncode == 1 and "no space left" in proc.stderr and "next substituter" not in proc.stderr
         with LocalStore(small / "store") as b:
             assert b.objects() == []
             problems, notes = b.verify()

@@ -252,3 +252,18 @@ def test_verify_sums_up_litter_and_add_clears_a_killed_adds_staging(store: Local
     (d / "f").write_text("x")
     store.add_dir(d)
     assert os.listdir(store.tmp) == []
+
+
+def test_a_store_made_before_user_version_was_set_is_adopted(tmp_path: Path) -> None:
+    import sqlite3
+
+    root = tmp_path / "s"
+    with LocalStore(root) as s:
+        oid = s.add_bytes(b"from an older castore")
+    db = sqlite3.connect(root / "db.sqlite")
+    db.execute("PRAGMA user_version = 0")  # what stores of the first days have: tables, rows, no version
+    db.commit()
+    db.close()
+    with LocalStore(root) as s:
+        assert s.has(oid) and s.verify() == ([], [])
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] >= 1

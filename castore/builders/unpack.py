@@ -162,9 +162,11 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: dict[str,
         if m.linkname.startswith("/"):
             raise UnsafeArchive(f"hard link {m.name!r} has an absolute target {m.linkname!r}")
         target = normalize_path(m.linkname, "hard link target")
-        if target == path:
-            raise UnsafeArchive(f"hard link {m.name!r} -> {m.linkname!r} names itself")
         t = entries.get(target)
+        if target == path:
+            if t is not None and t.type == "file":
+                return  # GNU tar's way to store a file named twice on its command line: nothing new
+            raise UnsafeArchive(f"hard link {m.name!r} -> {m.linkname!r} names itself")
         if t is None or t.type != "file":
             raise UnsafeArchive(f"hard link {m.name!r} -> {m.linkname!r} does not name an earlier file")
         entries[path] = Entry(path, "hardlink", 0, target=target, **owner)

@@ -41,8 +41,8 @@ from castore.cache.layout import (
 from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
 from castore.chunking import Chunk, ChunkParams, cut_file
-from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound, UnsafeArchive
-from castore.fsutil import copy_range, start_writeback
+from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound, StoreError, UnsafeArchive
+from castore.fsutil import copy_range, pwrite_all, start_writeback
 from castore.hashing import hash_file
 from castore.manifest import Image, Tree
 from castore.store import LocalStore, store_os_error
@@ -337,7 +337,7 @@ class _Assembly:
             data = _verified(self.cache, dctx, cid, self.lengths[cid], frame)
             for oid, offset in self.dests[cid]:
                 fd = self._fd(oid)
-                os.pwrite(fd, data, offset)
+                pwrite_all(fd, data, offset)
                 self.left[oid] -= 1
             if fetched // _WRITEBACK != (fetched + len(data)) // _WRITEBACK:
                 start_writeback(fd)  # the disk keeps up with the network; the final fsync waits for less
@@ -364,9 +364,10 @@ class _Assembly:
             self._add(oid)
             self.done += 1
 
-    def _size(self, oid: str) -> int:
-        rec = self.records.get(oid)
-        return rec.size if rec is not None else self.store.info(oid).size
+    def _sizes(self, oids: list[str]) -> dict[str, int]:
+        """Sizes of blobs: from this pull's records, else from the store (one query per 500)."""
+        sizes = {o: self.records[o].size for o in oids if o in self.records}
+        return sizes | self.store.sizes(o for o in oids if o not in sizes)
 
     def _check(self, oid: str) -> None:
         """A tree or image put together: it must hash to its id and pass kind_check."""
@@ -376,7 +377,7 @@ class _Assembly:
             actual = hash_file(staged)
             if actual != oid:
                 raise HashMismatch(str(staged), oid, actual)
-            kind_check(self.records[oid], staged, self._size)
+            kind_check(self.records[oid], staged, self._sizes)
         except HashMismatch as exc:
             staged.unlink(missing_ok=True)
             raise self._reassembly_error(oid, exc) from exc
@@ -391,7 +392,7 @@ class _Assembly:
                                 "from is corrupt, or the cache's record lies",
                                 "run `castore verify`; nothing was added")
         return CastoreError(f"object {oid} from {self.cache.url} reassembles to {exc.actual}",
-                            "the cache is corrupt; nothing was added")  # every chunk hashed right
+                            CORRUPT)  # every chunk hashed right
 
     def _close(self, oid: str) -> None:
         fd = self.fds.pop(oid, None)
@@ -432,14 +433,14 @@ def _verified(cache: Transport, dctx: zstandard.ZstdDecompressor, cid: str, leng
         data = dctx.decompress(frame, max_output_size=length)
     except zstandard.ZstdError as exc:
         raise CastoreError(f"chunk {cid} from {cache.url} is not a valid zstd frame: {exc}",
-                           "the cache is corrupt; nothing was added") from exc
+                           CORRUPT) from exc
     if len(data) != length:
         raise CastoreError(f"chunk {cid} from {cache.url} is {len(data)} bytes, its record says {length}",
-                           "the cache is corrupt; nothing was added")
+                           CORRUPT)
     try:
         check_chunk(cid, data)
     except EncodingError as exc:
-        raise CastoreError(f"{exc.message} (from {cache.url})", "the cache is corrupt; nothing was added") from exc
+        raise CastoreError(f"{exc.message} (from {cache.url})", CORRUPT) from exc
     return data
 
 
@@ -451,9 +452,9 @@ def _ok(cid: str, data: bytes) -> bool:
     return True
 
 
-def kind_check(rec: ObjectRecord, path: Path, size_of: Callable[[str], int]) -> None:
+def kind_check(rec: ObjectRecord, path: Path, sizes_of: Callable[[list[str]], dict[str, int]]) -> None:
     """Trees and images must decode before they enter the store, with the references their record
-    lists, and a tree's file entries must give the sizes of their blobs (size_of an id)."""
+    lists, and a tree's file entries must give the sizes of their blobs (sizes_of: id -> size)."""
     if rec.kind not in ("tree", "image"):
         return
     try:
@@ -467,8 +468,9 @@ def kind_check(rec: ObjectRecord, path: Path, size_of: Callable[[str], int]) -> 
     if sorted(refs) != sorted(rec.refs):
         raise EncodingError(f"{rec.kind} {rec.id}: its record's references do not match its manifest", CORRUPT)
     if rec.kind == "tree":
+        sizes = sizes_of(refs)
         for e in tree:
-            if e.type == "file" and e.blob is not None and e.size != (actual := size_of(e.blob)):
+            if e.type == "file" and e.blob is not None and e.size != (actual := sizes.get(e.blob)):
                 raise EncodingError(f"tree {rec.id}: {e.path!r} says {e.size} bytes, but its blob {e.blob} "
                                     f"has {actual}", CORRUPT)
 
@@ -493,6 +495,8 @@ def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust
                 continue
             pull(store, cache, [rec.object])
             return rec.object, rec.record
+        except StoreError:
+            raise  # this store cannot take it (a full disk): no other cache, and no build, will do better
         except CastoreError as exc:
             note(f"{cache.url}: cannot substitute plan {plan_hash[:12]}: {exc.message}")
     return None

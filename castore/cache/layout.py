@@ -16,14 +16,13 @@ from castore import canonical
 from castore.chunking import ChunkParams
 from castore.errors import EncodingError
 from castore.hashing import hash_bytes, is_id
-from castore.manifest import FORMAT, MAX_SIZE, brief
+from castore.manifest import FORMAT, KINDS, MAX_SIZE, brief
 
 CONFIG = "castore-cache.json"
 COMPRESSION = "zstd"
 CACHE_FORMAT = 2  # 2: chunk ids in object records are 32-byte bin, half the bytes of format 1's hex
 MAX_CHUNK = 16 << 20  # the largest chunking max ChunkParams allows: no chunk is longer
 CORRUPT = "the cache is corrupt; nothing was added"
-KINDS = ("blob", "tree", "image")
 _RECORD_KEYS = frozenset(("format", "kind", "size", "refs", "chunks"))
 _REALISATION_KEYS = frozenset(("format", "kind", "plan", "object", "record", "signatures"))
 
