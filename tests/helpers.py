@@ -1,10 +1,14 @@
-"""Small test helpers: build contexts without a store, tarballs, a local HTTP server."""
+"""Small test helpers: build contexts without a store, tarballs, a local HTTP server, a tiny
+tmpfs to fill up, a deadline for code that could loop for ever."""
 
 from __future__ import annotations
 
 import http.server
 import io
+import os
+import signal
 import socket
+import subprocess
 import tarfile
 import threading
 import time
@@ -168,3 +172,32 @@ class _CacheHandler(http.server.BaseHTTPRequestHandler):
 def cache_server(root: Path, faults: dict[str, str] | None = None) -> Iterator[tuple[str, type[_CacheHandler]]]:
     with _serving(type("CacheHandler", (_CacheHandler,), {"root": root, "faults": faults or {}, "hits": {}})) as s:
         yield s
+
+
+@contextmanager
+def tiny_tmpfs(path: Path, size: str = "3m") -> Iterator[Path]:
+    """A small tmpfs mounted at path (root only): what a full disk does to a command."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+NOT_ROOT = os.geteuid() != 0  # for skipif: mounting needs root
+
+
+@contextmanager
+def returns_within(seconds: int) -> Iterator[None]:
+    """Turn a hang into a failure (SIGALRM reaches a loop of pure Python)."""
+    def expired(signum: int, frame: object) -> None:
+        raise AssertionError(f"did not return within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

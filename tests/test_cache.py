@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from castore.errors import CastoreError, EncodingError, NotFound
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import castore, castore_json, golden, snapshot
+from tests.helpers import NOT_ROOT, tiny_tmpfs
 
 
 class Counting(DirTransport):
@@ -219,16 +219,13 @@ def test_an_interrupted_pull_resumes_without_refetching(tmp_path: Path) -> None:
     assert list((b.tmp / "pulls").iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
 def test_a_pull_onto_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> None:
     a = LocalStore(tmp_path / "a")
     oid = a.add_file(blob_file(tmp_path, "big", random.Random(3).randbytes(4 << 20)))
     push(a, DirTransport(tmp_path / "cache", create=True), [oid])
     a.close()
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
-    try:
+    with tiny_tmpfs(tmp_path / "small") as small:
         proc = castore("pull", oid, "--from", str(tmp_path / "cache"), store=small / "store", check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "error: no space left on the device" in proc.stderr and "pull again" in proc.stderr
@@ -242,8 +239,6 @@ def test_a_pull_onto_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> Non
             assert problems == [] and any("partial" in n for n in notes)
             b.gc()
             assert os.listdir(b.tmp / "pulls") == []
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_cache_paths_are_checked(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from castore.errors import CastoreError
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import CASTORE, REPO, castore, castore_json
-from tests.helpers import free_port, wait_port
+from tests.helpers import NOT_ROOT, free_port, tiny_tmpfs, wait_port
 
 
 def asgi(app: CacheApp, method: str, path: str, body: bytes = b"", token: str = "") -> httpx.Response:
@@ -228,42 +228,39 @@ def test_a_corrupt_token_file_is_a_clean_error(tmp_path: Path) -> None:
     assert asgi(app, "GET", "/castore-cache.json").status_code == 200  # reads need no token
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
 def test_a_full_disk_answers_507_and_the_client_says_so(tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
     proc = None
     stderr = ""
-    try:
-        root = small / "cache"
-        token = add_token(root, ["write"], "ci")
-        port = free_port()
-        proc = subprocess.Popen([CASTORE, "serve", str(root), "--bind", f"127.0.0.1:{port}"], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_port(port)
-        with open(small / "filler", "wb") as f, contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        data = random.Random(2).randbytes(100_000)
-        frame = zstandard.ZstdCompressor().compress(data)
-        url = f"http://127.0.0.1:{port}"
-        r = httpx.put(f"{url}/{chunk_path(hash_bytes(data))}", content=frame,
-                      headers={"Authorization": f"Bearer {token}"})
-        assert r.status_code == 507
-        assert r.json()["code"] == 507 and r.json()["error"] == "insufficient-storage"
-        assert "disk is full" in r.json()["message"] and str(root) not in r.json()["message"]
-        with HttpTransport(url, token=token) as http, pytest.raises(CastoreError, match="disk is full") as err:
-            http.put(chunk_path(hash_bytes(data)), frame)
-        assert "free space on the server" in (err.value.hint or "")
-        files = sorted(p.name for p in root.rglob("*") if not p.is_dir())
-        assert files == ["castore-cache.json", "tokens.json"]  # nothing partial, no temporary file
-    finally:
-        if proc is not None:
-            proc.terminate()
-            stderr = proc.communicate(timeout=10)[1]
-        subprocess.run(["umount", str(small)], check=True)
+    with tiny_tmpfs(tmp_path / "small", "1m") as small:
+        try:
+            root = small / "cache"
+            token = add_token(root, ["write"], "ci")
+            port = free_port()
+            proc = subprocess.Popen([CASTORE, "serve", str(root), "--bind", f"127.0.0.1:{port}"], cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            wait_port(port)
+            with open(small / "filler", "wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            data = random.Random(2).randbytes(100_000)
+            frame = zstandard.ZstdCompressor().compress(data)
+            url = f"http://127.0.0.1:{port}"
+            r = httpx.put(f"{url}/{chunk_path(hash_bytes(data))}", content=frame,
+                          headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 507
+            assert r.json()["code"] == 507 and r.json()["error"] == "insufficient-storage"
+            assert "disk is full" in r.json()["message"] and str(root) not in r.json()["message"]
+            with HttpTransport(url, token=token) as http, pytest.raises(CastoreError, match="disk is full") as err:
+                http.put(chunk_path(hash_bytes(data)), frame)
+            assert "free space on the server" in (err.value.hint or "")
+            files = sorted(p.name for p in root.rglob("*") if not p.is_dir())
+            assert files == ["castore-cache.json", "tokens.json"]  # nothing partial, no temporary file
+        finally:
+            if proc is not None:
+                proc.terminate()
+                stderr = proc.communicate(timeout=10)[1]
     err_lines = [line for line in stderr.splitlines() if not line.startswith("serving ")]
     assert "Traceback" not in "\n".join(err_lines)
     assert len([line for line in err_lines if "cannot store chunks/" in line]) == 2  # one a request: no retry

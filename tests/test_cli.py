@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import castore, castore_json
+from tests.helpers import NOT_ROOT, tiny_tmpfs
 
 
 def test_help_teaches() -> None:
@@ -52,16 +53,13 @@ def test_add_show_path_export_roundtrip(tmp_path: Path) -> None:
     assert {o["id"] for o in listing} >= {added["id"], tree["id"]}
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
 def test_export_to_another_filesystem_and_to_a_full_one(tmp_path: Path) -> None:
     store = tmp_path / "store"
     blob = tmp_path / "rootfs.img"
     blob.write_bytes(os.urandom(4 << 20))
     oid = castore_json("add", str(blob), store=store)["id"]
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
-    try:
+    with tiny_tmpfs(tmp_path / "small") as small:
         proc = castore("export", oid, str(small / "out.img"), store=store, check=False)
         assert proc.returncode == 1 and "No space left" in proc.stderr and "Traceback" not in proc.stderr
         assert os.listdir(small) == []  # no partial file
@@ -76,8 +74,6 @@ def test_export_to_another_filesystem_and_to_a_full_one(tmp_path: Path) -> None:
         small_id = castore_json("add", str(blob), store=store)["id"]
         castore("export", small_id, str(small / "fits.img"), store=store)  # tmpfs: not the store's filesystem
         assert (small / "fits.img").read_bytes() == data
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_show_names_the_plan_and_log(tmp_path: Path) -> None:

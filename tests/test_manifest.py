@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-import contextlib
 import random
 import re
-import signal
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,6 +9,7 @@ from castore import canonical
 from castore.errors import EncodingError, UnsafeArchive
 from castore.manifest import Entry, Image, Layer, Tree, normalize_path, object_record, path_key
 from tests.conftest import golden
+from tests.helpers import returns_within
 
 B1 = "1" * 64
 B2 = "2" * 64
@@ -88,21 +86,6 @@ def test_path_key_orders_component_by_component() -> None:
     assert path_key("a/b") < path_key("a-b") < path_key("a.b/c")  # a directory's entries come first
 
 
-@contextlib.contextmanager
-def _returns_within(seconds: int) -> Iterator[None]:
-    """Fail, instead of hanging the run, when the block loops for ever."""
-    def stop(signum: int, frame: object) -> None:
-        raise AssertionError(f"did not return within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 @pytest.mark.parametrize("links", [
     [("a", "a")],                            # a tar entry that hard-links itself
     [("a", "b"), ("b", "a")],                # a cycle
@@ -110,7 +93,7 @@ def _returns_within(seconds: int) -> Iterator[None]:
 ])
 def test_hard_link_cycles_are_refused(links: list[tuple[str, str]]) -> None:
     entries = [Entry(path, "hardlink", 0, target=target) for path, target in links]
-    with _returns_within(5), pytest.raises(UnsafeArchive, match=r"hard link '[abc]' -> '[ab]' leads back"):
+    with returns_within(5), pytest.raises(UnsafeArchive, match=r"hard link '[abc]' -> '[ab]' leads back"):
         Tree.build(entries)
     with pytest.raises(UnsafeArchive, match="not an earlier file"):
         Tree((Entry("a", "hardlink", 0, target="a"),))

@@ -13,7 +13,7 @@ from castore.realize import Realizer
 from castore.recipes import load_file
 from castore.store import LocalStore
 from tests.conftest import CASTORE, RECIPES, REPO, castore, castore_json, snapshot
-from tests.helpers import http_server
+from tests.helpers import NOT_ROOT, http_server, tiny_tmpfs
 
 
 def test_second_realize_builds_nothing(tmp_path: Path) -> None:
@@ -110,12 +110,9 @@ def test_bad_recipes_leave_the_store_as_it_was(tmp_path: Path) -> None:
         assert verify["ok"] and verify["notes"] == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
 def test_a_build_on_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tiny_tmpfs(tmp_path / "small") as mnt:
         castore("add", "/etc/hostname", store=mnt / "s")  # the store exists, with its database
         free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
         (mnt / "fill").write_bytes(bytes(free - (80 << 10)))  # room to open the store, not to build
@@ -126,5 +123,3 @@ def test_a_build_on_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> None
         assert castore_json("verify", store=mnt / "s")["ok"]  # steps that finished stay; the failed one left nothing
         plans = castore_json("realize", "--dry-run", "tests/recipes/small.py:rootfs", store=mnt / "s")["plans"]
         assert plans[-1]["action"] == "build"
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)

@@ -11,6 +11,7 @@ from castore.errors import AmbiguousId, HashMismatch, NotFound, StoreError
 from castore.hashing import hash_bytes
 from castore.manifest import Entry, Image, Layer, Tree
 from castore.store import LocalStore
+from tests.helpers import NOT_ROOT, tiny_tmpfs
 
 
 def test_add_bytes_file_and_lookups(store: LocalStore, tmp_path: Path) -> None:
@@ -119,12 +120,9 @@ def test_stray_files_and_stale_staging_are_notes_then_cleaned(store: LocalStore)
     assert store.verify() == ([], [])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
 def test_full_disk_leaves_the_store_as_it_was(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tiny_tmpfs(tmp_path / "small") as mnt:
         s = LocalStore(mnt / "store")
         small = s.add_bytes(b"fits")
         big = tmp_path / "big"
@@ -139,8 +137,6 @@ def test_full_disk_leaves_the_store_as_it_was(tmp_path: Path) -> None:
             assert s.verify() == ([], [])
         finally:
             s.close()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_move_in_and_failed_move_restores(store: LocalStore, tmp_path: Path) -> None:
@@ -212,13 +208,9 @@ def test_a_name_that_is_not_utf8_is_refused(store: LocalStore, tmp_path: Path) -
     assert store.objects() == [] and os.listdir(store.tmp) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
 def test_a_moved_file_comes_back_when_the_database_is_full(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
-    s = LocalStore(mnt / "store")
-    try:
+    with tiny_tmpfs(tmp_path / "small") as mnt, LocalStore(mnt / "store") as s:
         s.add_bytes(b"the database has its first pages")
         user = mnt / "userfile"
         data = os.urandom(200_000)
@@ -233,9 +225,6 @@ def test_a_moved_file_comes_back_when_the_database_is_full(tmp_path: Path) -> No
         assert user.read_bytes() == data and oct(user.stat().st_mode & 0o777) == "0o644"
         (mnt / "fill").unlink()
         assert len(s.objects()) == 1 and s.verify()[0] == [] and os.listdir(s.tmp) == []
-    finally:
-        s.close()
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_verify_sums_up_litter_and_add_clears_a_killed_adds_staging(store: LocalStore, tmp_path: Path) -> None:
