@@ -224,7 +224,8 @@ def add(
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise CastoreError(f"{path} does not exist") from None
+        raise CastoreError(f"{path} does not exist", "castore add takes a file (vmlinux, rootfs.img) "
+                           "or a directory") from None
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise CastoreError(f"{path} is not a regular file or a directory",
                            "castore adds files (kernels, images) and directory trees")
@@ -250,7 +251,8 @@ def _out_link(name: str) -> Path:
         raise CastoreError("-o needs a name", "e.g. -o result")
     link = Path(name).absolute()
     if not link.parent.is_dir():
-        raise CastoreError(f"cannot make the out-link {link}: {link.parent} is not a directory")
+        raise CastoreError(f"cannot make the out-link {link}: {link.parent} is not a directory",
+                           "make the directory first, or give -o a name in an existing one")
     if (link.exists() or link.is_symlink()) and not link.is_symlink():
         raise CastoreError(f"{link} exists and is not a symlink", "-o replaces only an earlier out-link; "
                            "pick another name, or remove it")

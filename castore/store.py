@@ -856,5 +856,7 @@ def store_os_error(exc: OSError, root: Path, what: Path | None = None,
     if exc.errno == errno.ENOSPC:
         return no_space(root, retry)
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return StoreError(f"permission denied: {exc.filename or what}")
-    return StoreError(f"I/O error on {exc.filename or what}: {exc.strerror}")
+        return StoreError(f"permission denied: {exc.filename or what}",
+                          f"run as the store's owner, or use a store of your own (--store DIR); {root} is this one")
+    return StoreError(f"I/O error on {exc.filename or what}: {exc.strerror}",
+                      "the disk or filesystem failed: see dmesg; `castore verify` checks what the store holds")

@@ -177,5 +177,5 @@ def test_nul_byte_in_a_recipe_file_names_its_line(tmp_path: Path) -> None:
     f.write_bytes(b"from castore import recipe\n\nx = 1\0\n")
     with pytest.raises(RecipeError) as err:
         evaluate_target(str(f))
-    assert err.value.message == f"{f}:3: the recipe file contains a NUL byte"
+    assert err.value.message.endswith("nul.py:3: the recipe file contains a NUL byte")  # the path as shown
     assert "None" not in err.value.message

@@ -91,7 +91,8 @@ class ObjectRecord:
         if not isinstance(rec, dict) or rec.keys() != _RECORD_KEYS:
             raise EncodingError(f"{what} is malformed: not a map of {', '.join(sorted(_RECORD_KEYS))}", CORRUPT)
         if rec["format"] != CACHE_FORMAT:
-            raise EncodingError(f"{what}: format {brief(rec['format'])} is not supported")
+            raise EncodingError(f"{what}: format {brief(rec['format'])} is not supported",
+                                "a newer or older castore wrote this cache: upgrade, or push to a new cache directory")
         kind, size, refs, chunks = rec["kind"], rec["size"], rec["refs"], rec["chunks"]
         if not isinstance(kind, str) or kind not in KINDS:
             raise EncodingError(f"{what} has a bad kind {brief(kind)}", CORRUPT)

@@ -71,7 +71,8 @@ def load_tokens(root: Path) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise CastoreError(f"cannot read {path}: {exc.strerror}") from exc
+        raise CastoreError(f"cannot read {path}: {exc.strerror}",
+                           "castore serve and castore token need to read the cache's token file") from exc
     except ValueError as exc:
         raise CastoreError(f"{path} is not JSON: {exc}", _TOKENS_HINT) from exc
     if not isinstance(known, dict) or not all(
