@@ -67,21 +67,24 @@ class Chunk:
 
 def cut(data: bytes | memoryview | mmap.mmap, params: ChunkParams) -> Iterator[Chunk]:
     """The chunks of data, in order; an empty input has no chunks."""
-    from pyfastcdc import FastCDC
-
     if len(data) == 0:
         return
-    cdc = FastCDC(avg_size=params.avg, min_size=params.min, max_size=params.max)
-    view = memoryview(data)
-    for c in cdc.cut_buf(view):
+    for c in _cdc(params).cut_buf(memoryview(data)):
         yield Chunk(c.offset, c.length, hash_bytes(c.data))
 
 
 def cut_file(path: str | os.PathLike[str], params: ChunkParams) -> list[Chunk]:
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+        st = os.fstat(f.fileno())
+        if st.st_size == 0:
             return []
+        if st.st_blocks * 512 < st.st_size:  # sparse: read, not mapped (see hashing.hash_fileobj)
+            return [Chunk(c.offset, c.length, hash_bytes(c.data)) for c in _cdc(params).cut_stream(f)]
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            found = list(cut(m, params))
-            return found
+            return list(cut(m, params))
+
+
+def _cdc(params: ChunkParams) -> Any:
+    from pyfastcdc import FastCDC
+
+    return FastCDC(avg_size=params.avg, min_size=params.min, max_size=params.max)
