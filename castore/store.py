@@ -42,7 +42,7 @@ from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
 from castore.fsutil import copy_range, start_writeback, syncfs
 from castore.hashing import hash_bytes, hash_fileobj, is_id, is_prefix
-from castore.manifest import Entry, Image, Tree, path_key
+from castore.manifest import Entry, Image, Tree
 
 _SCHEMA_VERSION = 1  # PRAGMA user_version once the schema below is in place
 _SCHEMA = """
@@ -442,8 +442,9 @@ class LocalStore:
                     self._stage_group(group, entries)
                     group, held = [], 0
             self._stage_group(group, entries)
-            entries.sort(key=lambda e: path_key(e.path))
-            tid = self.add_tree(Tree(tuple(entries)))
+            # build() sorts, and makes the first name in path order the file of each hard-linked set:
+            # the walk may meet a later name first (a/x linked from b, in another directory)
+            tid = self.add_tree(Tree.build(entries))
         return tid
 
     @staticmethod

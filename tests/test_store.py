@@ -256,3 +256,16 @@ def test_a_store_made_before_user_version_was_set_is_adopted(tmp_path: Path) -> 
     with LocalStore(root) as s:
         assert s.has(oid) and s.verify() == ([], [])
         assert s.db.execute("PRAGMA user_version").fetchone()[0] >= 1
+
+
+def test_hard_links_across_directories_import(store: LocalStore, tmp_path: Path) -> None:
+    d = tmp_path / "tree"
+    (d / "a").mkdir(parents=True)
+    (d / "c").mkdir()
+    (d / "a" / "x").write_text("one inode, three names")
+    os.link(d / "a" / "x", d / "b")  # the walk may meet b or c/y before a/x
+    os.link(d / "a" / "x", d / "c" / "y")
+    tree = store.read_tree(store.add_dir(d, all_root=True))
+    kinds = {e.path: (e.type, e.target) for e in tree}
+    assert kinds["a/x"] == ("file", None)
+    assert kinds["b"] == ("hardlink", "a/x") and kinds["c/y"] == ("hardlink", "a/x")
