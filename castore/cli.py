@@ -643,13 +643,13 @@ def gc(
 def roots(as_json: JsonOpt = False) -> None:
     """List the gc roots: out-links and named roots."""
     with _store(create=False) as store:
-        store.live_roots()
-        rows = store.roots()
+        rows = [(n, o, link, store.root_is_live(n, o, link)) for n, o, link in store.roots()]
         if as_json:
-            _emit([{"name": n, "id": o, "link": link} for n, o, link in rows])
+            _emit([{"name": n, "id": o, "link": link, "live": live} for n, o, link, live in rows])
             return
-        for n, o, link in rows:
-            print(f"{o}  {'link' if link else 'name'}  {n}")
+        for n, o, link, live in rows:
+            gone = "" if live else "  (gone or repointed: the next gc drops it)"
+            print(f"{o}  {'link' if link else 'name'}  {n}{gone}")
 
 
 @app.command()

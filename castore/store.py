@@ -613,29 +613,40 @@ class LocalStore:
 
     # -- gc and verify ---------------------------------------------------------
 
-    def live_roots(self) -> list[str]:
-        """Root objects; out-links that were deleted or repointed stop being roots."""
+    def live_roots(self, *, prune: bool = False) -> list[str]:
+        """Root objects. An out-link that is gone or points elsewhere is not one; with prune (a real
+        gc), its root is dropped for good."""
         live = []
         for name, oid, link in self.roots():
-            if link:
-                try:
-                    target = os.readlink(name)
-                except OSError:
-                    self.remove_root(name)
-                    continue
-                if os.path.basename(target) != oid:
-                    self.remove_root(name)
-                    continue
-            live.append(oid)
+            if self.root_is_live(name, oid, link):
+                live.append(oid)
+            elif prune:
+                self.remove_root(name)
         return live
 
+    @staticmethod
+    def root_is_live(name: str, oid: str, link: bool) -> bool:
+        """A named root always is; an out-link while it still points at its object. A link that
+        cannot be read now (permissions) still counts: only a link that is gone or repointed ends."""
+        if not link:
+            return True
+        try:
+            return os.path.basename(os.readlink(name)) == oid
+        except OSError as exc:
+            return exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL)
+
     def gc(self, *, dry_run: bool = False) -> tuple[list[str], int]:
-        """Delete every object no root reaches; returns (deleted ids, bytes freed)."""
+        """Delete every object no root reaches; returns (deleted ids, bytes freed). A dry run
+        changes nothing and counts what gc would free: dead objects, strays, partial pulls."""
         with self.lock("gc"):
-            keep = self.closure(self.live_roots())
+            keep = self.closure(self.live_roots(prune=not dry_run))
             dead = [(oid, size) for oid, size in self._q("SELECT id, size FROM objects") if oid not in keep]
+            strays = self.stray_files()
+            kept = self.tmp / "pulls"  # partial objects of pulls that did not finish
+            parts = list(kept.iterdir()) if kept.is_dir() else []
+            litter = sum(p.stat().st_size for p in strays) + sum(p.stat().st_blocks * 512 for p in parts)
             if dry_run:
-                return [d for d, _ in dead], sum(s for _, s in dead)
+                return [d for d, _ in dead], sum(s for _, s in dead) + litter
             # Rows go first: a crash then leaves stray files, never rows without files.
             with self._transaction() as db:
                 for oid, _ in dead:
@@ -643,20 +654,14 @@ class LocalStore:
                     db.execute("DELETE FROM refs WHERE referrer = ?", (oid,))
                     db.execute("DELETE FROM realisations WHERE object = ?", (oid,))
                     db.execute("DELETE FROM chunks WHERE blob = ?", (oid,))
-            freed = 0
+            freed = litter
             for oid, size in dead:
                 with contextlib.suppress(FileNotFoundError):
                     self.blob_path(oid).unlink()
                     freed += size
-            for stray in self.stray_files():
-                freed += stray.stat().st_size
-                stray.unlink()
+            for p in [*strays, *parts]:
+                p.unlink(missing_ok=True)
             self.clean_stale_staging()
-            kept = self.tmp / "pulls"  # partial objects of pulls that did not finish
-            if kept.is_dir():
-                for part in kept.iterdir():
-                    freed += part.stat().st_blocks * 512
-                    part.unlink()
             return [d for d, _ in dead], freed
 
     def stray_files(self) -> list[Path]:

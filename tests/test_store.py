@@ -269,3 +269,18 @@ def test_hard_links_across_directories_import(store: LocalStore, tmp_path: Path)
     kinds = {e.path: (e.type, e.target) for e in tree}
     assert kinds["a/x"] == ("file", None)
     assert kinds["b"] == ("hardlink", "a/x") and kinds["c/y"] == ("hardlink", "a/x")
+
+
+def test_a_dry_run_keeps_roots_whose_link_is_away_and_counts_the_litter(store: LocalStore, tmp_path: Path) -> None:
+    oid = store.add_bytes(b"kept by an out-link")
+    link = tmp_path / "result"
+    os.symlink(store.blob_path(oid), link)
+    store.add_root(str(link), oid, link=True)
+    (store.blobs / "ab").mkdir(exist_ok=True)
+    (store.blobs / "ab" / ("ab" * 32)).write_bytes(b"12345")  # a stray
+    link.rename(tmp_path / "away")  # moved for a moment
+    assert store.gc(dry_run=True) == ([oid], len(b"kept by an out-link") + 5)
+    assert not store.root_is_live(str(link), oid, True)
+    (tmp_path / "away").rename(link)  # back: the dry run and the look changed nothing
+    assert store.roots() == [(str(link), oid, True)] and store.gc() == ([], 5)
+    assert store.has(oid)
