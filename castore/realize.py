@@ -93,6 +93,7 @@ class Realizer:
                  trust: Trust | None = None, note: Callable[[str], None] = lambda s: None) -> None:
         self.store = store
         self.substituters = substituters or []
+        self._down: set[str] = set()  # substituters that could not be asked: not asked again
         self.trust = trust
         self.note = note
         self.reporter = reporter or NullReporter()
@@ -181,7 +182,8 @@ class Realizer:
         self.reporter.start(step.plan, step.hash, index, total)
         self.reporter.status(step.plan, "asking the substituters")
         with self.store.lock(step.hash):
-            found = substitute(self.store, self.substituters, step.hash, self.trust or Trust(), note=self.note)
+            found = substitute(self.store, self.substituters, step.hash, self.trust or Trust(), note=self.note,
+                               down=self._down)
             if found is None:
                 return False
             oid, record = found

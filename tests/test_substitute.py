@@ -88,3 +88,13 @@ def test_a_malformed_realisation_is_noted_and_the_plan_built(tmp_path: Path) -> 
         out, err = _realize_b(tmp_path, url, public)
     assert out["id"] == res["id"] and out["substituted"] == [] and out["built"] == ["layer", "rootfs"]
     assert "cannot substitute plan" in err and "names 5, not an object id" in err and "Traceback" not in err
+
+
+def test_a_substituter_that_cannot_be_asked_is_asked_once(tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: each ask costs its retries
+    proc = castore("realize", "tests/recipes/small.py:rootfs", "--json", store=tmp_path / "s",
+                   env={"CASTORE_SUBSTITUTERS": down})
+    assert proc.stderr.count("not asked again in this run") == 1  # two plans, one ask
+    assert "Traceback" not in proc.stderr

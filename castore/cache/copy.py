@@ -476,15 +476,26 @@ def kind_check(rec: ObjectRecord, path: Path, sizes_of: Callable[[list[str]], di
 
 
 def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust: Trust,
-               note: Progress = lambda s: None) -> tuple[str, bytes] | None:
+               note: Progress = lambda s: None, down: set[str] | None = None) -> tuple[str, bytes] | None:
     """Find a trusted realisation of plan_hash in the caches (in order) and pull its object.
 
     Returns (object id, plan record), or None when no cache has a usable one:
     unsigned, untrusted, revoked or mis-addressed realisations are skipped with a note.
+    A cache that cannot be asked at all (down, hung: its retries take minutes) is put in
+    `down` and not asked again by the caller's later plans.
     """
     for cache in caches:
+        if down is not None and cache.url in down:
+            continue
         try:
-            data = cache.get(realisation_path(plan_hash))
+            try:
+                data = cache.get(realisation_path(plan_hash))
+            except CastoreError as exc:
+                if down is not None:
+                    down.add(cache.url)
+                    note(f"{cache.url}: {exc.message}; not asked again in this run")
+                    continue
+                raise
             if data is None:
                 continue
             rec = RealisationRecord.decode(plan_hash, data)
