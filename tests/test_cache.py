@@ -412,3 +412,45 @@ def test_a_malformed_cache_url_is_a_clean_error(tmp_path: Path, url: str) -> Non
     proc = castore("pull", "e" * 64, "--from", url, store=tmp_path / "b", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "error: " in proc.stderr and "not a valid URL" in proc.stderr
+
+
+def test_gc_waits_for_a_push(tmp_path: Path) -> None:
+    """An unrooted object being pushed is not collected halfway."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    a = LocalStore(tmp_path / "a")
+    (tmp_path / "d").mkdir()
+    blob_file(tmp_path / "d", "v", random.Random(5).randbytes(1 << 20))
+    oid = a.add_dir(tmp_path / "d")  # a tree and its blob: gc between the two would break the push
+    started = threading.Event()
+
+    class Slow(DirTransport):
+        def put(self, path: str, data: bytes) -> None:
+            started.set()
+            time.sleep(0.02)
+            super().put(path, data)
+
+    cache = Slow(tmp_path / "cache", create=True)
+    failed: list[BaseException] = []
+
+    def pushed() -> None:
+        try:
+            push(a, cache, [oid])
+        except BaseException as exc:
+            failed.append(exc)
+
+    pushing = threading.Thread(target=pushed)
+    pushing.start()
+    started.wait(10)
+    code = "import sys; from castore.store import LocalStore; print(LocalStore(sys.argv[1]).gc()[0])"
+    gc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], capture_output=True, text=True)
+    pushing.join()
+    assert failed == [] and gc.returncode == 0 and oid in gc.stdout  # collected, but only after the push
+    b = LocalStore(tmp_path / "b")
+    pull(b, DirTransport(tmp_path / "cache"), [oid])
+    assert b.verify()[0] == []
+    a.close()
+    b.close()

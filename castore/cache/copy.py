@@ -94,6 +94,12 @@ def _refs_first(ids: Iterable[str], refs: Callable[[str], Iterable[str]]) -> lis
 def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Progress = lambda s: None,
          secrets: list[str] | None = None) -> CopyStats:
     """Upload closures; with secret keys, also the signed realisations of every object pushed."""
+    with store.lock("gc", shared=True):  # what is being pushed must not be collected halfway
+        return _push(store, cache, ids, progress, secrets)
+
+
+def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Progress,
+          secrets: list[str] | None) -> CopyStats:
     config = cache_config(cache, create=True)
     stats = CopyStats()
     cctx = zstandard.ZstdCompressor(level=3)
