@@ -371,6 +371,7 @@ def pull(
     from castore.cache.transport import open_cache
     from castore.hashing import is_id
 
+    ids = list(dict.fromkeys(i.strip().lower() for i in ids))  # as other commands read ids; once each
     bad = [i for i in ids if not is_id(i)]
     if bad:
         raise CastoreError(f"{bad[0]} is not a full object id", "pull needs the 64-digit id")

@@ -260,6 +260,11 @@ def test_pull_of_an_unknown_id_names_it(tmp_path: Path) -> None:
     assert "not a full object id" in proc.stderr
 
 
+def test_pull_reads_ids_as_other_commands_do(tmp_path: Path) -> None:
+    _, cache, oid, _ = _pushed(tmp_path)
+    res = castore_json("pull", oid.upper(), oid, "--from", str(cache.root), store=tmp_path / "b")
+    assert res["objects"] == 1 and res["present"] == 0 and res["ids"] == [oid]
+
 
 def test_pull_fails_over_between_substituters(tmp_path: Path) -> None:
     _, cache, oid, data = _pushed(tmp_path)
