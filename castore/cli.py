@@ -112,25 +112,29 @@ def realize(
         from castore.progress import LiveReporter, PlainReporter
 
         reporter: Any = LiveReporter() if live else PlainReporter(quiet=as_json)
-        caches, trust = ([], None) if no_substitute or dry_run else _substituters()
+        caches, trust = ([], None) if no_substitute else _substituters()
         realizer = Realizer(store, reporter, jobs=jobs or None, keep_failed=keep_failed,
                             substituters=caches, trust=trust, note=lambda m: _err(f"note: {m}"))
         if dry_run:
-            steps = realizer.steps(plan)
-            todo = [s for s in steps if s.oid is None]
+            steps = realizer.dry_run(plan)
+
+            def action(s: Any) -> str:
+                if s.how == "build" and s.plan.builder in ("fetch", "debian_package"):
+                    return "fetch"
+                return str(s.how or "not needed")
+
             if as_json:
                 _emit({"plans": [{"name": s.plan.label, "builder": s.plan.builder, "plan": s.hash,
-                                  "object": s.oid, "action": "present" if s.oid else (
-                                      "fetch" if s.plan.builder in ("fetch", "debian_package") else "build")}
-                                 for s in steps]})
+                                  "object": s.oid, "action": action(s)} for s in steps]})
                 return
+            todo = [s for s in steps if s.how in ("build", "substitute")]
             if not todo:
                 print(f"nothing to do: {steps[-1].plan.label} is {steps[-1].oid}")
                 return
             print(f"{len(todo)} of {len(steps)} steps would run:")
             for s in todo:
-                verb = "fetch" if s.plan.builder in ("fetch", "debian_package") else "build"
-                print(f"  {verb:5} {s.plan.label:28} {s.plan.builder:14} plan {s.hash[:16]}  ({s.plan.origin})")
+                verb = action(s)
+                print(f"  {verb:10} {s.plan.label:28} {s.plan.builder:14} plan {s.hash[:16]}  ({s.plan.origin})")
             return
         with store.lock("gc", shared=True):  # no gc between the build and its out-link's root
             if live:

@@ -138,23 +138,9 @@ class Realizer:
         (top-down, so the inputs of a substituted plan are never realized), the rest is built."""
         with self.store.lock("gc", shared=True):
             steps = self.steps(root)
-            by_plan = {id(s.plan): s for s in steps}
             total = len(steps)
             index = {id(s.plan): i for i, s in enumerate(steps)}
-            seen: set[int] = set()
-            todo = [steps[-1]]
-            while todo:  # top-down: present, else substituted, else built after its inputs
-                step = todo.pop()
-                if id(step.plan) in seen:
-                    continue
-                seen.add(id(step.plan))
-                if step.oid is not None:
-                    step.how = "present"
-                    continue
-                if self.substituters and self._substitute(step, index[id(step.plan)], total):
-                    continue
-                step.how = "build"
-                todo.extend(by_plan[id(child)] for child in step.plan.plan_inputs())
+            self._walk(steps, lambda step: self._substitute(step, index[id(step.plan)], total))
             results = {id(s.plan): s.oid for s in steps if s.oid is not None}
             for i, step in enumerate(steps):
                 if step.how != "build":
@@ -173,6 +159,43 @@ class Realizer:
                 results[id(step.plan)] = step.oid
                 self.reporter.done(step.plan, step.oid, step.how, time.monotonic() - t0)
             return Outcome(steps[-1], steps)
+
+    def dry_run(self, root: Plan) -> list[Step]:
+        """What realize would do, changing nothing: each step's `how` is "present", "substitute"
+        (a trusted realisation is in a substituter: its object would be fetched), "build", or ""
+        (not needed: a step above it is present or substituted)."""
+        from castore.cache.copy import substitute
+        from castore.cache.trust import Trust
+
+        def would(step: Step) -> bool:
+            found = substitute(self.store, self.substituters, step.hash, self.trust or Trust(), note=self.note,
+                               down=self._down, fetch=False)
+            if found is not None:
+                step.how = "substitute"
+            return found is not None
+
+        steps = self.steps(root)
+        self._walk(steps, would)
+        return steps
+
+    def _walk(self, steps: list[Step], substitute: Callable[[Step], bool]) -> None:
+        """Top-down from the root: present, else substituted, else built after its inputs. The
+        inputs of a present or substituted step are never needed."""
+        by_plan = {id(s.plan): s for s in steps}
+        seen: set[int] = set()
+        todo = [steps[-1]]
+        while todo:
+            step = todo.pop()
+            if id(step.plan) in seen:
+                continue
+            seen.add(id(step.plan))
+            if step.oid is not None:
+                step.how = "present"
+                continue
+            if self.substituters and substitute(step):
+                continue
+            step.how = "build"
+            todo.extend(by_plan[id(child)] for child in step.plan.plan_inputs())
 
     def _substitute(self, step: Step, index: int, total: int) -> bool:
         from castore.cache.copy import substitute

@@ -98,3 +98,17 @@ def test_a_substituter_that_cannot_be_asked_is_asked_once(tmp_path: Path) -> Non
                    env={"CASTORE_SUBSTITUTERS": down})
     assert proc.stderr.count("not asked again in this run") == 1  # two plans, one ask
     assert "Traceback" not in proc.stderr
+
+
+def test_a_dry_run_says_what_would_be_substituted(tmp_path: Path) -> None:
+    secret, public = _keys(tmp_path, "lab-1")
+    cache, res = _published(tmp_path, secret)
+    env = {"CASTORE_SUBSTITUTERS": str(cache), "CASTORE_TRUSTED_PUBLIC_KEYS": public,
+           "CASTORE_CONFIG": str(tmp_path / "none")}
+    dry = castore_json("realize", TARGET, "--dry-run", store=tmp_path / "b", env=env)
+    assert [p["action"] for p in dry["plans"]] == ["not needed", "substitute"]  # the layer is not needed
+    assert castore_json("ls", store=tmp_path / "b") == []  # nothing fetched
+    text = castore("realize", TARGET, "--dry-run", store=tmp_path / "b", env=env).stdout
+    assert "1 of 2 steps would run" in text and "substitute" in text
+    out = castore_json("realize", TARGET, store=tmp_path / "b", env=env)
+    assert out["substituted"] == ["rootfs"] and out["built"] == [] and out["id"] == res["id"]

@@ -482,13 +482,15 @@ def kind_check(rec: ObjectRecord, path: Path, sizes_of: Callable[[list[str]], di
 
 
 def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust: Trust,
-               note: Progress = lambda s: None, down: set[str] | None = None) -> tuple[str, bytes] | None:
+               note: Progress = lambda s: None, down: set[str] | None = None,
+               fetch: bool = True) -> tuple[str, bytes] | None:
     """Find a trusted realisation of plan_hash in the caches (in order) and pull its object.
 
     Returns (object id, plan record), or None when no cache has a usable one:
     unsigned, untrusted, revoked or mis-addressed realisations are skipped with a note.
     A cache that cannot be asked at all (down, hung: its retries take minutes) is put in
-    `down` and not asked again by the caller's later plans.
+    `down` and not asked again by the caller's later plans. Without fetch, nothing is pulled:
+    the answer says what a substitution would use (a dry run).
     """
     for cache in caches:
         if down is not None and cache.url in down:
@@ -510,7 +512,8 @@ def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust
                 note(f"{cache.url}: realisation of plan {plan_hash[:12]} has no signature from a trusted key; "
                      "not used")
                 continue
-            pull(store, cache, [rec.object])
+            if fetch:
+                pull(store, cache, [rec.object])
             return rec.object, rec.record
         except StoreError:
             raise  # this store cannot take it (a full disk): no other cache, and no build, will do better
