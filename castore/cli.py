@@ -501,14 +501,11 @@ def key_generate(
 
 @key_app.command("public")
 def key_public(secret_file: Annotated[Path, typer.Argument(help="A secret key file.")]) -> None:
-    """Print the public key of a secret key file."""
+    """Print the public key of a secret key file (one that only its owner can read)."""
+    from castore.cache.trust import read_secret_key
     from castore.signing import public_of
 
-    try:
-        text = secret_file.read_text()
-    except OSError as exc:
-        raise CastoreError(f"cannot read {secret_file}: {exc.strerror}") from exc
-    print(public_of(text))
+    print(public_of(read_secret_key(secret_file)))
 
 
 @app.command()

@@ -12,7 +12,13 @@ and ``$XDG_CONFIG_HOME/castore/castore.toml`` (or the one file named by
     "http://cache.lab.example:8080" = "token from castore token add"
 
 Lists in the environment are separated by spaces. Substituters are tried in
-the order given.
+the order given. :meth:`Config.origin` says where each setting came from (a
+file, or ``$CASTORE_...``), for errors about its values.
+
+A token goes only where its URL says: the same scheme, host and port (80 and
+443 when none is written), and a path that is the configured one or below it
+on a ``/`` boundary; the longest such URL wins. ``http://cache:1809`` does not
+match ``http://cache:18099``, nor ``https://cache.lab`` ``https://cache.lab.evil.net``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from castore.errors import CastoreError
 
@@ -47,13 +54,50 @@ class Config:
     secret_key_files: tuple[str, ...] = ()
     tokens: tuple[tuple[str, str], ...] = ()  # (URL prefix, token)
     sources: tuple[str, ...] = field(default=(), compare=False)
+    origins: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (setting, file or $VARIABLE)
+
+    def origin(self, key: str) -> str:
+        """Where setting `key` (say "revoked-keys") came from: a file's path or "$CASTORE_..."."""
+        return dict(self.origins).get(key, "the configuration")
 
     def token_for(self, url: str) -> str | None:
-        """CASTORE_TOKEN, else the token of the longest configured URL prefix of url."""
+        """CASTORE_TOKEN, else the token configured for url's scheme, host and port whose path is
+        url's or above it (on a "/" boundary); the longest path wins."""
         if os.environ.get("CASTORE_TOKEN"):
             return os.environ["CASTORE_TOKEN"]
-        best = [(len(prefix), token) for prefix, token in self.tokens if url.startswith(prefix.rstrip("/"))]
+        target = _origin_and_path(url)
+        if target is None:
+            return None
+        best = []
+        for prefix, token in self.tokens:
+            mine = _origin_and_path(prefix)
+            if mine is None or mine[0] != target[0]:
+                continue
+            if mine[1] == "" or target[1] == mine[1] or target[1].startswith(mine[1] + "/"):
+                best.append((len(mine[1]), token))
         return max(best)[1] if best else None
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_and_path(url: str) -> tuple[tuple[str, str, int], str] | None:
+    """((scheme, host, port), path without its trailing "/") of an http(s) URL, or None."""
+    try:
+        parts = urlsplit(url.strip())
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:  # a port out of range, a malformed IPv6 address
+        return None
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    return (scheme, host, port or _DEFAULT_PORTS[scheme]), parts.path.rstrip("/")
+
+
+def _check_token_url(url: str, where: str) -> None:
+    if _origin_and_path(url) is None or urlsplit(url.strip()).query or urlsplit(url.strip()).fragment:
+        raise CastoreError(f"{where}: tokens: {url!r} is not an http(s) URL with a host",
+                           'for example "http://cache.lab.example:8080" = "TOKEN", or with a path: '
+                           '"https://cache.lab.example/castore" = "TOKEN"')
 
 
 def config_files() -> list[Path]:
@@ -65,6 +109,7 @@ def config_files() -> list[Path]:
 
 def load_config() -> Config:
     values: dict[str, tuple[str, ...]] = {}
+    origins: dict[str, str] = {}
     tokens: dict[str, str] = {}
     sources = []
     for path in config_files():
@@ -85,17 +130,22 @@ def load_config() -> Config:
             if key == "tokens":
                 if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                     raise CastoreError(f"{path}: tokens must be a table of URL = \"token\"")
+                for url in value:
+                    _check_token_url(url, str(path))
                 tokens.update(value)
                 continue
             if key not in KEYS:
                 raise CastoreError(f"{path}: unknown setting {key!r}",
                                    f"known settings: {', '.join(KEYS + TABLES)}")
             values[key] = _strings(value, f"{path}: {key}")
+            origins[key] = str(path)
     for key in KEYS:
-        env = os.environ.get("CASTORE_" + key.upper().replace("-", "_"))
+        var = "CASTORE_" + key.upper().replace("-", "_")
+        env = os.environ.get(var)
         if env is not None:
             values[key] = tuple(env.split())
-            sources.append(f"${'CASTORE_' + key.upper().replace('-', '_')}")
+            origins[key] = f"${var}"
+            sources.append(f"${var}")
     return Config(
         substituters=values.get("substituters", ()),
         trusted_public_keys=values.get("trusted-public-keys", ()),
@@ -103,6 +153,7 @@ def load_config() -> Config:
         secret_key_files=values.get("secret-key-files", ()),
         tokens=tuple(sorted(tokens.items())),
         sources=tuple(sources),
+        origins=tuple(sorted(origins.items())),
     )
 
 

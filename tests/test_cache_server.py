@@ -21,7 +21,7 @@ import zstandard
 from castore import canonical
 from castore.cache.copy import pull, push
 from castore.cache.layout import ObjectRecord, chunk_path, object_path
-from castore.cache.server import CacheApp, add_token
+from castore.cache.server import CacheApp, add_token, load_tokens
 from castore.cache.transport import DirTransport, HttpTransport
 from castore.errors import CastoreError
 from castore.hashing import hash_bytes
@@ -206,7 +206,7 @@ def test_malformed_records_are_a_400_with_a_json_error(tmp_path: Path) -> None:
     r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(big))}", zstandard.ZstdCompressor().compress(big), token=writer)
     assert r.status_code == 400 and "chunking maximum" in r.json()["message"]
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == [
-        "castore-cache.json", cid, "tokens.json"]
+        "castore-cache.json", cid, "tokens.json", "tokens.lock"]
 
 
 def test_a_corrupt_token_file_is_a_clean_error(tmp_path: Path) -> None:
@@ -256,7 +256,7 @@ def test_a_full_disk_answers_507_and_the_client_says_so(tmp_path: Path) -> None:
                 http.put(chunk_path(hash_bytes(data)), frame)
             assert "free space on the server" in (err.value.hint or "")
             files = sorted(p.name for p in root.rglob("*") if not p.is_dir())
-            assert files == ["castore-cache.json", "tokens.json"]  # nothing partial, no temporary file
+            assert files == ["castore-cache.json", "tokens.json", "tokens.lock"]  # nothing partial, no temporary file
         finally:
             if proc is not None:
                 proc.terminate()
@@ -264,3 +264,39 @@ def test_a_full_disk_answers_507_and_the_client_says_so(tmp_path: Path) -> None:
     err_lines = [line for line in stderr.splitlines() if not line.startswith("serving ")]
     assert "Traceback" not in "\n".join(err_lines)
     assert len([line for line in err_lines if "cannot store chunks/" in line]) == 2  # one a request: no retry
+
+
+def test_concurrent_token_adds_keep_every_token(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    procs = [subprocess.Popen([CASTORE, "token", "add", str(root), "--scope", "write", "--name", f"ci-{i}"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(12)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [(p.returncode, err) for p, (_, err) in zip(procs, outs, strict=True)] == [(0, "")] * 12
+    known = load_tokens(root)
+    assert sorted(known) == sorted(hash_bytes(out.strip().encode()) for out, _ in outs)
+    assert sorted(v["name"] for v in known.values()) == sorted(f"ci-{i}" for i in range(12))
+    assert sorted(p.name for p in (root / ".castore").iterdir()) == ["tokens.json", "tokens.lock"]  # no temporary
+    assert (root / ".castore" / "tokens.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_push_checks_its_secret_keys_before_uploading(server: tuple[str, Path, str], tmp_path: Path) -> None:
+    url, root, token = server
+    a = tmp_path / "a"
+    res = castore_json("realize", "tests/recipes/small.py:layer", store=a)
+    sec = tmp_path / "lab1.sec"
+    castore("key", "generate", "lab-1", "--out", str(sec))
+    b64 = sec.read_text().strip().split(":")[1]
+    nameless = tmp_path / "nameless.sec"
+    nameless.write_text(b64 + "\n")
+    nameless.chmod(0o600)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for key, says in ((nameless, f"secret key file {nameless} is not NAME:BASE64"),
+                      (sec, f"secret key file {sec} has mode 0644")):
+        if key == sec:
+            sec.chmod(0o644)
+        proc = castore("push", res["id"], "--to", url, store=a, check=False,
+                       env={"CASTORE_TOKEN": token, "CASTORE_SECRET_KEY_FILES": str(key)})
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr
+        assert not any(b64[i:i + 6] in proc.stderr for i in range(len(b64) - 5))
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing uploaded

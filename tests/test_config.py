@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,45 @@ def test_tokens_by_url_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert c.token_for("http://other") is None
     monkeypatch.setenv("CASTORE_TOKEN", "env")
     assert c.token_for("http://other") == "env"
+
+
+def test_a_token_goes_only_to_its_scheme_host_and_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "castore.toml"
+    f.write_text('[tokens]\n"http://127.0.0.1:1809" = "local"\n"https://cache.lab" = "lab"\n'
+                 '"https://cache.lab/castore/" = "deep"\n"http://Cache.Example" = "example"\n')
+    monkeypatch.setenv("CASTORE_CONFIG", str(f))
+    monkeypatch.delenv("CASTORE_TOKEN", raising=False)
+    c = load_config()
+    for url in ("http://127.0.0.1:18099", "http://127.0.0.1:180", "http://127.0.0.1", "https://127.0.0.1:1809",
+                "http://127.0.0.10:1809", "https://cache.lab.evil.net", "https://cache.lab.evil.net/castore",
+                "https://cache.lab:8443", "http://cache.lab", "https://cache.labx", "https://evil.net/https://cache.lab",
+                "https://cache.lab@evil.net/", "http://cache.example:8080"):
+        assert c.token_for(url) is None, url
+    for url, token in (("http://127.0.0.1:1809", "local"), ("http://127.0.0.1:1809/", "local"),
+                       ("http://127.0.0.1:1809/sub/dir", "local"), ("https://cache.lab", "lab"),
+                       ("https://cache.lab:443/", "lab"), ("HTTPS://CACHE.LAB/x", "lab"),
+                       ("https://cache.lab/castore", "deep"), ("https://cache.lab/castore/", "deep"),
+                       ("https://cache.lab/castore/v2", "deep"), ("https://cache.lab/castore-evil", "lab"),
+                       ("https://user@cache.lab/", "lab"), ("http://cache.example:80/", "example")):
+        assert c.token_for(url) == token, url
+
+
+@pytest.mark.parametrize("key", ["cache.lab:8080", "ftp://cache.lab", "http://", "http://cache:99999",
+                                 "http://cache/?q=1"])
+def test_a_token_url_that_is_no_http_url_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          key: str) -> None:
+    f = tmp_path / "castore.toml"
+    f.write_text(f'[tokens]\n"{key}" = "x"\n')
+    monkeypatch.setenv("CASTORE_CONFIG", str(f))
+    with pytest.raises(CastoreError, match=f"{re.escape(str(f))}: tokens: "):
+        load_config()
+
+
+def test_where_each_setting_came_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "castore.toml"
+    f.write_text('trusted-public-keys = ["lab-1:AAAA"]\nrevoked-keys = []\n')
+    monkeypatch.setenv("CASTORE_CONFIG", str(f))
+    monkeypatch.setenv("CASTORE_REVOKED_KEYS", "lab-0")
+    monkeypatch.delenv("CASTORE_TRUSTED_PUBLIC_KEYS", raising=False)
+    c = load_config()
+    assert c.origin("trusted-public-keys") == str(f) and c.origin("revoked-keys") == "$CASTORE_REVOKED_KEYS"

@@ -83,21 +83,29 @@ def load_tokens(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def add_token(root: Path, scopes: list[str], name: str) -> str:
-    """Make a token with the given scopes ("read", "write"); only its hash is stored."""
+    """Make a token with the given scopes ("read", "write"); only its hash is stored.
+
+    The read-modify-write of the token file holds ``tokens.lock`` (flock) beside it, and the new
+    file (mode 0600, in a 0700 directory) is renamed into place whole: tokens added at the same
+    time are all kept, and a server reading the file sees the old one or the new one."""
+    import fcntl  # here, not at the top: only this function takes the lock
+
     token = secrets.token_urlsafe(32)
     path = tokens_file(root)
-    known = load_tokens(root)
-    known[hash_bytes(token.encode())] = {"name": name, "scopes": sorted(scopes)}
-    tmp = path.with_suffix(".tmp")
+    lock = path.with_name("tokens.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
-        tmp.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CastoreError(f"cannot write {path}: {exc.strerror}") from exc
+        raise CastoreError(f"cannot write {lock}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        known = load_tokens(root)
+        known[hash_bytes(token.encode())] = {"name": name, "scopes": sorted(scopes)}
+        atomic_write(path, (json.dumps(known, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+    finally:
+        os.close(fd)  # and with it the lock
     return token
 
 
