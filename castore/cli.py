@@ -119,6 +119,8 @@ def realize(
             steps = realizer.dry_run(plan)
 
             def action(s: Any) -> str:
+                if s.oid is not None:
+                    return "present"
                 if s.how == "build" and s.plan.builder in ("fetch", "debian_package"):
                     return "fetch"
                 return str(s.how or "not needed")
