@@ -112,3 +112,32 @@ def test_a_dry_run_says_what_would_be_substituted(tmp_path: Path) -> None:
     assert "1 of 2 steps would run" in text and "substitute" in text
     out = castore_json("realize", TARGET, store=tmp_path / "b", env=env)
     assert out["substituted"] == ["rootfs"] and out["built"] == [] and out["id"] == res["id"]
+
+
+def test_realisations_pushed_by_two_labs_at_once_keep_both_signatures(tmp_path: Path) -> None:
+    """Two pushes may read the realisation before either writes it: the cache merges what it is given."""
+    from castore.cache.layout import RealisationRecord
+    from castore.cache.server import CacheApp, add_token
+    from castore.cache.transport import DirTransport
+    from castore.cache.trust import read_secret_key, signed
+    from tests.test_cache_server import asgi
+
+    secret_1, public_1 = _keys(tmp_path, "lab-1")
+    secret_2, public_2 = _keys(tmp_path, "lab-2")
+    cache, _ = _published(tmp_path, secret_1)
+    path = next((cache / "realisations").iterdir())
+    first = RealisationRecord.decode(path.name, path.read_bytes())
+    # lab-2's push read the realisation before lab-1's was written: it signs an unsigned one
+    late = signed(RealisationRecord(first.plan, first.object, first.record), [read_secret_key(secret_2)])
+    DirTransport(cache).put(f"realisations/{path.name}", late.encode())
+    both = RealisationRecord.decode(path.name, path.read_bytes())
+    assert sorted(name for name, _ in both.signatures) == ["lab-1", "lab-2"]
+    out, _ = _realize_b(tmp_path, cache, public_2)  # each lab's key alone is enough
+    assert out["substituted"] == ["rootfs"]
+    # the same through castore serve
+    path.write_bytes(first.encode())
+    token = add_token(cache, ["write"], "ci")
+    answer = asgi(CacheApp(cache), "PUT", f"/realisations/{path.name}", late.encode(), token)
+    assert answer.status_code in (200, 201, 204), answer.text
+    both = RealisationRecord.decode(path.name, path.read_bytes())
+    assert sorted(name for name, _ in both.signatures) == ["lab-1", "lab-2"] and public_1

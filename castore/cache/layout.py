@@ -171,6 +171,22 @@ class RealisationRecord:
         return cls(plan, oid, record, tuple((s["key"], s["sig"]) for s in sigs))
 
 
+def merged_realisation(plan_hash: str, old: bytes | None, new: bytes) -> bytes:
+    """What to store when realisation `new` arrives where `old` is: for the same object, one
+    record with the signatures of both, so a lab's signature is not lost to another's push."""
+    if old is None:
+        return new
+    try:
+        prev = RealisationRecord.decode(plan_hash, old)
+    except EncodingError:
+        return new  # what was there is damaged: the new one replaces it
+    rec = RealisationRecord.decode(plan_hash, new)
+    if prev.object != rec.object:
+        return new
+    sigs = dict(prev.signatures) | dict(rec.signatures)
+    return RealisationRecord(rec.plan, rec.object, rec.record, tuple(sorted(sigs.items()))).encode()
+
+
 def check_chunk(cid: str, data: bytes) -> None:
     actual = hash_bytes(data)
     if actual != cid:

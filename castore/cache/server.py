@@ -42,6 +42,7 @@ from castore.cache.layout import (
     RealisationRecord,
     check_chunk,
     chunk_path,
+    merged_realisation,
     object_path,
 )
 from castore.cache.transport import check_path
@@ -226,6 +227,8 @@ class CacheApp:
                 rrec = RealisationRecord.decode(path.split("/")[-1], body)
                 if not (self.root / object_path(rrec.object)).exists():
                     raise HttpError(409, "incomplete", f"realisation names object {rrec.object}, which is not here")
+                here = self.root / path  # merged with what is there: no await between read and write
+                body = merged_realisation(rrec.plan, here.read_bytes() if here.exists() else None, body)
             elif kind == CONFIG:
                 if CacheConfig.decode(body) != CacheConfig.decode((self.root / CONFIG).read_bytes()):
                     raise HttpError(409, "config", "this cache's chunking parameters are fixed")

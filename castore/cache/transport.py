@@ -103,7 +103,21 @@ class DirTransport:
             except OSError as exc:
                 raise CastoreError(f"cannot sync {self.root}: {exc.strerror}") from exc
             self._dirty = False
-        atomic_write(dest, data)
+        if not path.startswith("realisations/"):
+            atomic_write(dest, data)
+            return
+        # pushes signed by other labs' keys may publish the same realisation at once: merge, locked
+        import fcntl
+
+        from castore.cache.layout import merged_realisation
+
+        (self.root / ".castore").mkdir(exist_ok=True)
+        fd = os.open(self.root / ".castore" / "realisations.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            atomic_write(dest, merged_realisation(path.rpartition("/")[2], self.get(path), data))
+        finally:
+            os.close(fd)
 
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         for path, data in items:
