@@ -201,3 +201,14 @@ def returns_within(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def sparse_file(path: Path, pieces: dict[int, bytes], size: int) -> Path:
+    """A file of size bytes holding each piece at its offset, holes elsewhere."""
+    with open(path, "wb") as f:
+        for offset, data in pieces.items():
+            f.seek(offset)
+            f.write(data)
+        f.truncate(size)
+    assert path.stat().st_blocks * 512 < size  # the filesystem kept the holes
+    return path

@@ -9,6 +9,7 @@ import pytest
 from castore.chunking import ChunkParams, cut, cut_file
 from castore.errors import EncodingError
 from castore.hashing import hash_bytes
+from tests.helpers import sparse_file
 
 
 def test_chunks_cover_the_bytes_and_are_named_by_content(tmp_path: Path) -> None:
@@ -46,12 +47,6 @@ def test_params_record_roundtrip_and_checks() -> None:
 def test_a_sparse_file_is_cut_as_its_bytes(tmp_path: Path) -> None:
     """Sparse files are streamed, not mapped (a mapped hole on a full tmpfs is a SIGBUS): same cuts."""
     rng = random.Random(4)
-    f = tmp_path / "sparse"
-    with open(f, "wb") as out:
-        out.write(rng.randbytes(300_000))
-        out.seek(3 << 20)
-        out.write(rng.randbytes(700_000))
-        out.truncate(6 << 20)
-    assert f.stat().st_blocks * 512 < f.stat().st_size
+    f = sparse_file(tmp_path / "sparse", {0: rng.randbytes(300_000), 3 << 20: rng.randbytes(700_000)}, 6 << 20)
     params = ChunkParams()
     assert cut_file(f, params) == list(cut(f.read_bytes(), params))

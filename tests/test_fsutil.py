@@ -11,17 +11,15 @@ import pytest
 from castore.errors import CastoreError
 from castore.fsutil import atomic_write, copy_range, copy_sparse, materialize, start_writeback, syncfs
 from castore.store import LocalStore
+from tests.helpers import sparse_file
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev,
                     reason="needs /dev/shm on another filesystem than /tmp")
 def test_copies_cross_filesystems(tmp_path: Path) -> None:
     """copy_file_range refuses another filesystem (EXDEV): the copy goes through a buffer."""
-    src = tmp_path / "src"
     data = os.urandom(3 << 20)
-    with open(src, "wb") as f:
-        f.write(data)
-        f.truncate(64 << 20)  # then a hole
+    src = sparse_file(tmp_path / "src", {0: data}, 64 << 20)  # then a hole
     shm = Path("/dev/shm") / f"castore-test-{os.getpid()}"
     shm.mkdir()
     try:
@@ -40,12 +38,7 @@ def test_copies_cross_filesystems(tmp_path: Path) -> None:
 
 
 def test_copy_sparse_keeps_holes_and_bytes(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    with open(src, "wb") as f:
-        f.write(b"head")
-        f.seek(64 << 20)
-        f.write(b"middle")
-        f.truncate(200 << 20)  # ends in a hole
+    src = sparse_file(tmp_path / "src", {0: b"head", 64 << 20: b"middle"}, 200 << 20)  # ends in a hole
     copy_sparse(src, tmp_path / "dest")
     dest = tmp_path / "dest"
     assert dest.stat().st_size == src.stat().st_size

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 from castore.hashing import Hasher, derive_uuid, hash_bytes, hash_file, is_id, is_prefix
+from tests.helpers import sparse_file
 
 
 def test_id_is_what_b3sum_prints(tmp_path: Path) -> None:
@@ -18,13 +19,7 @@ def test_id_is_what_b3sum_prints(tmp_path: Path) -> None:
 
 def test_sparse_files_hash_like_b3sum(tmp_path: Path) -> None:
     """Sparse files are read, not mapped (a mapped hole on a full tmpfs is a SIGBUS)."""
-    f = tmp_path / "sparse"
-    with open(f, "wb") as out:
-        out.write(b"head")
-        out.seek(9 << 20)
-        out.write(b"tail")
-        out.truncate(20 << 20)
-    assert f.stat().st_blocks * 512 < f.stat().st_size
+    f = sparse_file(tmp_path / "sparse", {0: b"head", 9 << 20: b"tail"}, 20 << 20)
     b3 = subprocess.run(["b3sum", "--no-names", str(f)], capture_output=True, text=True, check=True)
     assert hash_file(f) == b3.stdout.strip()
 
