@@ -167,10 +167,7 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str],
             if data is None:
                 raise NotFound(f"{cache.url} has no object {oid}")
             rec = records[oid] = ObjectRecord.decode(oid, data)
-            longest = max((n for _, n in rec.chunks), default=0)
-            if longest > max_chunk:
-                raise EncodingError(f"object record {oid} from {cache.url} lists a chunk of {longest} bytes, "
-                                    f"longer than the cache's chunking maximum of {max_chunk}", CORRUPT)
+            rec.check_chunks(max_chunk)
             wire += len(data)
             refs.update(rec.refs)
         level = sorted(r for r in refs if r not in records and not store.has(r))

@@ -78,6 +78,14 @@ class ObjectRecord:
     refs: tuple[str, ...]
     chunks: tuple[tuple[str, int], ...]
 
+    def check_chunks(self, limit: int) -> None:
+        """No chunk may be longer than the cache's chunking maximum: a record must not make a
+        reader allocate what it never verifies."""
+        longest = max((n for _, n in self.chunks), default=0)
+        if longest > limit:
+            raise EncodingError(f"object record {self.id} lists a chunk of {longest} bytes, longer than "
+                                f"the cache's chunking maximum of {limit}", CORRUPT)
+
     def encode(self) -> bytes:
         return canonical.encode({
             "format": CACHE_FORMAT, "kind": self.kind, "size": self.size, "refs": sorted(self.refs),

@@ -212,10 +212,7 @@ class CacheApp:
             elif kind == "objects":
                 oid = path.split("/")[-1]
                 rec = ObjectRecord.decode(oid, body)
-                longest = max((n for _, n in rec.chunks), default=0)
-                if longest > self.max_chunk:
-                    raise HttpError(400, "invalid", f"object {oid} lists a chunk of {longest} bytes, longer than "
-                                    f"this cache's chunking maximum of {self.max_chunk}")
+                rec.check_chunks(self.max_chunk)  # a CastoreError: 400 below
                 if (self.root / path).exists():
                     return  # named by its content: what is there is already right
                 absent = [c for c, _ in rec.chunks if not (self.root / chunk_path(c)).exists()]
