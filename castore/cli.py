@@ -80,7 +80,7 @@ def _err(text: str) -> None:
 
 @app.command()
 def realize(
-    target: Annotated[str, typer.Argument(help="FILE[:NAME]: a recipe file, and which recipe in it "
+    target: Annotated[str, typer.Argument(metavar="FILE[:NAME]", help="A recipe file, and which recipe in it "
                                           "(default: 'default', else the only one).")],
     out_link: Annotated[Optional[str], typer.Option("-o", "--out-link",  # noqa: UP045
                         help="Make a symlink NAME to the result and keep it from gc.")] = None,
@@ -210,7 +210,7 @@ def _details(store: Any, oid: str, kind: str) -> dict[str, Any]:
 
 @app.command()
 def add(
-    path: Annotated[Path, typer.Argument(help="A file (vmlinux, rootfs.img, ...) or a directory.")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="A file (vmlinux, rootfs.img, ...) or a directory.")],
     all_root: Annotated[bool, typer.Option("--all-root", help="Record every entry of a directory "
                         "as owned by root (0:0) instead of its owner on this host.")] = False,
     root_name: Annotated[Optional[str], typer.Option("--root", help="Keep the result as a named "  # noqa: UP045
@@ -283,7 +283,7 @@ def _movable(path: Path, root: Path) -> bool:
 @app.command()
 def export(
     object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id or unique prefix.")],
-    dest: Annotated[Path, typer.Argument(help="Where to write: a file for a blob, a new "
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="Where to write: a file for a blob, a new "
                     "directory for a tree or an image.")],
 ) -> None:
     """Write an object out of the store: a blob as a file (holes kept), a tree as a directory,
@@ -440,7 +440,7 @@ def _copy_report(stats: Any, verb: str, as_json: bool) -> None:
 
 @app.command()
 def serve(
-    directory: Annotated[Path, typer.Argument(help="The cache directory (created if missing).")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory (created if missing).")],
     bind: Annotated[str, typer.Option("--bind", help="HOST:PORT to listen on.")] = "127.0.0.1:8080",
 ) -> None:
     """Serve a cache directory over HTTP: reads for everyone, verified uploads for tokens with write scope.
@@ -463,7 +463,7 @@ app.add_typer(token_app, name="token")
 
 @token_app.command("add")
 def token_add(
-    directory: Annotated[Path, typer.Argument(help="The cache directory `castore serve` serves.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory `castore serve` serves.")],
     scope: Annotated[list[str], typer.Option("--scope", help="read or write (repeat for both).")],
     name: Annotated[str, typer.Option("--name", help="Who the token is for.")] = "",
 ) -> None:
@@ -482,7 +482,7 @@ app.add_typer(key_app, name="key")
 
 @key_app.command("generate")
 def key_generate(
-    name: Annotated[str, typer.Argument(help="Key name, by convention LAB-N (bump N to rotate).")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Key name, by convention LAB-N (bump N to rotate).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the secret key (mode 0600).")],
 ) -> None:
     """Make a key pair: write the secret key to --out and print the public key (NAME:BASE64).
@@ -502,7 +502,7 @@ def key_generate(
 
 
 @key_app.command("public")
-def key_public(secret_file: Annotated[Path, typer.Argument(help="A secret key file.")]) -> None:
+def key_public(secret_file: Annotated[Path, typer.Argument(metavar="SECRET_FILE", help="A secret key file.")]) -> None:
     """Print the public key of a secret key file (one that only its owner can read)."""
     from castore.cache.trust import read_secret_key
     from castore.signing import public_of

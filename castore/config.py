@@ -12,7 +12,9 @@ and ``$XDG_CONFIG_HOME/castore/castore.toml`` (or the one file named by
     "http://cache.lab.example:8080" = "token from castore token add"
 
 Lists in the environment are separated by spaces. Substituters are tried in
-the order given. :meth:`Config.origin` says where each setting came from (a
+the order given. Relative paths in a file (a substituter directory, a key
+file) are relative to that file's directory; in the environment, to the
+working directory. :meth:`Config.origin` says where each setting came from (a
 file, or ``$CASTORE_...``), for errors about its values.
 
 A token goes only where its URL says: the same scheme, host and port (80 and
@@ -138,6 +140,8 @@ def load_config() -> Config:
                 raise CastoreError(f"{path}: unknown setting {key!r}",
                                    f"known settings: {', '.join(KEYS + TABLES)}")
             values[key] = _strings(value, f"{path}: {key}")
+            if key in _PATHS:
+                values[key] = tuple(_beside(v, path) for v in values[key])
             origins[key] = str(path)
     for key in KEYS:
         var = "CASTORE_" + key.upper().replace("-", "_")
@@ -155,6 +159,19 @@ def load_config() -> Config:
         sources=tuple(sources),
         origins=tuple(sorted(origins.items())),
     )
+
+
+_PATHS = ("substituters", "secret-key-files")
+
+
+def _beside(value: str, config: Path) -> str:
+    """A path written in a config file, relative to that file's directory (``~`` expanded);
+    URLs other than file:// as they are. Paths in the environment stay relative to the cwd."""
+    if "://" in value and not value.startswith("file://"):
+        return value
+    scheme = "file://" if value.startswith("file://") else ""
+    where = os.path.expanduser(value.removeprefix(scheme))
+    return scheme + os.path.join(config.parent, where) if where else value
 
 
 def _strings(value: Any, what: str) -> tuple[str, ...]:

@@ -87,3 +87,23 @@ def test_where_each_setting_came_from(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("CASTORE_TRUSTED_PUBLIC_KEYS", raising=False)
     c = load_config()
     assert c.origin("trusted-public-keys") == str(f) and c.origin("revoked-keys") == "$CASTORE_REVOKED_KEYS"
+
+
+def test_relative_paths_in_a_file_are_relative_to_that_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "etc" / "castore.toml"
+    conf.parent.mkdir()
+    conf.write_text('substituters = ["caches/lab", "file://caches/b", "/srv/c", "http://127.0.0.1:9/d"]\n'
+                    'secret-key-files = ["keys/lab-1.secret", "~/k.secret"]\n')
+    monkeypatch.setenv("CASTORE_CONFIG", str(conf))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in ("SUBSTITUTERS", "SECRET_KEY_FILES"):
+        monkeypatch.delenv(f"CASTORE_{var}", raising=False)
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory has no say for a file's paths
+    c = load_config()
+    assert c.substituters == (f"{conf.parent}/caches/lab", f"file://{conf.parent}/caches/b", "/srv/c",
+                              "http://127.0.0.1:9/d")
+    assert c.secret_key_files == (f"{conf.parent}/keys/lab-1.secret", f"{tmp_path}/home/k.secret")
+    monkeypatch.setenv("CASTORE_SUBSTITUTERS", "caches/lab")  # what a shell user typed: from the cwd
+    assert load_config().substituters == ("caches/lab",)
