@@ -133,11 +133,12 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def start_writeback(fd: int) -> None:
-    """Start writing a file's dirty pages to disk now, without waiting (sync_file_range
-    SYNC_FILE_RANGE_WRITE): the fsync or syncfs that must come later then finds the disk
-    already busy with them, instead of starting after the hashing and bookkeeping."""
-    _c().sync_file_range(fd, 0, 0, 2)  # advisory: an error here leaves the later sync to do it all
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing a file's dirty pages (length bytes from offset; 0: to the end) to disk now,
+    without waiting (sync_file_range SYNC_FILE_RANGE_WRITE): the fsync or syncfs that must come
+    later then finds the disk already busy with them, instead of starting after the hashing and
+    bookkeeping."""
+    _c().sync_file_range(fd, offset, length, 2)  # advisory: an error leaves the later sync to do it all
 
 
 def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = True) -> None:

@@ -39,12 +39,12 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> str:
 class Hasher:
     """Incremental BLAKE3 with an optional sha256 alongside (for fetch checks)."""
 
-    def __init__(self, sha256: bool = False) -> None:
-        self._b3 = blake3.blake3()
+    def __init__(self, sha256: bool = False, *, threads: bool = False) -> None:
+        self._b3 = blake3.blake3(max_threads=blake3.blake3.AUTO) if threads else blake3.blake3()
         self._sha = _sha256() if sha256 else None
         self.size = 0
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
+    def update(self, data: bytes | bytearray | memoryview | mmap.mmap) -> None:
         self._b3.update(data)
         if self._sha is not None:
             self._sha.update(data)
