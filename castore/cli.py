@@ -674,7 +674,28 @@ def log(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (
         sys.stdout.write(candidate.read_text(errors="replace"))
 
 
+def _only(argv: list[str]) -> None:
+    """Keep only the command argv names, if it names one: typer reads every command's signature and
+    type hints on each start (9 ms for all, 1.5 ms for one, measured here). With no command, or an
+    unknown one, all stay, for the command list and click's "did you mean"."""
+    words = iter(argv)
+    for word in words:
+        if word == "--store":
+            next(words, None)
+        elif not word.startswith("-"):
+            from typer.main import get_command_name
+
+            cmds = [c for c in app.registered_commands
+                    if (c.name or get_command_name(getattr(c.callback, "__name__", ""))) == word]
+            groups = [g for g in app.registered_groups if g.name == word]
+            if cmds or groups:
+                app.registered_commands, app.registered_groups = cmds, groups
+            return
+
+
 def main() -> None:
+    every = app.registered_commands, app.registered_groups
+    _only(sys.argv[1:])
     try:
         app()  # click's standalone mode handles usage errors and exits; ours come through
     except CastoreError as exc:
@@ -695,6 +716,8 @@ def main() -> None:
         _err(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         _err("hint: --debug shows where it happened")
         sys.exit(1)
+    finally:
+        app.registered_commands, app.registered_groups = every
 
 
 if __name__ == "__main__":

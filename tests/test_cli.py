@@ -19,6 +19,17 @@ def test_help_teaches() -> None:
     assert "castore realize recipes/app.py" in castore("realize", "--help").stdout
 
 
+def test_only_the_named_command_is_built_and_the_rest_still_answer(tmp_path: Path) -> None:
+    # main() builds only the command argv names; a store path that is also a command name is not one
+    add = castore("--store", "ls", "add", "--help", cwd=tmp_path).stdout
+    assert add.startswith("Usage: castore add [OPTIONS] {PATH}")
+    assert "Usage: castore key generate" in castore("--debug", "key", "generate", "--help").stdout
+    typo = castore("ad", check=False)
+    assert typo.returncode == 2 and "Did you mean 'add'?" in typo.stderr
+    listing = castore("--store", "ls", "--help", cwd=tmp_path).stdout
+    assert all(f"  {cmd} " in listing for cmd in ("realize", "pull", "serve", "token", "key"))
+
+
 def test_version_and_python_m() -> None:
     from castore import __version__
 
