@@ -432,7 +432,12 @@ def _copy_report(stats: Any, verb: str, as_json: bool) -> None:
 
         _emit(asdict(stats))
         return
-    print(f"{verb} {stats.objects if verb != 'would fetch' else len(stats.ids)} objects "
+    if verb == "would fetch":
+        print(f"would fetch {len(stats.ids)} objects ({stats.present} already there): "
+              f"{stats.chunks_fetched} chunks, about {_human(stats.bytes_on_wire)} before compression; "
+              f"{stats.chunks_seeded} chunks would be taken from local blobs")
+        return
+    print(f"{verb} {stats.objects} objects "
           f"({stats.present} already there); chunks: {stats.chunks_sent + stats.chunks_fetched} moved, "
           f"{stats.chunks_seeded} taken from local blobs; {_human(stats.bytes_on_wire)} on the wire"
           + (f"; {stats.realisations} signed realisations" if stats.realisations else ""))

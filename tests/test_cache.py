@@ -146,7 +146,14 @@ def test_dry_run_counts_and_adds_nothing(tmp_path: Path) -> None:
     sent = push(a, cache, [oid]).chunks_sent
     b = LocalStore(tmp_path / "b")
     s = pull(b, cache, [oid], dry_run=True)
-    assert s.chunks_fetched == sent and b.objects() == []
+    assert s.chunks_fetched == sent and s.chunks_seeded == 0 and b.objects() == []
+    longer = a.add_file(blob_file(tmp_path, "y", a.blob_path(oid).read_bytes() + os.urandom(200_000)))
+    push(a, cache, [longer])
+    pull(b, cache, [oid])  # its chunks are the first ones of `longer`: a dry run counts them as local
+    s = pull(b, cache, [longer], dry_run=True)
+    assert s.chunks_seeded > 0 and s.chunks_fetched > 0 and b.objects() and not b.has(longer)
+    real = pull(b, cache, [longer])
+    assert (real.chunks_seeded, real.chunks_fetched) == (s.chunks_seeded, s.chunks_fetched)
 
 
 def _pushed(tmp_path: Path, size: int = 400_000) -> tuple[LocalStore, DirTransport, str, bytes]:
@@ -276,7 +283,11 @@ def test_pull_fails_over_between_substituters(tmp_path: Path) -> None:
     assert "trying the next substituter" in proc.stderr and "pulled 1 objects" in proc.stdout
     assert (tmp_path / "b" / "blobs" / oid[:2] / oid).read_bytes() == data
     dry = castore_json("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "c")
-    assert dry["chunks_fetched"] > 0 and dry["bytes_on_wire"] >= len(data)
+    assert dry["chunks_fetched"] > 0 and dry["bytes_on_wire"] == len(data) and dry["chunks_seeded"] == 0
+    again = castore("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "b").stdout
+    assert again.startswith("would fetch 0 objects (1 already there): 0 chunks")
+    said = castore("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "c").stdout
+    assert f"{dry['chunks_fetched']} chunks, about " in said
 
 
 def _hostile(root: Path, data: bytes, kind: str, refs: tuple[str, ...] = ()) -> str:

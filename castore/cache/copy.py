@@ -192,7 +192,8 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
         need = [cid for cid in lengths if cid not in local]
         stats.ids = order
         stats.chunks_fetched = len(need)
-        stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed: an upper bound
+        stats.chunks_seeded = len(lengths) - len(need)
+        stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed: zstd frames differ a little
         return stats
     with store.lock("pull"):  # one pull at a time writes the partial objects
         order = [oid for oid in order if not store.has(oid)]  # a pull we waited for may have added some
