@@ -112,20 +112,66 @@ def warm() -> None:
 WARM: list[Path] = []  # more inputs, once they exist (the lab's cache)
 
 
+@dataclass
+class Timed:
+    """A command to time, run into a new directory after its (untimed) setup."""
+    name: str
+    argv: Callable[[Path], Argv]
+    setup: Callable[[Path], object] = Path
+    env: dict[str, str] | None = None
+
+
+def best_of_each(n: int, tools: Sequence[Timed]) -> dict[str, float | str]:
+    """Best wall time of each tool over n rounds in which the tools take turns, so that a slow
+    spell of this machine (its page-cache writes vary 5x from one minute to the next) falls on
+    all of them alike; a tool that fails gets its error instead. Before each run: setup, warm(),
+    sync."""
+    times: dict[str, list[tuple[float, float]]] = {t.name: [] for t in tools}
+    found: dict[str, float | str] = {}
+    for _ in range(n):
+        for tool in tools:
+            if tool.name in found:
+                continue  # failed
+            d = new_dir(tool.name)
+            try:
+                tool.setup(d)
+                warm()
+                os.sync()
+                t, c = time.perf_counter(), child_cpu()
+                run(tool.argv(d), env=tool.env)
+            except (RuntimeError, OSError) as exc:
+                found[tool.name] = str(exc)
+                continue
+            times[tool.name].append((time.perf_counter() - t, child_cpu() - c))
+    for name, ts in times.items():
+        if name not in found:
+            BEST_CPU[name] = min(ts)[1]
+            found[name] = min(ts)[0]
+    return found
+
+
 def best_of(n: int, argv: Callable[[Path], Argv], name: str,
             setup: Callable[[Path], object] = Path, env: dict[str, str] | None = None) -> float:
-    """Best wall time of n runs, each into a new directory; setup (untimed), then sync, first."""
-    times = []
-    for _ in range(n):
-        d = new_dir(name)
-        setup(d)
-        warm()
-        os.sync()
-        t, c = time.perf_counter(), child_cpu()
-        run(argv(d), env=env)
-        times.append((time.perf_counter() - t, child_cpu() - c))
-    BEST_CPU[name] = min(times)[1]
-    return min(times)[0]
+    """Best wall time of n runs of one command (see best_of_each)."""
+    best = best_of_each(n, [Timed(name, argv, setup, env)])[name]
+    if isinstance(best, str):
+        raise RuntimeError(best)
+    return best
+
+
+def castore_and_peers(row: Row, n: int, castore: Timed, peers: dict[str, Timed],
+                      scale: Sequence[Timed] = ()) -> dict[str, float | str]:
+    """castore, its peers and commands for scale timed in turns (best_of_each): castore's best in
+    row.castore (its failure raises), the peers' in row.peers under their display names. Returns
+    every result, by Timed.name."""
+    found = best_of_each(n, [castore, *peers.values(), *scale])
+    mine = found[castore.name]
+    if isinstance(mine, str):
+        raise RuntimeError(mine)
+    row.castore = mine
+    for shown, tool in peers.items():
+        row.peers[shown] = found[tool.name]
+    return found
 
 
 def peer(row: Row, name: str, measure: Callable[[], float]) -> None:
@@ -216,12 +262,11 @@ def judge(row: Row, limit: float) -> Row:
 
 def bench_tree_import() -> Row:
     row = Row("import the minbase tree", "<=1.2 s, faster than nix and ostree")
-    row.castore = best_of(3, lambda s: [CASTORE, "--store", s, "add", "--all-root", TREE], "cs")
-    peer(row, "nix-store --add", lambda: best_of(
-        3, lambda s: ["nix-store", "--store", s, "--add", NODEV], "nix", env=NIX_ENV))
-    peer(row, "ostree commit (bare)", lambda: best_of(
-        3, lambda r: ["ostree", f"--repo={r}", "commit", "--branch=b", f"--tree=dir={NODEV}"],
-        "ostree", setup=lambda r: run(["ostree", f"--repo={r}", "init", "--mode=bare"])))
+    castore_and_peers(row, 3, Timed("cs", lambda s: [CASTORE, "--store", s, "add", "--all-root", TREE]), {
+        "nix-store --add": Timed("nix", lambda s: ["nix-store", "--store", s, "--add", NODEV], env=NIX_ENV),
+        "ostree commit (bare)": Timed(
+            "ostree", lambda r: ["ostree", f"--repo={r}", "commit", "--branch=b", f"--tree=dir={NODEV}"],
+            setup=lambda r: run(["ostree", f"--repo={r}", "init", "--mode=bare"]))})
     row.notes.append(cpu_note("cs", "nix", "ostree"))
     row.notes.append(durability([
         ("castore", lambda d: [CASTORE, "--store", d, "add", "--all-root", TREE], None),
@@ -256,21 +301,20 @@ def cpu_note(*names: str) -> str:
 
 def bench_file_import() -> Row:
     row = Row("import the squashfs file", "<=0.1 s, faster than nix")
-    row.castore = best_of(3, lambda s: [CASTORE, "--store", s, "add", SQFS], "cs-file")
-    peer(row, "nix-store --add-fixed sha256", lambda: best_of(
-        3, lambda s: ["nix-store", "--store", s, "--add-fixed", "sha256", SQFS], "nix-file",
-        env=NIX_ENV))
-    cp = best_of(3, lambda d: ["cp", SQFS, d / "copy"], "cp-file", setup=lambda d: d.mkdir())
-    row.notes.append(f"for scale, cp of the same file (no hash, no fsync): {cp:.3f} s")
-
     def staged_copy(d: Path) -> None:  # untimed: a file on the store's filesystem to move in
         d.mkdir()
         shutil.copyfile(SQFS, d / "rootfs.img")
 
-    move = best_of(3, lambda d: [CASTORE, "--store", d / "store", "add", "--move", d / "rootfs.img"],
-                   "cs-move", setup=staged_copy)
-    row.notes.append(f"castore add --move (rename in, hash, fsync; no copy): {move:.3f} s")
+    found = castore_and_peers(row, 3, Timed("cs-file", lambda s: [CASTORE, "--store", s, "add", SQFS]), {
+        "nix-store --add-fixed sha256": Timed(
+            "nix-file", lambda s: ["nix-store", "--store", s, "--add-fixed", "sha256", SQFS], env=NIX_ENV)},
+        scale=[Timed("cp-file", lambda d: ["cp", SQFS, d / "copy"], setup=lambda d: d.mkdir()),
+               Timed("cs-move", lambda d: [CASTORE, "--store", d / "store", "add", "--move", d / "rootfs.img"],
+                     setup=staged_copy)])
+    row.notes.append(f"for scale, cp of the same file (no hash, no fsync): {fmt(found['cp-file'], 's')}")
+    row.notes.append(f"castore add --move (rename in, hash, fsync; no copy): {fmt(found['cs-move'], 's')}")
     row.notes.append(cpu_note("cs-file", "nix-file"))
+    assert row.castore is not None  # castore_and_peers set it, or raised
     if row.castore > 0.1:
         from castore.store import LocalStore
 
@@ -506,9 +550,6 @@ def bench_push() -> Row:
         add_id(d / "store", SQFS)
         cs["last"] = d
 
-    row.castore = best_of(3, lambda d: [CASTORE, "--store", d / "store", "push", lab().v1, "--to", d / "cache",
-                                        "--json"], "cs-push", setup=cs_setup, env=CS_ENV)
-    row.notes.append(f"castore wrote {disk(cs['last'] / 'cache')}")
     nix: dict[str, str | Path] = {}
 
     def nix_setup(d: Path) -> None:
@@ -519,8 +560,11 @@ def bench_push() -> Row:
         return ["nix", "--extra-experimental-features", "nix-command", "copy", "--from", src,
                 "--to", f"file://{dest}?compression=zstd", nix["path"]]
 
-    peer(row, "nix copy to file:// (zstd)", lambda: best_of(
-        3, lambda d: nix_copy(d / "store", d / "cache"), "nix-push", setup=nix_setup, env=NIX_ENV))
+    castore_and_peers(row, 3, Timed("cs-push", lambda d: [CASTORE, "--store", d / "store", "push", lab().v1,
+                                                          "--to", d / "cache", "--json"], cs_setup, CS_ENV), {
+        "nix copy to file:// (zstd)": Timed("nix-push", lambda d: nix_copy(d / "store", d / "cache"), nix_setup,
+                                            NIX_ENV)})
+    row.notes.append(f"castore wrote {disk(cs['last'] / 'cache')}")
     if "last" in nix:
         row.notes.append(f"nix copy wrote {disk(Path(nix['last']) / 'cache')}")
     row.notes.append(cpu_note("cs-push", "nix-push"))
@@ -530,7 +574,7 @@ def bench_push() -> Row:
         tools.append(("nix", lambda d: nix_copy(Path(nix["last"]) / "store", d), NIX_ENV))
     row.notes.append(durability(tools).replace("per import", "per push"))
     times = [v for v in row.peers.values() if isinstance(v, float)]
-    row.ratio = row.castore / min(times) if times else None
+    row.ratio = row.castore / min(times) if times and row.castore is not None else None
     return row
 
 
