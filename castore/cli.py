@@ -685,6 +685,8 @@ def _only(argv: list[str]) -> None:
     unknown one, all stay, for the command list and click's "did you mean"."""
     words = iter(argv)
     for word in words:
+        if word == "--help":
+            return  # castore --help add: the whole list
         if word == "--store":
             next(words, None)
         elif not word.startswith("-"):
