@@ -169,7 +169,7 @@ class Realizer:
 
         def would(step: Step) -> bool:
             found = substitute(self.store, self.substituters, step.hash, self.trust or Trust(), note=self.note,
-                               down=self._down, fetch=False)
+                               down=self._down, fetch=False, kind=step.plan.output)
             if found is not None:
                 step.how = "substitute"
             return found is not None
@@ -206,7 +206,7 @@ class Realizer:
         self.reporter.status(step.plan, "asking the substituters")
         with self.store.lock(step.hash):
             found = substitute(self.store, self.substituters, step.hash, self.trust or Trust(), note=self.note,
-                               down=self._down)
+                               down=self._down, kind=step.plan.output)
             if found is None:
                 return False
             oid, record = found

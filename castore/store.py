@@ -508,11 +508,16 @@ class LocalStore:
 
     def sizes(self, oids: Iterable[str]) -> dict[str, int]:
         """The size of each of these objects the store has: one query per 500 ids."""
-        found: dict[str, int] = {}
+        return {oid: size for oid, (_, size) in self.kinds_and_sizes(oids).items()}
+
+    def kinds_and_sizes(self, oids: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """(kind, size) of each of these objects the store has: one query per 500 ids."""
+        found: dict[str, tuple[str, int]] = {}
         ids = sorted(set(oids))
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
-            found.update(self._q(f"SELECT id, size FROM objects WHERE id IN ({','.join('?' * len(part))})", part))
+            rows = self._q(f"SELECT id, kind, size FROM objects WHERE id IN ({','.join('?' * len(part))})", part)
+            found.update((oid, (kind, size)) for oid, kind, size in rows)
         return found
 
     # -- realisations and roots ----------------------------------------------

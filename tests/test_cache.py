@@ -347,6 +347,29 @@ def test_hostile_but_correctly_hashed_objects_add_nothing(tmp_path: Path, case: 
     b.close()
 
 
+def test_a_cache_cannot_change_what_kind_an_object_is(tmp_path: Path) -> None:
+    # a tree whose file entry names another tree: the record of a reference must say blob
+    inner = _tree_bytes()
+    inner_id = _hostile(tmp_path / "c1", inner, "tree")
+    outer = _tree_bytes({**FIFO, "type": "file", "blob": inner_id, "size": len(inner)})
+    outer_id = _hostile(tmp_path / "c1", outer, "tree", (inner_id,))
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(EncodingError, match=f"refers to {inner_id} as a blob, but it is a tree"):
+        pull(b, DirTransport(tmp_path / "c1"), [outer_id])
+    assert b.objects() == []
+    # a tree recorded as a blob: no content check can tell, but a caller that knows the kind refuses it
+    _hostile(tmp_path / "c2", HELLO, "blob")
+    tree_id = _hostile(tmp_path / "c2", _tree_bytes({**FIFO, "type": "file", "blob": HELLO_ID, "size": 6}), "blob")
+    liar = DirTransport(tmp_path / "c2")
+    with pytest.raises(CastoreError, match=f"records object {tree_id} as a blob, but it was asked for as a tree"):
+        pull(b, liar, [tree_id], kinds={tree_id: "tree"})
+    assert b.objects() == []
+    pull(b, liar, [tree_id])  # by id alone a blob is what the cache says it is: its bytes are the id's
+    with pytest.raises(CastoreError, match=f"the store holds object {tree_id} as a blob, but it was asked for"):
+        pull(b, liar, [tree_id], kinds={tree_id: "tree"})
+    b.close()
+
+
 def test_an_ill_typed_tree_already_in_a_store_is_reported_and_not_exported(tmp_path: Path) -> None:
     """A tree pulled before pulls checked types: verify names it, export refuses it in one line."""
     data, _, _, complaint = HOSTILE["uid-huge"]
@@ -470,3 +493,12 @@ def test_gc_waits_for_a_push(tmp_path: Path) -> None:
     assert b.verify()[0] == []
     a.close()
     b.close()
+
+
+def test_a_directory_or_url_that_is_no_castore_cache_is_named(tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "castore-cache.json").write_text("<html>index</html>")
+    proc = castore("pull", "a" * 64, "--from", str(tmp_path / "site"), store=tmp_path / "b", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: file://{tmp_path / 'site'}/castore-cache.json is not JSON" in proc.stderr
+    assert "hint: is this the URL or directory of a castore cache?" in proc.stderr

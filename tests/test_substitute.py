@@ -90,6 +90,30 @@ def test_a_malformed_realisation_is_noted_and_the_plan_built(tmp_path: Path) -> 
     assert "cannot substitute plan" in err and "names 5, not an object id" in err and "Traceback" not in err
 
 
+def test_a_realisation_whose_object_the_cache_records_as_another_kind_is_not_used(tmp_path: Path) -> None:
+    """The layer plan makes a tree; a cache records that tree as a blob (so its files would never be
+    fetched, and an honest cache could not fix the store later): noted, and built instead."""
+    from castore.cache.layout import ObjectRecord, object_path
+
+    secret, public = _keys(tmp_path, "lab-1")
+    a, cache = tmp_path / "a", tmp_path / "cache"
+    layer = castore_json("realize", "tests/recipes/small.py:layer", store=a)["id"]
+    env = {"CASTORE_SECRET_KEY_FILES": str(secret), "CASTORE_CONFIG": str(tmp_path / "none")}
+    castore("push", layer, "--to", str(cache), store=a, env=env)
+    record = cache / object_path(layer)
+    rec = ObjectRecord.decode(layer, record.read_bytes())
+    record.write_bytes(ObjectRecord(layer, "blob", rec.size, (), rec.chunks).encode())
+    env = {"CASTORE_SUBSTITUTERS": str(cache), "CASTORE_TRUSTED_PUBLIC_KEYS": public,
+           "CASTORE_CONFIG": str(tmp_path / "none")}
+    proc = castore("realize", "tests/recipes/small.py:layer", "--json", store=tmp_path / "b", env=env)
+    import json
+
+    out = json.loads(proc.stdout)
+    assert out["id"] == layer and out["substituted"] == [] and out["built"] == ["layer"]
+    assert "as a blob, but it was asked for as a tree" in proc.stderr
+    assert castore_json("show", layer, store=tmp_path / "b")["kind"] == "tree"
+
+
 def test_a_substituter_that_cannot_be_asked_is_asked_once(tmp_path: Path) -> None:
     from tests.helpers import free_port
 

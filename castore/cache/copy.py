@@ -71,7 +71,11 @@ def cache_config(cache: Transport, *, create: bool) -> CacheConfig:
         config = CacheConfig(ChunkParams())
         cache.put(CONFIG, config.encode())
         return config
-    return CacheConfig.decode(data)
+    try:
+        return CacheConfig.decode(data)
+    except EncodingError as exc:
+        raise CastoreError(f"{cache.url}/{exc.message}", exc.hint or "is this the URL or directory of a castore "
+                           "cache? a static server must serve the cache directory itself") from exc
 
 
 def _refs_first(ids: Iterable[str], refs: Callable[[str], Iterable[str]]) -> list[str]:
@@ -175,15 +179,24 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str],
 
 
 def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bool = False,
-         progress: Progress = lambda s: None, meter: Meter | None = None) -> CopyStats:
+         progress: Progress = lambda s: None, meter: Meter | None = None,
+         kinds: dict[str, str] | None = None) -> CopyStats:
+    """kinds: what the caller knows some ids to be (a realisation of a plan that makes an image);
+    a cache whose record says otherwise is refused before anything is fetched."""
     with store.lock("gc", shared=True):  # gc must not sweep the partial objects of a running pull
-        return _pull(store, cache, list(ids), dry_run, progress, meter)
+        return _pull(store, cache, list(ids), dry_run, progress, meter, kinds or {})
 
 
 def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress,
-          meter: Meter | None) -> CopyStats:
+          meter: Meter | None, kinds: dict[str, str]) -> CopyStats:
     config = cache_config(cache, create=False)
     records, record_bytes = fetch_records(store, cache, wanted, config.chunking.max)
+    for oid, kind in kinds.items():  # a record's kind is the cache's word: its content may say otherwise
+        said = records[oid].kind if oid in records else store.kinds_and_sizes([oid]).get(oid, (kind, 0))[0]
+        if said != kind:
+            where = f"{cache.url} records" if oid in records else "the store holds"
+            raise CastoreError(f"{where} object {oid} as a {said}, but it was asked for as a {kind}",
+                               CORRUPT if oid in records else "run `castore verify`")
     stats = CopyStats(present=len([o for o in wanted if store.has(o)]), bytes_on_wire=record_bytes)
     order = _refs_first(records, lambda o: [r for r in records[o].refs if r in records])
     if dry_run:
@@ -368,10 +381,10 @@ class _Assembly:
             self._add(oid)
             self.done += 1
 
-    def _sizes(self, oids: list[str]) -> dict[str, int]:
-        """Sizes of blobs: from this pull's records, else from the store (one query per 500)."""
-        sizes = {o: self.records[o].size for o in oids if o in self.records}
-        return sizes | self.store.sizes(o for o in oids if o not in sizes)
+    def _known(self, oids: list[str]) -> dict[str, tuple[str, int]]:
+        """(kind, size) of objects: from this pull's records, else from the store (one query per 500)."""
+        known = {o: (self.records[o].kind, self.records[o].size) for o in oids if o in self.records}
+        return known | self.store.kinds_and_sizes(o for o in oids if o not in known)
 
     def _check(self, oid: str) -> None:
         """A tree or image put together: it must hash to its id and pass kind_check."""
@@ -381,7 +394,7 @@ class _Assembly:
             actual = hash_file(staged)
             if actual != oid:
                 raise HashMismatch(str(staged), oid, actual)
-            kind_check(self.records[oid], staged, self._sizes)
+            kind_check(self.records[oid], staged, self._known)
         except HashMismatch as exc:
             staged.unlink(missing_ok=True)
             raise self._reassembly_error(oid, exc) from exc
@@ -456,9 +469,10 @@ def _ok(cid: str, data: bytes) -> bool:
     return True
 
 
-def kind_check(rec: ObjectRecord, path: Path, sizes_of: Callable[[list[str]], dict[str, int]]) -> None:
+def kind_check(rec: ObjectRecord, path: Path, known: Callable[[list[str]], dict[str, tuple[str, int]]]) -> None:
     """Trees and images must decode before they enter the store, with the references their record
-    lists, and a tree's file entries must give the sizes of their blobs (sizes_of: id -> size)."""
+    lists; every reference must be a blob, and a tree's file entries must give the sizes of their
+    blobs (known: ids -> (kind, size) of those known)."""
     if rec.kind not in ("tree", "image"):
         return
     try:
@@ -471,8 +485,12 @@ def kind_check(rec: ObjectRecord, path: Path, sizes_of: Callable[[list[str]], di
         raise EncodingError(f"{rec.kind} {rec.id}: {exc.message}", CORRUPT) from exc
     if sorted(refs) != sorted(rec.refs):
         raise EncodingError(f"{rec.kind} {rec.id}: its record's references do not match its manifest", CORRUPT)
+    found = known(refs)
+    for ref in refs:
+        if (kind := found.get(ref, ("unknown object", 0))[0]) != "blob":
+            raise EncodingError(f"{rec.kind} {rec.id} refers to {ref} as a blob, but it is a {kind}", CORRUPT)
     if rec.kind == "tree":
-        sizes = sizes_of(refs)
+        sizes = {oid: size for oid, (_, size) in found.items()}
         for e in tree:
             if e.type == "file" and e.blob is not None and e.size != (actual := sizes.get(e.blob)):
                 raise EncodingError(f"tree {rec.id}: {e.path!r} says {e.size} bytes, but its blob {e.blob} "
@@ -481,14 +499,15 @@ def kind_check(rec: ObjectRecord, path: Path, sizes_of: Callable[[list[str]], di
 
 def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust: Trust,
                note: Progress = lambda s: None, down: set[str] | None = None,
-               fetch: bool = True) -> tuple[str, bytes] | None:
+               fetch: bool = True, kind: str | None = None) -> tuple[str, bytes] | None:
     """Find a trusted realisation of plan_hash in the caches (in order) and pull its object.
 
     Returns (object id, plan record), or None when no cache has a usable one:
     unsigned, untrusted, revoked or mis-addressed realisations are skipped with a note.
     A cache that cannot be asked at all (down, hung: its retries take minutes) is put in
     `down` and not asked again by the caller's later plans. Without fetch, nothing is pulled:
-    the answer says what a substitution would use (a dry run).
+    the answer says what a substitution would use (a dry run). kind: what the plan makes; an
+    object recorded as another kind is not used.
     """
     for cache in caches:
         if down is not None and cache.url in down:
@@ -511,7 +530,7 @@ def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust
                      "not used")
                 continue
             if fetch:
-                pull(store, cache, [rec.object])
+                pull(store, cache, [rec.object], kinds={rec.object: kind} if kind else None)
             return rec.object, rec.record
         except StoreError:
             raise  # this store cannot take it (a full disk): no other cache, and no build, will do better
