@@ -266,6 +266,7 @@ class Realizer:
                     raise
                 except CastoreError as exc:
                     log.write(f"\nerror: {exc.message}\n".encode())
+                    log.flush()  # the reporter shows the log's tail: a builder that ran no tool wrote only here
                     error = BuildError(
                         f"{plan.origin}: building {plan.label} ({plan.builder}) failed:\n{exc.message}",
                         exc.hint or f"the build log is {log_path}",

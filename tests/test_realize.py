@@ -95,6 +95,8 @@ def test_failed_build_keeps_log_and_nothing_else(tmp_path: Path) -> None:
     assert snapshot(store) == (set(), [])
     logs = list((store / "logs").iterdir())
     assert len(logs) == 1 and "is not in the tree" in logs[0].read_text()
+    tail = proc.stderr.partition("last lines of")[2].splitlines()[1:]  # what the log holds, shown at once
+    assert any(line.startswith("    error: ") and "is not in the tree" in line for line in tail)
 
 
 def test_bad_recipes_leave_the_store_as_it_was(tmp_path: Path) -> None:
