@@ -11,13 +11,15 @@ Local paths are resolved relative to the file of the calling recipe.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -553,11 +555,15 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
         code = compile(text, filename, "exec", dont_inherit=True)
     except SyntaxError as exc:
         raise RecipeError(f"{_at(shown, exc.lineno)}: syntax error: {exc.msg}") from None
-    module_name = f"castore_recipe_{abs(hash(filename))}"
-    namespace: dict[str, Any] = {"__name__": module_name, "__file__": filename}
-    sys.path.insert(0, str(p.resolve().parent))
+    # a module of its own in sys.modules, as an imported file has: dataclasses, enum and pickle look
+    # the module of a class up there
+    module = types.ModuleType(f"castore_recipe_{abs(hash(filename))}")
+    module.__file__ = filename
+    sys.modules[module.__name__] = module
+    namespace = module.__dict__
     try:
-        exec(code, namespace)
+        with _importable(p):
+            exec(code, namespace)
     except CastoreError:
         raise
     except (Exception, SystemExit) as exc:
@@ -567,9 +573,18 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
             raise RecipeError(f"{where}: the recipe file called sys.exit({exc.code!r}) while loading",
                               _EXIT_HINT) from exc
         raise RecipeError(f"{where}: loading the recipe file raised {type(exc).__name__}: {exc}") from exc
-    finally:
-        sys.path.remove(str(p.resolve().parent))
     return {k: v for k, v in namespace.items() if isinstance(v, Recipe) and v.file == filename}
+
+
+@contextlib.contextmanager
+def _importable(recipe_file: Path) -> Iterator[None]:
+    """The recipe file's directory first on sys.path, so that it can import its neighbours."""
+    directory = str(recipe_file.resolve().parent)
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        sys.path.remove(directory)
 
 
 def select(recipes: dict[str, Recipe], name: str | None, shown: str) -> Recipe:
@@ -588,8 +603,12 @@ def select(recipes: dict[str, Recipe], name: str | None, shown: str) -> Recipe:
 
 
 def evaluate_target(target: str) -> tuple[Recipe, Plan]:
-    """``FILE[:NAME]`` -> the selected recipe and its plan."""
-    file, _, name = target.partition(":")
-    recipes = load_file(file)
-    r = select(recipes, name or None, _display(file))
-    return r, r.evaluate()
+    """``FILE[:NAME]`` -> the selected recipe and its plan. A FILE may hold ':' (names cannot).
+    Recipes run with the file's directory on sys.path, as it was while the file loaded."""
+    if os.path.isfile(target) or ":" not in target:
+        file, name = target, ""
+    else:
+        file, _, name = target.rpartition(":")
+    with _importable(Path(file)):
+        r = select(load_file(file), name or None, _display(file))
+        return r, r.evaluate()

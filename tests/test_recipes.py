@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,28 @@ def test_nul_byte_in_a_recipe_file_names_its_line(tmp_path: Path) -> None:
         evaluate_target(str(f))
     assert err.value.message.endswith("nul.py:3: the recipe file contains a NUL byte")  # the path as shown
     assert "None" not in err.value.message
+
+
+def test_recipe_files_are_modules_that_import_their_neighbours(tmp_path: Path) -> None:
+    d = tmp_path / "my:recipes"  # a ':' in the path: FILE[:NAME] splits at the last one
+    d.mkdir()
+    (d / "helper.py").write_text("def content():\n    return 'from helper\\n'\n")
+    (d / "r.py").write_text(
+        "from __future__ import annotations\n"
+        "import enum, pickle\n"
+        "from dataclasses import dataclass\n"
+        "from castore import recipe, tree\n\n"
+        "@dataclass\nclass Cfg:\n    name: str = 'x'\n\n"
+        "class Mode(enum.Enum):\n    A = 1\n\n"
+        "@recipe\ndef default():\n"
+        "    import helper  # imported while the recipe runs, after the file has loaded\n"
+        "    assert pickle.loads(pickle.dumps(Mode.A)) is Mode.A\n"
+        "    return tree().text('/h', helper.content() + Cfg().name)\n\n"
+        "@recipe\ndef other():\n    return tree().text('/o', 'o')\n")
+    whole, plan = evaluate_target(str(d / "r.py"))
+    assert whole.name == "default" and plan.builder == "tree"
+    named, _ = evaluate_target(f"{d / 'r.py'}:other")
+    assert named.name == "other"
+    with pytest.raises(RecipeError, match="has no recipe 'nope'"):
+        evaluate_target(f"{d / 'r.py'}:nope")
+    assert str(d) not in sys.path  # only while loading and evaluating
