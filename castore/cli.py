@@ -106,8 +106,8 @@ def realize(
     from castore.recipes import evaluate_target
 
     _, plan = evaluate_target(target)
-    link = _out_link(out_link) if out_link is not None else None
     with _store() as store:
+        link = _out_link(out_link, store) if out_link is not None else None
         live = not as_json and not dry_run and sys.stderr.isatty()
         from castore.progress import LiveReporter, PlainReporter
 
@@ -147,10 +147,11 @@ def realize(
             oid = outcome.root.oid
             assert oid is not None
             if link is not None:
-                _out_link(str(link))  # still free to take
+                _out_link(str(link), store)  # still free to take
                 tmp = link.with_name(f".{link.name}.{os.getpid()}")
                 try:
                     os.symlink(store.blob_path(oid), tmp)
+                    store.add_root(str(link), oid, link=True)  # gc keeps what the link points at then
                     os.replace(tmp, link)
                 except OSError as exc:
                     raise CastoreError(f"cannot make the out-link {link}: {exc.strerror}",
@@ -158,7 +159,6 @@ def realize(
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp)
-                store.add_root(str(link), oid, link=True)
         info = store.info(oid)
         details = _details(store, oid, info.kind)
         if as_json:
@@ -251,15 +251,21 @@ def add(
             print(oid)
 
 
-def _out_link(name: str) -> Path:
-    """Where -o puts its symlink: a new name, or an earlier out-link (a symlink) to replace."""
+def _out_link(name: str, store: Any) -> Path:
+    """Where -o puts its symlink: a new name, or an earlier out-link to replace: a symlink into
+    this store's blobs, or one recorded as an out-link root (which may be dangling by now)."""
     if not name:
         raise CastoreError("-o needs a name", "e.g. -o result")
     link = Path(name).absolute()
     if not link.parent.is_dir():
         raise CastoreError(f"cannot make the out-link {link}: {link.parent} is not a directory",
                            "make the directory first, or give -o a name in an existing one")
-    if (link.exists() or link.is_symlink()) and not link.is_symlink():
+    if link.is_symlink():
+        if store.root_object(str(link), "", True) is None and not any(
+                n == str(link) and is_link for n, _, is_link in store.roots()):
+            raise CastoreError(f"{link} is a symlink that is not an out-link of this store",
+                               "-o replaces only an earlier out-link; pick another name, or remove it")
+    elif link.exists():
         raise CastoreError(f"{link} exists and is not a symlink", "-o replaces only an earlier out-link; "
                            "pick another name, or remove it")
     return link
@@ -652,12 +658,13 @@ def gc(
 def roots(as_json: JsonOpt = False) -> None:
     """List the gc roots: out-links and named roots."""
     with _store(create=False) as store:
-        rows = [(n, o, link, store.root_is_live(n, o, link)) for n, o, link in store.roots()]
+        rows = [(n, link, store.root_object(n, o, link) or o, store.root_object(n, o, link) is not None)
+                for n, o, link in store.roots()]
         if as_json:
-            _emit([{"name": n, "id": o, "link": link, "live": live} for n, o, link, live in rows])
+            _emit([{"name": n, "id": o, "link": link, "live": live} for n, link, o, live in rows])
             return
-        for n, o, link, live in rows:
-            gone = "" if live else "  (gone or repointed: the next gc drops it)"
+        for n, link, o, live in rows:
+            gone = "" if live else "  (gone, or points out of the store: the next gc drops it)"
             print(f"{o}  {'link' if link else 'name'}  {n}{gone}")
 
 

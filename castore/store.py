@@ -620,26 +620,38 @@ class LocalStore:
     # -- gc and verify ---------------------------------------------------------
 
     def live_roots(self, *, prune: bool = False) -> list[str]:
-        """Root objects. An out-link that is gone or points elsewhere is not one; with prune (a real
-        gc), its root is dropped for good."""
+        """Root objects. An out-link keeps whatever object of this store it points at when this
+        runs (see root_object); one that is gone or points out of the store keeps nothing, and a real
+        gc (prune) drops its root for good and records where a repointed link now points."""
         live = []
         for name, oid, link in self.roots():
-            if self.root_is_live(name, oid, link):
-                live.append(oid)
-            elif prune:
-                self.remove_root(name)
+            now = self.root_object(name, oid, link)
+            if now is None:
+                if prune:
+                    self.remove_root(name)
+                continue
+            live.append(now)
+            if prune and now != oid:
+                self.add_root(name, now, link=True)
         return live
 
-    @staticmethod
-    def root_is_live(name: str, oid: str, link: bool) -> bool:
-        """A named root always is; an out-link while it still points at its object. A link that
-        cannot be read now (permissions) still counts: only a link that is gone or repointed ends."""
+    def root_object(self, name: str, oid: str, link: bool) -> str | None:
+        """The object a root keeps alive. A named root: its own. An out-link: the object of this store
+        it points at now, read at each gc as Nix reads its gc roots, so that two realizes racing for
+        one -o name, or one killed between making the link and recording it, never leave a link to
+        a collected object; while the link cannot be read (permissions), the recorded object. None: the
+        link is gone or points out of the store."""
         if not link:
-            return True
+            return oid
         try:
-            return os.path.basename(os.readlink(name)) == oid
+            target = os.readlink(name)
         except OSError as exc:
-            return exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL)
+            return None if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL) else oid
+        found = os.path.basename(target)
+        if not is_id(found) or not self.has(found):
+            return None
+        here = os.path.realpath(os.path.join(os.path.dirname(name), target))
+        return found if here == os.path.realpath(self.blob_path(found)) else None
 
     def gc(self, *, dry_run: bool = False) -> tuple[list[str], int]:
         """Delete every object no root reaches; returns (deleted ids, bytes freed). A dry run

@@ -185,6 +185,23 @@ def test_out_link_replaces_only_an_earlier_out_link(tmp_path: Path) -> None:
     assert res.is_symlink() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".result")] == []
 
 
+def test_out_link_replaces_no_symlink_of_the_user(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    mine = tmp_path / "mine"
+    os.symlink("/etc/hostname", mine)
+    proc = castore("realize", "tests/recipes/small.py:hello", "-o", str(mine), store=store, check=False)
+    assert proc.returncode == 1 and "is a symlink that is not an out-link of this store" in proc.stderr
+    assert os.readlink(mine) == "/etc/hostname"
+    link = tmp_path / "result"
+    castore("realize", "tests/recipes/small.py:hello", "-o", str(link), store=store)
+    castore("realize", "tests/recipes/small.py:layer", "-o", str(link), store=store)  # an out-link: replaced
+    castore("gc", store=store)
+    os.unlink(link)
+    os.symlink(tmp_path / "gone", link)  # dangling, but recorded as this out-link's root until a gc
+    castore("realize", "tests/recipes/small.py:hello", "-o", str(link), store=store)
+    assert Path(os.readlink(link)).parent.parent == store / "blobs"
+
+
 def test_arguments_are_checked(tmp_path: Path) -> None:
     store = tmp_path / "store"
     castore("add", str(Path(__file__)), store=store)
