@@ -671,12 +671,19 @@ def roots(as_json: JsonOpt = False) -> None:
 @app.command()
 def log(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (or prefix), or a plan hash.")]) -> None:
     """Print the build log of the plan that made an object (or of a failed plan, by plan hash)."""
-    from castore.hashing import is_id
+    from castore.errors import NotFound
+    from castore.hashing import is_prefix
 
     with _store(create=False) as store:
-        candidate = store.logs / f"{object_id}.log"
-        if not is_id(object_id) or not candidate.exists():  # a plan hash names its log; else an object
+        try:
             oid = store.resolve(object_id)
+        except NotFound:  # a plan hash, or a unique prefix of one, names its log (a failed build's)
+            wanted = object_id.strip().lower()
+            logs = sorted(store.logs.glob(f"{wanted}*.log")) if is_prefix(wanted) else []
+            if len(logs) != 1:
+                raise
+            candidate = logs[0]
+        else:
             plans = store.plans_for(oid)
             if not plans:
                 raise CastoreError(f"{oid} was added directly; it has no build log")

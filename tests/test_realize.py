@@ -97,6 +97,8 @@ def test_failed_build_keeps_log_and_nothing_else(tmp_path: Path) -> None:
     assert len(logs) == 1 and "is not in the tree" in logs[0].read_text()
     tail = proc.stderr.partition("last lines of")[2].splitlines()[1:]  # what the log holds, shown at once
     assert any(line.startswith("    error: ") and "is not in the tree" in line for line in tail)
+    for given in (logs[0].stem, logs[0].stem[:12], logs[0].stem[:12].upper()):  # by plan hash or prefix
+        assert castore("log", given, store=store).stdout == logs[0].read_text()
 
 
 def test_bad_recipes_leave_the_store_as_it_was(tmp_path: Path) -> None:
