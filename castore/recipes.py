@@ -339,11 +339,26 @@ def get(tree_plan: Any, path: str) -> Plan:
 Plan.get = lambda self, path: get(self, path)  # type: ignore[attr-defined]
 
 
+class _Op(dict[str, Any]):
+    """One tree operation: its parameters, which the plan hashes, plus what the hash leaves out,
+    as it leaves out a plan's origin: where the recipe made the call, and the paths as the recipe
+    wrote them (normalized path -> as written), for the builder's error messages."""
+
+    __slots__ = ("where", "written")
+
+    def __init__(self, params: dict[str, Any], where: str, written: dict[str, str]) -> None:
+        super().__init__(params)
+        self.where = where
+        self.written = written
+
+
 class TreeExpr:
     """A tree being described: each method appends one operation and returns self.
 
-    Operations apply in order when the tree is realized. Parent directories
-    are created 0755 root:root as needed; later operations win.
+    Operations apply in order when the tree is realized, as on a real
+    filesystem. Parent directories are created 0755 root:root as needed, and
+    are entries from then on; later operations win. Each operation records its
+    recipe line, which its build-time errors name.
     """
 
     def __init__(self) -> None:
@@ -352,10 +367,11 @@ class TreeExpr:
         self._origin, _ = _origin()
         self._plan: Plan | None = None
 
-    def _add(self, op: dict[str, Any]) -> TreeExpr:
+    def _add(self, op: dict[str, Any], written: dict[str, str] | None = None) -> TreeExpr:
         if self._plan is not None:
             raise _fail("this tree was already used as a plan; start a new tree()")
-        self._ops.append(op)
+        where, _ = _origin()
+        self._ops.append(_Op(op, where, written or {}))
         return self
 
     def _input(self, value: Plan | Source) -> str:
@@ -371,13 +387,16 @@ class TreeExpr:
         """Copy entries of another tree (all, or those under the paths in ``only``)."""
         plan = _need_plan(layer, "merge's layer", ["tree"])
         op: dict[str, Any] = {"op": "merge", "prefix": _tree_path(prefix, "merge's prefix", root=True)}
+        written: dict[str, str] = {}
         if only is not None:
             if isinstance(only, str | bytes) or not isinstance(only, Iterable):
                 raise _fail(f"merge's only= must be a list of paths, got {brief(only)}",
                             f"write only=[{only!r}]" if isinstance(only, str) else None)
-            op["only"] = [self._path(p) for p in only]
+            raw = list(only)
+            op["only"] = [self._path(p) for p in raw]
+            written = dict(zip(op["only"], raw, strict=True))
         op["input"] = self._input(plan)
-        return self._add(op)
+        return self._add(op, written)
 
     def file(self, path: str, *, source: str | os.PathLike[str] | Plan, mode: int = 0o644,
              uid: int = 0, gid: int = 0) -> TreeExpr:
@@ -386,19 +405,21 @@ class TreeExpr:
         mode, owner = _mode(mode, path), _owner(uid, gid, path)
         value = (_need_plan(source, "file source", ["blob"]) if isinstance(source, Plan | Recipe | TreeExpr)
                  else _source(source, "file"))
-        return self._add({"op": "file", "path": norm, "input": self._input(value), "mode": mode, **owner})
+        return self._add({"op": "file", "path": norm, "input": self._input(value), "mode": mode, **owner},
+                         {norm: path})
 
     def text(self, path: str, content: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0) -> TreeExpr:
         """A file with the given text (UTF-8)."""
         norm = self._path(path)
         _str(content, f"text for {path}")
         return self._add({"op": "text", "path": norm, "content": content,
-                          "mode": _mode(mode, path), **_owner(uid, gid, path)})
+                          "mode": _mode(mode, path), **_owner(uid, gid, path)}, {norm: path})
 
     def dirs(self, *paths: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> TreeExpr:
         for path in paths:
             norm = self._path(path)
-            self._add({"op": "dir", "path": norm, "mode": _mode(mode, path), **_owner(uid, gid, path)})
+            self._add({"op": "dir", "path": norm, "mode": _mode(mode, path), **_owner(uid, gid, path)},
+                      {norm: path})
         return self
 
     def symlink(self, path: str, target: str, *, uid: int = 0, gid: int = 0) -> TreeExpr:
@@ -406,7 +427,8 @@ class TreeExpr:
         _str(target, f"symlink {path}: target")
         if not target or "\0" in target:
             raise _fail(f"symlink {path}: target {target!r} is empty or has a NUL")
-        return self._add({"op": "symlink", "path": norm, "target": target, **_owner(uid, gid, path)})
+        return self._add({"op": "symlink", "path": norm, "target": target, **_owner(uid, gid, path)},
+                         {norm: path})
 
     def device(self, path: str, kind: str, major: int, minor: int, *, mode: int = 0o600,
                uid: int = 0, gid: int = 0) -> TreeExpr:
@@ -417,26 +439,28 @@ class TreeExpr:
         return self._add({"op": "device", "path": norm, "type": "char" if kind == "c" else "block",
                           "major": _int(major, f"device {path}: major", 0, MAX_ID32),
                           "minor": _int(minor, f"device {path}: minor", 0, MAX_ID32),
-                          "mode": _mode(mode, path), **_owner(uid, gid, path)})
+                          "mode": _mode(mode, path), **_owner(uid, gid, path)}, {norm: path})
 
     def fifo(self, path: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0) -> TreeExpr:
         norm = self._path(path)
-        return self._add({"op": "fifo", "path": norm, "mode": _mode(mode, path), **_owner(uid, gid, path)})
+        return self._add({"op": "fifo", "path": norm, "mode": _mode(mode, path), **_owner(uid, gid, path)},
+                         {norm: path})
 
     def remove(self, *paths: str) -> TreeExpr:
         """Remove entries and everything under them; a missing path is an error at build time."""
         for path in paths:
-            self._add({"op": "remove", "path": self._path(path)})
+            norm = self._path(path)
+            self._add({"op": "remove", "path": norm}, {norm: path})
         return self
 
     def chmod(self, path: str, mode: int) -> TreeExpr:
         norm = self._path(path)
-        return self._add({"op": "chmod", "path": norm, "mode": _mode(mode, path)})
+        return self._add({"op": "chmod", "path": norm, "mode": _mode(mode, path)}, {norm: path})
 
     def chown(self, path: str, uid: int, gid: int, *, recursive: bool = False) -> TreeExpr:
         norm = self._path(path)
         return self._add({"op": "chown", "path": norm, **_owner(uid, gid, path),
-                          "recursive": _bool(recursive, "chown's recursive=")})
+                          "recursive": _bool(recursive, "chown's recursive=")}, {norm: path})
 
     def plan(self) -> Plan:
         if self._plan is None:

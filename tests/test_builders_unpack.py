@@ -12,6 +12,7 @@ import zstandard
 
 from castore.builders.unpack import unpack_archive
 from castore.errors import CastoreError, UnsafeArchive
+from castore.hashing import hash_bytes
 from tests.conftest import castore, snapshot
 from tests.helpers import returns_within, tarball
 
@@ -161,3 +162,13 @@ def test_non_utf8_name_through_realize_is_one_error_line(tmp_path: Path) -> None
     proc = castore("realize", "tests/recipes/fetching.py:unpacked", store=tmp_path / "store", env=env, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "fetching.py:15" in proc.stderr and r"'caf\xe9' has a name that is not valid UTF-8" in proc.stderr
+
+
+def test_a_file_added_again_leaves_its_hard_links_the_old_content(tmp_path: Path) -> None:
+    """As tar -x: the second `a` replaces the name, while `b` and `c` keep the inode they link to."""
+    data = _raw_tar([("a", "file", b"old"), ("b", "hard", "a"), ("c", "hard", "a"), ("a", "file", b"new"),
+                     ("d", "hard", "a"), ("b", "file", b"b")])
+    tree = unpack_archive(_write(tmp_path, data), tmp_path / "scratch").tree
+    rows = {e.path: (e.type, e.blob or e.target) for e in tree}
+    assert rows == {"a": ("file", hash_bytes(b"new")), "b": ("file", hash_bytes(b"b")),
+                    "c": ("file", hash_bytes(b"old")), "d": ("hardlink", "a")}

@@ -91,7 +91,7 @@ def test_failed_build_keeps_log_and_nothing_else(tmp_path: Path) -> None:
                  "    return tree().dirs('/a').remove('/b')\n")
     store = tmp_path / "store"
     proc = castore("realize", str(f), store=store, check=False)
-    assert proc.returncode == 1 and "r.py:5" in proc.stderr and "remove: b is not in the tree" in proc.stderr
+    assert proc.returncode == 1 and "r.py:5" in proc.stderr and "r.py:5: remove: /b is not in the tree" in proc.stderr
     assert snapshot(store) == (set(), [])
     logs = list((store / "logs").iterdir())
     assert len(logs) == 1 and "is not in the tree" in logs[0].read_text()

@@ -6,7 +6,8 @@ absolute paths, ``..`` components, relative symlinks that climb above the
 root, entries reached through a symlink, hard links to anything but an
 earlier regular file (a link to itself included), names and link targets that
 are not valid UTF-8 (a tree's paths are text). Ownership and modes are kept
-from the archive.
+from the archive. A later entry replaces an earlier one of the same name as
+``tar -x`` does: hard links to a replaced file keep its old content.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from castore.builders import BuildContext, Result, TreeResult
+from castore.builders.treeops import Entries
 from castore.errors import CastoreError, UnsafeArchive
 from castore.hashing import hash_bytes
 from castore.manifest import Entry, Tree, normalize_path
@@ -113,7 +115,7 @@ def unpack_archive(archive: Path, scratch: Path) -> TreeResult:
         if raw.read(8) == _AR_MAGIC:
             f = _deb_data(raw, what)
         raw.seek(0)
-        entries: dict[str, Entry] = {}
+        entries = Entries()
         new_blobs: dict[str, Path] = {}
         try:
             with _open_tar(f, what) as tar:
@@ -125,7 +127,7 @@ def unpack_archive(archive: Path, scratch: Path) -> TreeResult:
     return TreeResult(Tree.build(entries.values()), new_blobs)
 
 
-def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: dict[str, Entry],
+def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: Entries,
             new_blobs: dict[str, Path], scratch: Path) -> None:
     path = safe_path(m.name)
     if not path:
@@ -141,10 +143,9 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: dict[str,
         parent = posixpath.dirname(parent)
     old = entries.get(path)
     if old is not None and old.type == "dir" and not m.isdir():
-        for key in [k for k in entries if k.startswith(path + "/")]:
-            del entries[key]
+        entries.drop(path)
     if m.isdir():
-        entries[path] = Entry(path, "dir", mode, **owner)
+        entries.set(Entry(path, "dir", mode, **owner))
     elif m.isreg():
         src = tar.extractfile(m)
         assert src is not None
@@ -154,10 +155,10 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: dict[str,
             dest = scratch / f"f{n}"
             dest.write_bytes(data)
             new_blobs[oid] = dest
-        entries[path] = Entry(path, "file", mode, blob=oid, size=len(data), **owner)
+        entries.set(Entry(path, "file", mode, blob=oid, size=len(data), **owner))
     elif m.issym():
         check_symlink(path, m.linkname)
-        entries[path] = Entry(path, "symlink", 0o777, target=m.linkname, **owner)
+        entries.set(Entry(path, "symlink", 0o777, target=m.linkname, **owner))
     elif m.islnk():
         if m.linkname.startswith("/"):
             raise UnsafeArchive(f"hard link {m.name!r} has an absolute target {m.linkname!r}")
@@ -169,12 +170,12 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: dict[str,
             raise UnsafeArchive(f"hard link {m.name!r} -> {m.linkname!r} names itself")
         if t is None or t.type != "file":
             raise UnsafeArchive(f"hard link {m.name!r} -> {m.linkname!r} does not name an earlier file")
-        entries[path] = Entry(path, "hardlink", 0, target=target, **owner)
+        entries.set(Entry(path, "hardlink", 0, target=target, **owner))
     elif m.ischr() or m.isblk():
         kind = "char" if m.ischr() else "block"
-        entries[path] = Entry(path, kind, mode, major=m.devmajor, minor=m.devminor, **owner)
+        entries.set(Entry(path, kind, mode, major=m.devmajor, minor=m.devminor, **owner))
     elif m.isfifo():
-        entries[path] = Entry(path, "fifo", mode, **owner)
+        entries.set(Entry(path, "fifo", mode, **owner))
     else:
         raise UnsafeArchive(f"archive entry {m.name!r} has an unsupported type {m.type!r}")
 
