@@ -101,14 +101,14 @@ class Spec:
 SPECS: dict[str, Spec] = {
     "fetch": Spec("fetch", 1),
     "debian_package": Spec("debian", 1),  # fixed-output: the sha256 decides, apt's version stays out
-    "unpack": Spec("unpack", 1),
-    "tree": Spec("treeops", 1),
+    "unpack": Spec("unpack", 2),  # 2: a name added again keeps its hard links' old content
+    "tree": Spec("treeops", 2),  # 2: hard links and implicit parents as on a filesystem
     "tree_get": Spec("treeops", 1),
     "source": Spec("treeops", 1),
-    "squashfs": Spec("squashfs", 1, ("gensquashfs",)),
+    "squashfs": Spec("squashfs", 2, ("gensquashfs",)),  # 2: link targets raw, devices in range
     "ext4": Spec("ext4", 1, ("mke2fs",)),
     "kernel": Spec("kernel", 1, ("make", "gcc", "ld", "flex", "bison", "bc", "perl", "tar", "bwrap")),
-    "image": Spec("image", 1),
+    "image": Spec("image", 2),  # 2: kernel and layers checked
 }
 
 
