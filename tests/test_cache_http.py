@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.server
 import json
 import os
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from castore.cache.copy import pull, push
 from castore.cache.layout import ObjectRecord, chunk_path, object_path
@@ -24,7 +26,7 @@ from castore.errors import CastoreError
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import castore, castore_json
-from tests.helpers import cache_server, free_port, wait_port
+from tests.helpers import _serving, cache_server, free_port, returns_within, wait_port
 
 
 @contextlib.contextmanager
@@ -295,3 +297,117 @@ def test_a_push_to_a_static_server_says_it_takes_no_uploads(tmp_path: Path, ngin
             assert "push to the cache's directory" in (err.value.hint or "")
             assert "castore serve" in (err.value.hint or "")
     a.close()
+
+
+class _Hostile(http.server.BaseHTTPRequestHandler):
+    """A cache whose answers push castore off the pipeline, onto httpx: bodies without end (chunked,
+    or until the connection closes), a gzip bomb, an encoding nobody asked for, a redirect with a
+    large body, a body or headers a piece at a time; and POST /missing answers that are not lists
+    of the paths asked. HEAD finds the paths in `present`."""
+
+    protocol_version = "HTTP/1.1"
+    mode = ""
+    missing = b"[]"
+    present: frozenset[str] = frozenset()
+    heads: list[str] = []
+
+    def do_GET(self) -> None:
+        w = self.wfile
+        big = b"10000\r\n" + b"A" * 65536 + b"\r\n"  # one 64 KiB chunk; 256 of them: 16 MiB
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+            if self.path == "/elsewhere":
+                w.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            elif self.mode == "chunked-endless":
+                w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + big * 256 + b"0\r\n\r\n")
+            elif self.mode == "close-endless":
+                w.write(b"HTTP/1.0 200 OK\r\n\r\n" + b"A" * (16 << 20))
+                self.close_connection = True
+            elif self.mode == "redirect-endless":
+                w.write(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + big * 256 + b"0\r\n\r\n")
+            elif self.mode in ("gzip-bomb", "zstd"):
+                body = gzip.compress(bytes(16 << 20)) if self.mode == "gzip-bomb" else zstandard.compress(b"A")
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+                        % (b"gzip" if self.mode == "gzip-bomb" else b"zstd", len(body)) + body)
+            elif self.mode == "dribble-body":
+                w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for _ in range(400):
+                    w.write(b"1\r\nA\r\n")
+                    time.sleep(0.05)
+                w.write(b"0\r\n\r\n")
+
+    def do_HEAD(self) -> None:
+        self.heads.append(self.path.lstrip("/"))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            if self.mode == "dribble-headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(400):
+                    self.wfile.write(b"X-Slow: a\r\n")
+                    time.sleep(0.05)
+                self.wfile.write(b"Content-Length: 0\r\n\r\n")
+                return
+            self.send_response(200 if self.path.lstrip("/") in self.present else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.missing)))
+        self.end_headers()
+        self.wfile.write(self.missing)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _hostile(**attrs: object) -> contextlib.AbstractContextManager[tuple[str, type[_Hostile]]]:
+    return _serving(type("Hostile", (_Hostile,), {"heads": [], **attrs}))
+
+
+CHUNK = chunk_path("c" * 64)
+
+
+@pytest.mark.parametrize("mode", ["chunked-endless", "close-endless", "gzip-bomb", "redirect-endless"])
+def test_a_body_past_the_limit_is_cut_off_through_httpx_too(mode: str) -> None:
+    """16 MiB where 100 kB were asked for: refused once past the limit, not read whole into memory."""
+    with _hostile(mode=mode) as (url, _), HttpTransport(url, attempts=3) as http, returns_within(20), \
+            pytest.raises(CastoreError, match="more than the 100000") as err:
+        list(http.get_many([CHUNK], limit=100_000))
+    assert str(err.value).startswith(f"{url}/{CHUNK}: ") and "attempts" not in str(err.value)
+    assert "cannot use" in (err.value.hint or "")
+
+
+def test_an_encoding_castore_did_not_ask_for_is_refused() -> None:
+    """httpx decodes zstd in one piece, as large as the frame says: castore asks for gzip at most."""
+    with _hostile(mode="zstd") as (url, _), HttpTransport(url) as http, \
+            pytest.raises(CastoreError, match="Content-Encoding 'zstd'") as err:
+        http.get(CHUNK)
+    assert "cannot use" in (err.value.hint or "")
+
+
+@pytest.mark.parametrize("mode", ["dribble-body", "dribble-headers"])
+def test_an_answer_a_piece_at_a_time_is_given_up_on_through_httpx_too(mode: str) -> None:
+    """A piece every 0.05 s keeps each read within the 0.5 s timeout: the answer's deadline ends it."""
+    said = r"timed out: no whole answer after [0-9.]+ s \(after 2 attempts\)"
+    with _hostile(mode=mode) as (url, _), HttpTransport(url, timeout=0.5, attempts=2) as http, returns_within(10), \
+            pytest.raises(CastoreError, match=said) as err:
+        if mode == "dribble-body":
+            http.get(CHUNK)
+        else:
+            http.exists(CHUNK)
+    assert str(err.value).startswith(f"{url}/{CHUNK}: ")
+
+
+@pytest.mark.parametrize("answer", [
+    b"<html>a login page</html>", b'{"a": 1}', b'[["x"]]', b"[1, 2]", json.dumps([chunk_path("f" * 64)]).encode(),
+    b"[" * 100_000 + b"]" * 100_000,
+], ids=["html", "object", "nested", "numbers", "not-asked", "deep"])
+def test_a_missing_answer_that_is_not_a_list_of_the_paths_asked_falls_back_to_head(answer: bytes) -> None:
+    paths = [chunk_path(c * 64) for c in "abc"]
+    with _hostile(missing=answer, present=frozenset(paths[:1])) as (url, handler), HttpTransport(url) as http:
+        assert http.missing(paths) == set(paths[1:])
+        assert sorted(handler.heads) == paths
+        handler.heads.clear()
+        assert http.missing(paths[1:]) == set(paths[1:])  # the batch endpoint is not asked again
+    assert sorted(handler.heads) == paths[1:]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import http.server
+import time
 from typing import Any
 
 import pytest
@@ -10,18 +13,21 @@ import pytest
 from castore.cache.pipeline import Pipeline, Unsupported
 from castore.cache.transport import HttpTransport
 from castore.errors import CastoreError
-from tests.helpers import _serving
+from tests.helpers import _serving, returns_within
 
 CHUNKS = {f"chunks/{i:02x}/{i:02x}" + "0" * 62: bytes([i]) * (1000 + 37 * i) for i in range(200)}
 
 
 class _KeepAlive(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive; counts connections; can cut a connection after some answers,
-    answer chunked, or claim an oversized body."""
+    answer chunked or gzip-encoded, claim an oversized body, send 1xx answers first, a status
+    line that is not HTTP, bytes after each body, or a body `piece` bytes at a time (dribble,
+    every `pause` seconds)."""
 
     protocol_version = "HTTP/1.1"
     mode = "plain"
     per_connection = 0  # close after this many answers (nginx's keepalive_requests); 0: never
+    piece, pause = 1, 0.05
     connections: list[int] = []  # answers given on each connection
     hits: dict[str, int] = {}
 
@@ -38,8 +44,24 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
+        if self.mode == "interim":  # what a CDN sends with Early Hints
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+                             b"Link: </style.css>; rel=preload\r\nContent-Length: 9\r\n\r\n")
+        if self.mode == "bad-status":
+            self.wfile.write(b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n")
+            return
+        if self.mode == "dribble":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+                for k in range(0, len(body), self.piece):
+                    self.wfile.write(body[k:k + self.piece])
+                    time.sleep(self.pause)
+            return
         self.send_response(200)
         self._last_on_this_connection()
+        if self.mode == "gzip":  # as nginx's gzip_static always: whatever the request accepts
+            body = gzip.compress(body)
+            self.send_header("Content-Encoding", "gzip")
         if self.mode == "chunked":
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
@@ -47,7 +69,7 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
             return
         self.send_header("Content-Length", str(len(body) * (1000 if self.mode == "huge" else 1)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body + (b"GARBAGE\r\n\r\n" if self.mode == "garbage-after" else b""))
 
     def do_PUT(self) -> None:
         path = self.path.lstrip("/")
@@ -104,10 +126,64 @@ def test_chunked_answers_fall_back_to_one_request_at_a_time() -> None:
             assert dict(http.get_many(list(CHUNKS)[:20])) == dict(list(CHUNKS.items())[:20])
 
 
-def test_a_body_over_the_limit_is_refused() -> None:
-    with _server(mode="huge") as (url, _), HttpTransport(url, attempts=2) as http, \
-            pytest.raises(CastoreError, match="more than the"):
-        list(http.get_many(list(CHUNKS)[:3], limit=100_000))
+def test_a_body_over_the_limit_is_refused_at_once() -> None:
+    paths = list(CHUNKS)[:3]
+    with _server(mode="huge") as (url, handler), HttpTransport(url, attempts=3) as http, \
+            pytest.raises(CastoreError, match="more than the") as err:
+        list(http.get_many(paths, limit=100_000))
+    assert handler.hits[paths[0]] == 1 and "attempts" not in str(err.value)  # asking again would not mend it
+    assert "proxy in front of it" in (err.value.hint or "")
+
+
+def test_a_status_line_that_is_not_http_is_refused_at_once() -> None:
+    paths = list(CHUNKS)[:3]
+    with _server(mode="bad-status") as (url, handler), HttpTransport(url, attempts=3) as http, \
+            pytest.raises(CastoreError, match=r"2OO OK.* is not HTTP") as err:
+        list(http.get_many(paths))
+    assert handler.hits[paths[0]] == 1 and "attempts" not in str(err.value)
+    assert "cannot use" in (err.value.hint or "") and "is the cache server up" not in (err.value.hint or "")
+
+
+def test_bytes_after_a_body_cost_a_reconnection_not_the_pull() -> None:
+    """The junk reads as the next answer's status line: not that answer's fault, so it is asked again."""
+    paths = list(CHUNKS)[:5]
+    with _server(mode="garbage-after") as (url, handler), HttpTransport(url) as http:
+        assert dict(http.get_many(paths)) == {p: CHUNKS[p] for p in paths}
+    assert len(handler.connections) == len(paths)
+
+
+def test_interim_answers_are_skipped() -> None:
+    with _server(mode="interim") as (url, _):
+        pipe = Pipeline(url)
+        got = list(pipe.get(list(CHUNKS)[:30], limit=1 << 20))
+        pipe.close()
+    assert got == [(200, body) for body in list(CHUNKS.values())[:30]]
+
+
+def test_an_encoded_body_goes_through_httpx_which_decodes_it() -> None:
+    paths = list(CHUNKS)[:20]
+    with _server(mode="gzip") as (url, _):
+        with pytest.raises(Unsupported):
+            list(Pipeline(url).get(paths, limit=1 << 20))
+        with HttpTransport(url) as http:
+            assert dict(http.get_many(paths)) == {p: CHUNKS[p] for p in paths}
+
+
+def test_a_server_sending_a_byte_at_a_time_is_given_up_on() -> None:
+    """Each read gets a byte within the timeout, so only a deadline for the whole answer ends it."""
+    path = next(iter(CHUNKS))
+    with _server(mode="dribble", pause=0.05) as (url, _), HttpTransport(url, timeout=0.5, attempts=2) as http, \
+            returns_within(20), pytest.raises(CastoreError, match="timed out") as err:
+        list(http.get_many([path]))
+    assert f"{url}/{path}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_slow_steady_link_is_not_given_up_on() -> None:
+    """0.9 s for 1740 bytes, past a 0.4 s timeout, at twice the 1 KiB/s floor: whole."""
+    path = list(CHUNKS)[20]
+    with _server(mode="dribble", piece=100, pause=0.05) as (url, _), \
+            HttpTransport(url, timeout=0.4, attempts=1) as http:
+        assert dict(http.get_many([path])) == {path: CHUNKS[path]}
 
 
 def test_leaving_early_does_not_mix_up_answers() -> None:

@@ -9,26 +9,42 @@ while we verify.
 
 It speaks only the plain part of HTTP/1.1 that static servers (nginx, a CDN, a
 bucket) and `castore serve` answer with: a status line, headers, a
-Content-Length body. Anything
-else raises :class:`Unsupported`, and the caller falls back to one request at a
-time through httpx. Connection trouble raises :class:`Broken` after the
-responses that arrived whole; the caller resumes from the first path that did
-not. A server that does not keep connections alive gets one request per
-connection, never a pipeline it would cut off.
+Content-Length body in no content encoding (interim 1xx answers are skipped).
+Anything else raises :class:`Unsupported`, and the caller falls back to one
+request at a time through httpx. Connection trouble, and an answer that does
+not arrive whole in time (see :data:`MIN_RATE`), raise :class:`Broken` after
+the responses that arrived whole; the caller resumes from the first path that
+did not. An answer that asking again cannot mend (a body over the limit, a
+status line that is not HTTP) raises :class:`Malformed`. A server that does not
+keep connections alive gets one request per connection, never a pipeline it
+would cut off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import socket
+import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from castore import __version__
 from castore.errors import CastoreError
 
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
 MAX_HEADER = 64 * 1024
+# The socket's timeout bounds each read, so a server sending a byte every few seconds would hold an
+# answer open for ever. Each whole answer therefore gets the timeout, plus a second for each KiB it
+# brings (or, for an upload, sends). Only a transfer slower than 1 KiB/s (8 kbit/s, below a GPRS
+# modem's) fails; a 128 KiB chunk has 30 s + 2 min. A flat deadline would fail a large file
+# on a slow link, or let a dribble run for as long as the largest file could take.
+MIN_RATE = 1024
+_READ = frozenset((b"content-length", b"transfer-encoding", b"connection", b"content-encoding"))
 UNTRUSTED = ("the server's certificate is not trusted here: install its CA in the system store, "
              "or point SSL_CERT_FILE at it")
 
@@ -38,12 +54,47 @@ class Unsupported(Exception):
 
 
 class Broken(Exception):
-    """The connection failed; the responses already yielded are whole."""
+    """The connection failed, or an answer was too slow; the responses already yielded are whole."""
+
+
+class Malformed(Exception):
+    """The server's answer is one that asking again would not mend (over the limit, not HTTP)."""
 
 
 def _host(host: str) -> str | bytes:
     """An ASCII host as bytes: getaddrinfo would otherwise load the idna codec for it (2 ms)."""
     return host.encode() if host.isascii() else host
+
+
+class _Reader(socket.SocketIO):
+    """The socket's reading side, holding each answer to a deadline (:data:`MIN_RATE`) that the
+    bytes it reads push back. The buffered reader above it calls it only when its buffer runs
+    dry, so an answer read ahead with earlier ones costs nothing here: its clock starts at the
+    first read it waits for."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        super().__init__(sock, "rb")
+        self.sock = sock
+        self.timeout = timeout
+        self.upload: int | None = None  # set for each answer: the bytes of its request; None once its clock runs
+        self.started = self.deadline = math.inf
+
+    def readinto(self, b: WriteableBuffer) -> int | None:
+        now = time.monotonic()
+        if self.upload is not None:
+            self.started = now
+            self.deadline = now + self.timeout + self.upload / MIN_RATE
+            self.upload = None
+        left = self.deadline - now
+        if left <= 0:
+            raise TimeoutError("past the answer's deadline")
+        wait = min(left, self.timeout)
+        if self.sock.gettimeout() != wait:
+            self.sock.settimeout(wait)
+        n = super().readinto(b)
+        if n:
+            self.deadline += n / MIN_RATE
+        return n
 
 
 class Pipeline:
@@ -62,6 +113,7 @@ class Pipeline:
         self._head = (f" HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: castore/{__version__}\r\n"
                       f"Accept-Encoding: identity\r\n{extra}").encode()  # the blank line comes per request
         self._sock: socket.socket | None = None
+        self._raw: _Reader | None = None
         self._reader: io.BufferedReader | None = None
         self.keepalive: bool | None = None  # unknown until the first response
 
@@ -70,7 +122,7 @@ class Pipeline:
             if thing is not None:
                 with contextlib.suppress(OSError):
                     thing.close()
-        self._sock = self._reader = None
+        self._sock = self._raw = self._reader = None
 
     def _connect(self) -> None:
         self.close()
@@ -89,7 +141,8 @@ class Pipeline:
         except OSError as exc:
             raise Broken(f"cannot connect: {exc}") from exc
         self._sock = sock
-        self._reader = io.BufferedReader(socket.SocketIO(sock, "rb"), 1 << 20)
+        self._raw = _Reader(sock, self.timeout)
+        self._reader = io.BufferedReader(self._raw, 1 << 20)
 
     def _request(self, method: bytes, path: str, body: bytes | None) -> bytes:
         line = method + b" " + quote(f"{self.prefix}/{path}").encode() + self._head
@@ -98,31 +151,38 @@ class Pipeline:
         return line + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
     def get(self, paths: Sequence[str], limit: int) -> Iterator[tuple[int, bytes]]:
-        """(status, body) for each path, in order. Bodies over limit bytes are an error (Broken)."""
+        """(status, body) for each path, in order. Bodies over limit bytes are an error (Malformed)."""
         return self.exchange(b"GET", paths, None, limit)
 
     def exchange(self, method: bytes, paths: Sequence[str], bodies: Sequence[bytes] | None,
                  limit: int) -> Iterator[tuple[int, bytes]]:
         """(status, answer body) for each request, in order; bodies: what to send with each (PUT)."""
-        sent = got = 0
+        sent = got = since = 0
         try:
             while got < len(paths):
                 if self._sock is None:
                     self._connect()
-                    sent = got  # whatever was in flight on the old connection is asked again
+                    sent = since = got  # whatever was in flight on the old connection is asked again
                 assert self._sock is not None
                 window = self.depth if self.keepalive else 1
                 if sent - got <= window // 2 and sent < len(paths):  # top up in batches: fewer sends
                     upto = min(len(paths), got + window)
+                    data = b"".join(self._request(method, paths[k], bodies[k] if bodies is not None else None)
+                                    for k in range(sent, upto))
                     try:
-                        self._sock.sendall(b"".join(
-                            self._request(method, paths[k], bodies[k] if bodies is not None else None)
-                            for k in range(sent, upto)))
+                        # sendall's timeout bounds the whole send: give a slow uplink the time the bytes need
+                        self._sock.settimeout(self.timeout + len(data) / MIN_RATE)
+                        self._sock.sendall(data)
                     except OSError as exc:
                         self.close()
                         raise Broken(f"send failed: {exc}") from exc
                     sent = upto
-                status, body, close = self._response(limit)
+                try:
+                    status, body, close = self._response(limit, 0 if bodies is None else len(bodies[got]))
+                except Malformed as exc:
+                    if got > since:  # bytes after an earlier answer's body, not this answer: ask again
+                        raise Broken(str(exc)) from exc
+                    raise
                 got += 1
                 if close:
                     self.close()
@@ -131,47 +191,73 @@ class Pipeline:
             if sent > got:  # left early: answers still in flight would be read as the next ones'
                 self.close()
 
-    def _response(self, limit: int) -> tuple[int, bytes, bool]:
-        reader = self._reader
-        assert reader is not None
+    def _response(self, limit: int, upload: int = 0) -> tuple[int, bytes, bool]:
+        """The next answer: (status, body, whether the server closes the connection after it).
+        upload: the bytes of the request it answers, which the link carries first."""
+        reader, raw = self._reader, self._raw
+        assert reader is not None and raw is not None
+        raw.upload = upload
         try:
-            line = reader.readline(MAX_HEADER)
-            if not line:
-                raise Broken("the server closed the connection")
-            version, _, rest = line.partition(b" ")
-            status = int(rest[:3])
-            length = None
-            close = version != b"HTTP/1.1"
-            size = len(line)
-            while True:
+            size = 0
+            while True:  # interim answers (100 Continue, 103 Early Hints) come before the final one
                 line = reader.readline(MAX_HEADER)
+                if not line:
+                    raise Broken("the server closed the connection")
+                version, _, rest = line.partition(b" ")
+                try:
+                    status = int(rest[:3])
+                except ValueError:
+                    if not line.endswith(b"\n") and len(line) < MAX_HEADER:
+                        raise Broken("the server closed the connection inside the status line") from None
+                    raise Malformed(f"the status line {line.rstrip()[:60]!r} is not HTTP") from None
+                length = None
+                close = version != b"HTTP/1.1"
                 size += len(line)
-                if not line.endswith(b"\n") or size > MAX_HEADER:
-                    raise Broken("truncated or oversized response headers")
-                if line in (b"\r\n", b"\n"):
+                while True:
+                    line = reader.readline(MAX_HEADER)
+                    size += len(line)
+                    if size > MAX_HEADER:
+                        raise Malformed(f"response headers over {MAX_HEADER >> 10} KiB")
+                    if not line.endswith(b"\n"):
+                        raise Broken("the server closed the connection inside the response headers")
+                    if line in (b"\r\n", b"\n"):
+                        break
+                    name, _, value = line.partition(b":")
+                    name = name.strip().lower()
+                    if name not in _READ:  # one lookup, cheaper than failing the four tests below
+                        continue
+                    if name == b"content-length":
+                        length = int(value)
+                    elif name == b"transfer-encoding":
+                        raise Unsupported("chunked transfer encoding")
+                    elif name == b"connection":
+                        token = value.strip().lower()
+                        close = token == b"close" or (close and token != b"keep-alive")
+                    elif name == b"content-encoding" and value.strip().lower() not in (b"identity", b""):
+                        raise Unsupported("a content encoding")  # httpx decodes it
+                if status >= 200:
                     break
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"transfer-encoding":
-                    raise Unsupported("chunked transfer encoding")
-                elif name == b"connection":
-                    token = value.strip().lower()
-                    close = token == b"close" or (close and token != b"keep-alive")
-            if status < 200 or status in (204, 304):
+                if status < 100 or status == 101:  # 101: a switch of protocols that nothing asked for
+                    raise Malformed(f"status {status}, which is no answer to this request")
+            if status in (204, 304):
                 length = length or 0
             if length is None:
                 raise Unsupported("a response without Content-Length")
             if length < 0 or length > limit:
-                raise Broken(f"a {length}-byte body, more than the {limit} expected")
+                raise Malformed(f"a {length}-byte body, more than the {limit} expected")
             body = reader.read(length)
             if len(body) != length:
                 raise Broken(f"the body ended after {len(body)} of {length} bytes")
-        except (OSError, ValueError) as exc:
+        except TimeoutError as exc:
+            self.close()
+            raise Broken(f"timed out: no whole answer after {time.monotonic() - raw.started:.1f} s") from exc
+        except OSError as exc:
             self.close()
             raise Broken(f"{type(exc).__name__}: {exc}") from exc
-        except (Broken, Unsupported):
+        except ValueError as exc:  # int() of a Content-Length that is not a number
+            self.close()
+            raise Malformed(f"a response header that is not HTTP: {exc}") from exc
+        except (Broken, Malformed, Unsupported):
             self.close()
             raise
         if self.keepalive is None or not close:

@@ -6,16 +6,18 @@ cache; ``put`` is atomic (a reader sees the whole file or none).
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from castore.cache.pipeline import UNTRUSTED, Broken, Pipeline, Unsupported
+from castore.cache.pipeline import MIN_RATE, UNTRUSTED, Broken, Malformed, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
 from castore.fsutil import atomic_write, syncfs
 
@@ -23,8 +25,16 @@ if TYPE_CHECKING:
     import httpx
 
 MAX_BODY = 1 << 30  # no cache file is bigger: the largest is the record of a blob of ~700 GiB
+_ANSWER = 1 << 20  # to an upload: a status, at most an error message
+_ERROR_PAGE = 64 << 10  # of an error page, its start says enough
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 _TRANSIENT = frozenset((408, 429, 500, 502, 503, 504))  # as curl --retry and nix: worth asking again
+_RETRY_HINT = "is the cache server up? nothing unverified was added"
+_MALFORMED = ("the cache, or a proxy in front of it, answers in a way castore cannot use: check the URL and "
+              "what serves it; nothing unverified was added")
+# what castore accepts from httpx (it asks for no others): none expands more than ~1000-fold, so a
+# 64 KiB read decodes to at most ~64 MiB before the limit is checked; zstd could give gigabytes
+_ENCODINGS = frozenset(("identity", "gzip", "x-gzip", "deflate"))
 _NO_UPLOADS = ("the server does not accept uploads: push to the cache's directory, or to a `castore serve` "
                "of it (with a write token)")
 _SAFE = re.compile(
@@ -124,15 +134,25 @@ class DirTransport:
             self.put(path, data)
 
 
+class _Expired(Exception):
+    """An answer through httpx went past its deadline."""
+
+
+class _TooLarge(Exception):
+    """An answer through httpx brought more bytes than its request allows."""
+
+
 class HttpTransport:
     """A cache over HTTP(S): any static server (nginx, a CDN) serving a cache directory for
     pulls, and `castore serve` for pushes too. Many GETs or PUTs go pipelined on one
     connection (:mod:`castore.cache.pipeline`); single requests and fallbacks go through httpx.
 
-    Transient failures (connection errors, truncated bodies, 408, 429, 500, 502-504) are
-    retried with back-off; a 404 means absent; any other status is an error at once,
-    said in words that fit it (507: the server's disk is full; 404/405/501 to an
-    upload: a static server). Bytes are never trusted: callers verify them.
+    Transient failures (connection errors, truncated or too slow answers, 408, 429, 500,
+    502-504) are retried with back-off; a 404 means absent; any other status is an error
+    at once, said in words that fit it (507: the server's disk is full; 404/405/501 to an
+    upload: a static server), and so is an answer that is not HTTP or brings more than
+    asked for. Every answer keeps to the pipeline's deadline (:data:`MIN_RATE`). Bytes
+    are never trusted: callers verify them.
     """
 
     def __init__(self, url: str, *, attempts: int = 4, timeout: float = 30.0, token: str | None = None) -> None:
@@ -152,6 +172,8 @@ class HttpTransport:
         self._pipe: Pipeline | None = None  # made on first use
         self._pipe_ok = True  # until the server answers in a way the pipeline cannot read
         self._client: httpx.Client | None = None
+        self._deadline = math.inf  # of the answer httpx is reading
+        self._budget = 0  # the bytes it may still bring
 
     @property
     def client(self) -> httpx.Client:
@@ -160,7 +182,8 @@ class HttpTransport:
             import httpx
 
             self._client = httpx.Client(timeout=self.timeout, follow_redirects=True,
-                                        limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+                                        limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+                                        headers={"Accept-Encoding": "gzip, deflate"})  # see _ENCODINGS
         return self._client
 
     def close(self) -> None:
@@ -175,36 +198,70 @@ class HttpTransport:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 limit: int = MAX_BODY) -> tuple[int, bytes]:
         import httpx
         url = f"{self.url}/{path if path == 'missing' else check_path(path)}"
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         delay = 0.1
         for attempt in range(self.attempts):
+            started = time.monotonic()
+            self._deadline = started + self.timeout + len(body or b"") / MIN_RATE
+            self._budget = limit + (1 << 20)  # room for headers and redirects
             try:
-                resp = self.client.request(method, url, content=body, headers=headers)
-                if resp.status_code not in _TRANSIENT:
-                    return resp.status_code, resp.content
-                problem = f"HTTP {resp.status_code}"
+                with self.client.stream(method, url, content=body, headers=headers,
+                                        extensions={"trace": self._trace}) as resp:
+                    status = resp.status_code
+                    if status not in _TRANSIENT:
+                        if method == "HEAD":
+                            return status, b""
+                        if 200 <= status < 300:
+                            return status, _read_body(resp, url, limit)
+                        return status, _read_body(resp, url, _ERROR_PAGE, cut=True)
+                    problem = f"HTTP {status}"
+            except (_Expired, httpx.ReadTimeout):
+                problem = f"timed out: no whole answer after {time.monotonic() - started:.1f} s"
+            except _TooLarge:
+                raise CastoreError(f"{url}: a body of more than the {limit} bytes expected", _MALFORMED) from None
             except httpx.InvalidURL as exc:
                 raise CastoreError(f"{url} is not a valid URL: {exc}") from exc
             except httpx.HTTPError as exc:
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # not transient: no retry
                     raise CastoreError(f"{url}: {exc}", UNTRUSTED) from exc
                 problem = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._deadline = math.inf
             if attempt + 1 < self.attempts:
                 time.sleep(delay)
                 delay *= 4
-        raise CastoreError(f"{url}: {problem} (after {self.attempts} attempts)",
-                           "is the cache server up? nothing unverified was added")
+        raise CastoreError(f"{url}: {problem} (after {self.attempts} attempts)", _RETRY_HINT)
+
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook, told of each connection httpx opens: its reads are made to keep to
+        the answer's deadline and byte budget. httpx's own timeouts bound each read, not the answer
+        (encode/httpx#1450), and it reads the bodies of redirects whole."""
+        if event.endswith((".connect_tcp.complete", ".start_tls.complete")):
+            stream = info["return_value"]
+            stream.read = functools.partial(self._read, stream.read)
+
+    def _read(self, read: Callable[[int, float | None], bytes], max_bytes: int, timeout: float | None = None) -> bytes:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _Expired
+        data = read(max_bytes, left if timeout is None else min(timeout, left))
+        self._deadline += len(data) / MIN_RATE
+        self._budget -= len(data)
+        if self._budget < 0:
+            raise _TooLarge
+        return data
 
     def get(self, path: str) -> bytes | None:
         if self._pipeline() is not None:
             return next(self.get_many([path]))[1]
         return self._get(path)
 
-    def _get(self, path: str) -> bytes | None:
-        status, body = self._request("GET", path)
+    def _get(self, path: str, limit: int = MAX_BODY) -> bytes | None:
+        status, body = self._request("GET", path, limit=limit)
         if status == 404:
             return None
         if status != 200:
@@ -222,7 +279,7 @@ class HttpTransport:
         todo = [check_path(p) for p in paths]
         for k, status, body in self._exchange(b"GET", todo, None, limit):
             path = todo[k]
-            yield path, body if status == 200 else None if status == 404 else self._get(path)
+            yield path, body if status == 200 else None if status == 404 else self._get(path, limit)
 
     def _exchange(self, method: bytes, paths: list[str], bodies: list[bytes] | None,
                   limit: int) -> Iterator[tuple[int, int | None, bytes]]:
@@ -244,11 +301,13 @@ class HttpTransport:
                     yield i - 1, status, body
             except Unsupported:
                 self._pipe_ok = False
+            except Malformed as exc:
+                raise CastoreError(f"{self.url}/{paths[i]}: {exc}", _MALFORMED) from exc
             except Broken as exc:
                 stalls += 1
                 if stalls >= self.attempts:
                     raise CastoreError(f"{self.url}/{paths[i]}: {exc} (after {self.attempts} attempts)",
-                                       "is the cache server up? nothing unverified was added") from exc
+                                       _RETRY_HINT) from exc
                 time.sleep(delay)
                 delay *= 4
 
@@ -269,17 +328,22 @@ class HttpTransport:
         return status == 200
 
     def missing(self, paths: Iterable[str]) -> set[str]:
-        """One POST /missing to `castore serve`; one HEAD per path to a plain static server."""
+        """One POST /missing to `castore serve`; one HEAD per path to a plain static server, or to
+        one whose answer to the POST is not a list of the paths asked (a login page, a proxy's)."""
         wanted = [check_path(p) for p in paths]
         if self._batch and wanted:
-            status, body = self._request("POST", "missing", json.dumps(wanted).encode())
+            ask = json.dumps(wanted).encode()
+            # a subset of the question in any JSON layout (twice its size), or an error page
+            status, body = self._request("POST", "missing", ask, limit=2 * len(ask) + _ANSWER)
             if status == 200:
-                return set(json.loads(body)) & set(wanted)
+                found = _subset(body, wanted)
+                if found is not None:
+                    return found
             self._batch = False  # nginx and friends: 404/405
         return {p for p in wanted if not self.exists(p)}
 
     def put(self, path: str, data: bytes) -> None:
-        status, body = self._request("PUT", path, data)
+        status, body = self._request("PUT", path, data, limit=_ANSWER)
         if status not in (200, 201, 204):
             raise self._failed("PUT", path, status, body)
 
@@ -297,7 +361,7 @@ class HttpTransport:
     def _put_batch(self, batch: list[tuple[str, bytes]]) -> None:
         paths = [check_path(p) for p, _ in batch]
         bodies = [data for _, data in batch]
-        for k, status, body in self._exchange(b"PUT", paths, bodies, 1 << 20):
+        for k, status, body in self._exchange(b"PUT", paths, bodies, _ANSWER):
             if status is None or status in _TRANSIENT:
                 self.put(paths[k], bodies[k])
             elif status not in (200, 201, 204):
@@ -322,6 +386,40 @@ class HttpTransport:
                                 "the server failed: its log says why"
                                 + ("" if upload else "; nothing unverified was added"))
         return CastoreError(f"{self.url} refused {path}: HTTP {status}{message}")
+
+
+def _read_body(resp: httpx.Response, url: str, limit: int, *, cut: bool = False) -> bytes:
+    """The body, decoded, up to limit bytes; more is an error that asking again would not mend, or
+    with cut, is left unread."""
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in _ENCODINGS:  # httpx would decode it, but not within a bound we know
+        raise CastoreError(f"{url}: a body in Content-Encoding {encoding[:40]!r}, which castore did not ask for",
+                           _MALFORMED)
+    length = resp.headers.get("content-length", "")
+    if encoding == "identity" and length.isdigit() and int(length) > limit and not cut:
+        raise CastoreError(f"{url}: a {length}-byte body, more than the {limit} expected", _MALFORMED)
+    pieces, size = [], 0
+    for piece in resp.iter_bytes():
+        size += len(piece)
+        if size > limit:
+            if cut:
+                pieces.append(piece[:limit - size])
+                break
+            raise CastoreError(f"{url}: a body of more than the {limit} bytes expected", _MALFORMED)
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _subset(body: bytes, wanted: list[str]) -> set[str] | None:
+    """The paths a POST /missing answer names, if it is a JSON list of paths that were asked; else None."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(answer, list) or not all(isinstance(p, str) for p in answer):
+        return None
+    found = set(answer)
+    return found if found <= set(wanted) else None
 
 
 def _server_message(body: bytes) -> str:
