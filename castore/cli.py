@@ -459,13 +459,16 @@ def serve(
     Make tokens with `castore token add DIR --scope write`; clients pass them in CASTORE_TOKEN.
     The same directory can also be served read-only by nginx or any static host.
     """
+    from castore.cache.server import CacheApp, listen
     from castore.cache.server import serve as run_server
 
     host, _, port = bind.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise CastoreError(f"--bind {bind!r} is not HOST:PORT (a port from 1 to 65535)", "for example 127.0.0.1:8080")
+    sockets = listen(host, int(port))  # first: a port in use is an error before DIR is made
+    cache = CacheApp(directory)
     _err(f"serving {directory.absolute()} on http://{host}:{port}")
-    run_server(str(directory), host, int(port))
+    run_server(cache, sockets)
 
 
 token_app = typer.Typer(help="Access tokens for `castore serve`.", no_args_is_help=True)

@@ -9,10 +9,14 @@ import os
 import random
 import re
 import socket
+import struct
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +24,7 @@ import zstandard
 
 from castore import canonical
 from castore.cache.copy import pull, push
-from castore.cache.layout import ObjectRecord, chunk_path, object_path
+from castore.cache.layout import ObjectRecord, RealisationRecord, chunk_path, object_path
 from castore.cache.server import CacheApp, add_token, load_tokens
 from castore.cache.transport import DirTransport, HttpTransport
 from castore.errors import CastoreError
@@ -72,12 +76,14 @@ def test_uploads_are_verified_and_ordered(tmp_path: Path) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
+    """A real `castore serve` of tmp_path/served; its stderr goes to tmp_path/serve.log."""
     root = tmp_path / "served"
     root.mkdir()
     token = add_token(root, ["read", "write"], "test")
     port = free_port()
-    proc = subprocess.Popen([CASTORE, "serve", str(root), "--bind", f"127.0.0.1:{port}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([CASTORE, "serve", str(root), "--bind", f"127.0.0.1:{port}"], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_port(port)
         yield f"http://127.0.0.1:{port}", root, token
@@ -300,3 +306,218 @@ def test_push_checks_its_secret_keys_before_uploading(server: tuple[str, Path, s
         assert proc.returncode == 1 and "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr
         assert not any(b64[i:i + 6] in proc.stderr for i in range(len(b64) - 5))
         assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing uploaded
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _answer(sock: socket.socket) -> tuple[int, Any]:
+    """One HTTP answer read from sock: its status and its JSON body."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        got = sock.recv(65536)
+        assert got, f"the server closed the connection after {buf!r}"
+        buf += got
+    head, body = buf.split(b"\r\n\r\n", 1)
+    found = re.search(rb"(?im)^content-length: *(\d+)", head)
+    assert found is not None, head
+    while len(body) < int(found.group(1)):
+        body += sock.recv(65536)
+    return int(head.split()[1]), json.loads(body) if body else None
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server closes sock (True), rather than sending something; socket.timeout if neither."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _log_lines(tmp_path: Path) -> list[str]:
+    """What the `server` fixture's process said, but for its "serving ..." line."""
+    return [line for line in (tmp_path / "serve.log").read_text().splitlines() if not line.startswith("serving ")]
+
+
+def test_a_chunk_is_one_frame_and_one_already_there_stays(server: tuple[str, Path, str]) -> None:
+    url, root, token = server
+    auth = {"Authorization": f"Bearer {token}"}
+    data = random.Random(4).randbytes(100_000)
+    cid = hash_bytes(data)
+    frame = zstandard.ZstdCompressor().compress(data)
+    where = f"{url}/{chunk_path(cid)}"
+    for extra in (b"\0" * 4096, frame):  # padding; a second frame (a plain decompress stops at the first)
+        r = httpx.put(where, content=frame + extra, headers=auth)
+        assert r.status_code == 400 and r.json()["error"] == "bad-chunk", r.text
+        assert f"has {len(extra)} bytes after its zstd frame" in r.json()["message"]
+    assert not (root / chunk_path(cid)).exists()
+    assert httpx.put(where, content=frame, headers=auth).status_code == 201
+    other = zstandard.ZstdCompressor(level=19, write_checksum=True).compress(data)  # the same chunk, other bytes
+    assert other != frame
+    assert httpx.put(where, content=other, headers=auth).status_code == 201
+    assert httpx.put(where, content=frame + b"\0" * 4096, headers=auth).status_code == 400
+    assert (root / chunk_path(cid)).read_bytes() == frame  # the first one stays
+
+
+@contextlib.contextmanager
+def _serving(root: Path, **limits: float) -> Iterator[int]:
+    """castore.cache.server.serve with smaller limits than the CLI's, in a process of its own."""
+    port = free_port()
+    code = ("import sys; from castore.cache.server import CacheApp, listen, serve; "
+            f"serve(CacheApp(sys.argv[1]), listen('127.0.0.1', {port}), **{limits!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_slow_and_surplus_connections_are_closed(tmp_path: Path) -> None:
+    with _serving(tmp_path / "cache", max_connections=8, header_timeout=1.0) as port:
+        time.sleep(0.2)  # wait_port's probe is gone
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(8)]
+        start = time.monotonic()
+        time.sleep(0.2)  # all accepted
+        conns[0].sendall(b"GET /castore-cache.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _answer(conns[0])[0] == 200  # at the limit, not over it
+        for sock in conns[:6]:  # a head that never ends (the first one's second request)
+            sock.sendall(b"GET /castore-cache.json HTTP/1.1\r\nHo")
+        # conns[6] and conns[7] send nothing at all
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as surplus:
+            assert _closed(surplus)
+        assert time.monotonic() - start < 0.9
+        assert all(_closed(sock) for sock in conns)
+        assert 0.9 < time.monotonic() - start < 4
+        for sock in conns:
+            sock.close()
+        assert httpx.get(f"http://127.0.0.1:{port}/castore-cache.json").status_code == 200
+
+
+def test_post_missing_takes_a_bounded_flat_list_of_paths(server: tuple[str, Path, str], tmp_path: Path) -> None:
+    url, _, _ = server
+    r = httpx.post(f"{url}/missing", content=b"[" * 100_000 + b"]" * 100_000)
+    assert r.status_code == 400
+    assert r.json() == {"code": 400, "error": "bad-request",
+                        "message": "POST /missing takes a JSON list of cache paths"}
+    good = chunk_path("ab" * 32)
+    r = httpx.post(f"{url}/missing", content=json.dumps([good, "../../etc/passwd", good]).encode())
+    assert r.status_code == 400 and r.json()["error"] == "bad-request"
+    assert r.json()["message"] == "the list sent to POST /missing is invalid: '../../etc/passwd' is not a cache path"
+    r = httpx.post(f"{url}/missing", content=json.dumps([good] * 100_001).encode())
+    assert r.status_code == 413 and "at most 100,000 paths" in r.json()["message"]
+    r = httpx.post(f"{url}/missing", content=json.dumps([good] * 100_000).encode())
+    assert r.status_code == 200 and r.json() == [good] * 100_000
+    assert _log_lines(tmp_path) == []  # no traceback
+
+
+def test_a_big_post_missing_does_not_stall_other_clients(server: tuple[str, Path, str]) -> None:
+    url, _, _ = server
+    body = json.dumps([chunk_path(f"{i % 256:02x}{i:062x}") for i in range(99_999)]).encode()
+    took: list[float] = []
+
+    def post() -> None:
+        begun = time.monotonic()
+        if httpx.post(f"{url}/missing", content=body, timeout=60).status_code == 200:
+            took.append(time.monotonic() - begun)
+
+    with httpx.Client(base_url=url) as client:
+        client.get("/castore-cache.json")  # connected before the clock starts
+        poster = threading.Thread(target=post)
+        poster.start()
+        worst = 0.0
+        while poster.is_alive():
+            begun = time.monotonic()
+            assert client.get("/castore-cache.json").status_code == 200
+            worst = max(worst, time.monotonic() - begun)
+            time.sleep(0.002)
+        poster.join()
+    # on the event loop, the listing held every GET for about as long as the POST took
+    assert took and worst < took[0] / 4, (worst, took)
+
+
+def test_concurrent_realisations_keep_every_signature(server: tuple[str, Path, str]) -> None:
+    url, _, token = server
+    data = b"signed"
+    cid = hash_bytes(data)
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, headers=auth) as client:
+        assert client.put(f"/{chunk_path(cid)}", content=zstandard.ZstdCompressor().compress(data)).status_code == 201
+        record = ObjectRecord(cid, "blob", len(data), (), ((cid, len(data)),)).encode()
+        assert client.put(f"/{object_path(cid)}", content=record).status_code == 201
+    plan_record = b"\x80"
+    plan = hash_bytes(plan_record)
+    bodies = [RealisationRecord(plan, cid, plan_record, ((f"lab-{i}", bytes([i]) * 64),)).encode() for i in range(16)]
+
+    async def put_all() -> list[int]:
+        async with httpx.AsyncClient(base_url=url, headers=auth) as client:
+            answers = await asyncio.gather(*(client.put(f"/realisations/{plan}", content=b) for b in bodies))
+            return [r.status_code for r in answers]
+
+    assert asyncio.run(put_all()) == [201] * 16
+    merged = RealisationRecord.decode(plan, httpx.get(f"{url}/realisations/{plan}").content)
+    assert sorted(k for k, _ in merged.signatures) == sorted(f"lab-{i}" for i in range(16))
+
+
+def test_an_upload_cut_short_is_not_kept(server: tuple[str, Path, str]) -> None:
+    url, root, token = server
+    data = random.Random(12).randbytes(50_000)
+    cid = hash_bytes(data)
+    frame = zstandard.ZstdCompressor().compress(data)
+    with socket.create_connection(("127.0.0.1", _port(url))) as sock:
+        sock.sendall(f"PUT /{chunk_path(cid)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                     f"Content-Length: {len(frame) + 1000}\r\n\r\n".encode() + frame)
+        time.sleep(0.3)  # the server has read the frame and waits for the rest
+    time.sleep(0.3)
+    assert not (root / chunk_path(cid)).exists()  # a whole frame, but not the whole body announced
+    r = httpx.put(f"{url}/{chunk_path(cid)}", content=frame, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201 and (root / chunk_path(cid)).exists()
+
+
+def test_a_reader_that_leaves_makes_no_traceback(server: tuple[str, Path, str], tmp_path: Path) -> None:
+    url, root, _ = server
+    names = [f"aa{i:062x}" for i in range(4)]
+    (root / "chunks" / "aa").mkdir(parents=True)
+    for name in names:  # big enough to fill the socket buffers (the server serves files as they are)
+        (root / "chunks" / "aa" / name).write_bytes(random.Random(name).randbytes(2 << 20))
+    pipelined = b"".join(f"GET /chunks/aa/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for name in names)
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", _port(url)))
+        sock.sendall(pipelined)
+        time.sleep(0.2)  # answers pile up unread, the next one waits to be written
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # with a reset
+    time.sleep(0.3)
+    assert httpx.get(f"{url}/castore-cache.json").status_code == 200
+    assert _log_lines(tmp_path) == []
+
+
+def test_a_port_in_use_is_one_error_and_makes_no_directory(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = castore("serve", str(tmp_path / "cache"), "--bind", f"127.0.0.1:{port}", check=False, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: address already in use",
+                                        "hint: pick another port with --bind"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_oversized_bodies_bearer_case_and_empty_details(server: tuple[str, Path, str]) -> None:
+    url, _, token = server
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(f"PUT /{chunk_path('ab' * 32)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                     "Content-Length: 99999999999\r\n\r\n".encode())
+        status, body = _answer(sock)  # at once, though none of the body came
+    assert status == 413 and body["error"] == "too-large"
+    data = b"lower case"
+    r = httpx.put(f"{url}/{chunk_path(hash_bytes(data))}", content=zstandard.ZstdCompressor().compress(data),
+                  headers={"Authorization": f"bearer {token}"})
+    assert r.status_code == 201, r.text
+    r = httpx.put(f"{url}/realisations/{'c' * 64}", content=b"\xc1", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 400
+    assert r.json()["message"] == f"realisation {'c' * 64} is not valid msgpack: a byte that starts no msgpack value"

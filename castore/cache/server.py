@@ -19,18 +19,37 @@ no path of the server in them: 400 for an upload that does not verify, 507
 when the disk is full (nothing partial stays: files are renamed into place
 whole), 500 when the server itself is at fault; those last two also go to
 stderr as one line, for its operator.
+
+Nothing slow runs on the event loop, which answers every client: listing what is missing,
+checking an object record (it reads and hashes every chunk it names), syncfs, fsync and reads
+of files over 1 MiB run in threads. Ordering survives that: a record is written only after a
+syncfs that began once its chunks were written (chunk writes are synchronous, so every chunk
+counted as written is on disk when the syncfs starts), and realisations are merged one at a
+time. A chunk already here is never replaced: its name is its content, checked when it came.
+
+Limits, for a server on a lab network (anything wider belongs behind nginx, see
+docs/cache.md): bodies up to 64 MiB (a larger Content-Length is refused before any of it is
+read), POST /missing lists up to 100,000 paths, at most 4,096 connections (one more is closed as
+soon as it is accepted, so descriptors never run out), and a request head must arrive within
+10 s of the connection opening or of its first byte (uvicorn itself waits for ever).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
+import socket
+import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import zstandard
 
@@ -54,6 +73,12 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 MAX_BODY = 64 << 20  # records and chunks are small; a chunk is at most MAX_CHUNK (16 MiB) by the layout
+MAX_MISSING = 100_000  # paths in one POST /missing: 3 GB of chunks at the default 32 KiB average
+INLINE_READ = 1 << 20  # larger files are read in a thread (a chunk at the default chunking is at most 128 KiB)
+MAX_CONNECTIONS = 4096
+HEADER_TIMEOUT = 10.0  # seconds for a request head, as nginx's client_header_timeout (60 s by default)
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open (uvicorn's default, written down)
+BACKLOG = 1024  # connections the kernel queues before accept; they hold none of our descriptors
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
@@ -114,7 +139,10 @@ class CacheApp:
     def __init__(self, root: str | os.PathLike[str], *, public_read: bool = True) -> None:
         self.root = Path(root).absolute()
         self.public_read = public_read
-        self._dirty = False
+        self._chunks_written = 0  # chunk files written without an fsync, counted once on disk
+        self._chunks_synced = 0  # how many of those a finished syncfs has made durable
+        self._sync_lock = asyncio.Lock()  # one syncfs at a time; records waiting on it may find theirs done
+        self._realisation_lock = asyncio.Lock()  # read, merge, write: signatures pushed at once are all kept
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -146,23 +174,19 @@ class CacheApp:
                 await self._get(send, path, head=method == "HEAD")
             elif method == "POST" and path == "missing":
                 self._need(scope, "read")
-                body = await _body(receive)
-                try:
-                    wanted = json.loads(body)
-                    assert isinstance(wanted, list) and all(isinstance(p, str) for p in wanted)
-                except (ValueError, AssertionError):
-                    raise HttpError(400, "bad-request", "POST /missing takes a JSON list of cache paths") from None
-                missing = [p for p in wanted if not (self.root / _checked(p)).exists()]
-                await _send(send, 200, json.dumps(missing).encode(), "application/json")
+                body = await _body(scope, receive)
+                await _send(send, 200, await asyncio.to_thread(self._missing, body), "application/json")
             elif method == "PUT":
                 self._need(scope, "write")
-                await self._put(path, await _body(receive))
+                await self._put(path, await _body(scope, receive))
                 await _send(send, 201, b"", "text/plain")
             else:
                 raise HttpError(405, "method-not-allowed", f"{method} is not served here")
         except HttpError as exc:
             await _send(send, exc.status, json.dumps(
                 {"code": exc.status, "error": exc.error, "message": exc.message}).encode(), "application/json")
+        except ClientGone:
+            pass  # its upload was cut short: nothing of it is kept, and no one is left to answer
 
     # -- handlers --------------------------------------------------------------
 
@@ -171,7 +195,7 @@ class CacheApp:
             return
         token = ""
         for key, value in scope.get("headers", []):
-            if key == b"authorization" and value.startswith(b"Bearer "):
+            if key == b"authorization" and value[:7].lower() == b"bearer ":  # the scheme is case-insensitive
                 token = value[7:].decode(errors="replace")
         if not token:
             raise HttpError(401, "unauthorized", f"{what} needs a token: Authorization: Bearer TOKEN")
@@ -186,53 +210,110 @@ class CacheApp:
             raise HttpError(403, "forbidden", f"this token may not {what}")
 
     async def _get(self, send: Send, path: str, head: bool) -> None:
-        full = self.root / _checked(path)
+        absent = HttpError(404, "not-found", f"{path} is not in this cache")
         try:
-            data = full.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            raise HttpError(404, "not-found", f"{path} is not in this cache") from None
+            # O_NONBLOCK: a FIFO put there does not hang the server (regular files ignore it)
+            fd = os.open(self.root / _checked(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            raise absent from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise absent
+            # Files are renamed into place whole and never written again: one read takes all of it.
+            # From the page cache a small one takes microseconds, less than the trip to a thread.
+            if head:
+                data = b""
+            elif st.st_size <= INLINE_READ:
+                data = os.read(fd, st.st_size)
+            else:
+                data = await asyncio.to_thread(os.read, fd, st.st_size)
+        finally:
+            os.close(fd)
         immutable = path.startswith(("chunks/", "objects/"))
-        await _send(send, 200, b"" if head else data, "application/octet-stream",
-                    length=len(data), cache=IMMUTABLE if immutable else "no-cache")
+        await _send(send, 200, data, "application/octet-stream", length=st.st_size if head else len(data),
+                    cache=IMMUTABLE if immutable else "no-cache")
+
+    def _missing(self, body: bytes) -> bytes:
+        """POST /missing, in a thread: the answer for a JSON list of cache paths."""
+        if body.count(b",") >= MAX_MISSING:  # before parsing it; a cache path has no comma
+            raise HttpError(413, "too-large", f"POST /missing takes at most {MAX_MISSING:,} paths; "
+                            "send them in batches")
+        try:
+            wanted = json.loads(body)
+        except (ValueError, RecursionError):  # RecursionError: lists nested thousands deep
+            wanted = None
+        if not isinstance(wanted, list) or not all(isinstance(p, str) for p in wanted):
+            raise HttpError(400, "bad-request", "POST /missing takes a JSON list of cache paths")
+        for p in wanted:
+            try:
+                check_path(p)
+            except CastoreError:
+                raise HttpError(400, "bad-request", f"the list sent to POST /missing is invalid: {p[:100]!r} "
+                                "is not a cache path") from None
+        return json.dumps([p for p in wanted if not (self.root / p).exists()]).encode()
 
     async def _put(self, path: str, body: bytes) -> None:
         path = _checked(path, status=400)
-        kind = path.split("/")[0]
+        kind, name = path.split("/")[0], path.split("/")[-1]
         try:
             if kind == "chunks":
-                cid = path.split("/")[-1]
-                try:
-                    data = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_CHUNK)
-                except zstandard.ZstdError as exc:
-                    raise HttpError(400, "bad-chunk", f"chunk {cid} is not a zstd frame: {exc}") from None
-                if len(data) > self.max_chunk:
-                    raise HttpError(400, "bad-chunk", f"chunk {cid} is {len(data)} bytes, longer than this "
-                                    f"cache's chunking maximum of {self.max_chunk}")
-                check_chunk(cid, data)
-            elif kind == "objects":
-                oid = path.split("/")[-1]
-                rec = ObjectRecord.decode(oid, body)
-                rec.check_chunks(self.max_chunk)  # a CastoreError: 400 below
+                if len(body) > INLINE_READ:
+                    await asyncio.to_thread(self._check_chunk, name, body)
+                else:  # at most 128 KiB at the default chunking: tens of microseconds
+                    self._check_chunk(name, body)
                 if (self.root / path).exists():
-                    return  # named by its content: what is there is already right
-                absent = [c for c, _ in rec.chunks if not (self.root / chunk_path(c)).exists()]
-                absent += [r for r in rec.refs if not (self.root / object_path(r)).exists()]
-                if absent:
-                    raise HttpError(409, "incomplete", f"object {oid} names {absent[0]}, which is not here yet")
-                self._check_reassembly(rec)
+                    return  # named by its content, and checked when it came: it stays as it is
+                self._write_chunk(path, body)
+            elif kind == "objects":
+                if await asyncio.to_thread(self._check_object, name, body):
+                    await self._publish(path, body)
             elif kind == "realisations":
-                rrec = RealisationRecord.decode(path.split("/")[-1], body)
-                if not (self.root / object_path(rrec.object)).exists():
-                    raise HttpError(409, "incomplete", f"realisation names object {rrec.object}, which is not here")
-                here = self.root / path  # merged with what is there: no await between read and write
-                body = merged_realisation(rrec.plan, here.read_bytes() if here.exists() else None, body)
-            elif kind == CONFIG:
-                if CacheConfig.decode(body) != CacheConfig.decode((self.root / CONFIG).read_bytes()):
-                    raise HttpError(409, "config", "this cache's chunking parameters are fixed")
-                return
+                async with self._realisation_lock:
+                    await self._publish(path, await asyncio.to_thread(self._merge_realisation, path, body))
+            elif kind == CONFIG and CacheConfig.decode(body) != CacheConfig.decode((self.root / CONFIG).read_bytes()):
+                raise HttpError(409, "config", "this cache's chunking parameters are fixed")
         except CastoreError as exc:
-            raise HttpError(400, "invalid", exc.message) from None
-        self._write(path, body)
+            raise HttpError(400, "invalid", _said(exc)) from None
+
+    def _check_chunk(self, cid: str, body: bytes) -> None:
+        """One zstd frame and nothing after it, of bytes that hash to cid: a second frame or padding
+        would pass a plain decompress (it stops at the first frame) and make every pull refuse the file."""
+        dctx = zstandard.ZstdDecompressor()
+        try:
+            data = dctx.decompress(body, max_output_size=MAX_CHUNK)  # bounded, whatever the frame claims
+            frame = dctx.decompressobj()  # the same frame again (so bounded too), to learn where it ends
+            frame.decompress(body)
+        except zstandard.ZstdError as exc:
+            raise HttpError(400, "bad-chunk", f"chunk {cid} is not a zstd frame: {exc}") from None
+        if not frame.eof or frame.unused_data:
+            raise HttpError(400, "bad-chunk", f"chunk {cid} has {len(frame.unused_data)} bytes after its zstd "
+                            "frame; a chunk is one frame and nothing else")
+        if len(data) > self.max_chunk:
+            raise HttpError(400, "bad-chunk", f"chunk {cid} is {len(data)} bytes, longer than this "
+                            f"cache's chunking maximum of {self.max_chunk}")
+        check_chunk(cid, data)
+
+    def _check_object(self, oid: str, body: bytes) -> bool:
+        """In a thread: whether the record must be written (False: it is here already)."""
+        rec = ObjectRecord.decode(oid, body)
+        rec.check_chunks(self.max_chunk)  # a CastoreError: 400
+        if (self.root / object_path(oid)).exists():
+            return False  # named by its content: what is there is already right
+        absent = [c for c, _ in rec.chunks if not (self.root / chunk_path(c)).exists()]
+        absent += [r for r in rec.refs if not (self.root / object_path(r)).exists()]
+        if absent:
+            raise HttpError(409, "incomplete", f"object {oid} names {absent[0]}, which is not here yet")
+        self._check_reassembly(rec)
+        return True
+
+    def _merge_realisation(self, path: str, body: bytes) -> bytes:
+        """In a thread, under the realisation lock: the record to write, with the signatures of both."""
+        rrec = RealisationRecord.decode(path.split("/")[-1], body)
+        if not (self.root / object_path(rrec.object)).exists():
+            raise HttpError(409, "incomplete", f"realisation names object {rrec.object}, which is not here")
+        here = self.root / path
+        return merged_realisation(rrec.plan, here.read_bytes() if here.exists() else None, body)
 
     def _check_reassembly(self, rec: ObjectRecord) -> None:
         """The chunks a record lists must make up the object it is named after."""
@@ -246,28 +327,53 @@ class CacheApp:
         if h.hexdigest() != rec.id:
             raise HttpError(400, "invalid", f"the chunks of object {rec.id} hash to {h.hexdigest()}")
 
-    def _write(self, path: str, data: bytes) -> None:
-        """Chunks land without an fsync each; one syncfs precedes the next record, which may name them.
-        A write that fails leaves nothing (atomic_write removes its temporary file) and answers
-        507 when the disk is full, 500 otherwise."""
+    def _write_chunk(self, path: str, data: bytes) -> None:
+        """On the event loop, without an fsync: a syncfs precedes the next record, which may name it.
+        Synchronous on purpose: a chunk counted as written is on disk before any syncfs can start."""
         try:
-            if path.startswith("chunks/"):
-                atomic_write(self.root / path, data, fsync=False)
-                self._dirty = True
-                return
-            if self._dirty:
-                syncfs(self.root)
-                self._dirty = False
-            atomic_write(self.root / path, data)
-        except (CastoreError, OSError) as exc:
-            cause = exc if isinstance(exc, OSError) else exc.__cause__
-            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
-            _log(f"cannot store {path}: {reason}")
-            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise HttpError(507, "insufficient-storage", f"the cache's disk is full: {path} was not stored; "
-                                "nothing partial was kept") from None
-            raise HttpError(500, "server-error", f"the server could not store {path} (its log says why); "
-                            "nothing partial was kept") from None
+            atomic_write(self.root / path, data, fsync=False)
+        except CastoreError as exc:
+            raise _store_failed(path, exc) from None
+        self._chunks_written += 1
+
+    async def _publish(self, path: str, data: bytes) -> None:
+        """Write a record, in a thread, once every chunk written so far is durable (its own are among
+        them: it was checked after they were written). A write that fails leaves nothing (atomic_write
+        removes its temporary file) and answers 507 when the disk is full, 500 otherwise."""
+        written = self._chunks_written
+        if self._chunks_synced < written:
+            async with self._sync_lock:
+                if self._chunks_synced < written:  # else a syncfs that began after ours were written ended
+                    began = self._chunks_written
+                    try:
+                        await asyncio.to_thread(syncfs, self.root)
+                    except OSError as exc:
+                        raise _store_failed(path, exc) from None
+                    self._chunks_synced = max(self._chunks_synced, began)
+        try:
+            await asyncio.to_thread(atomic_write, self.root / path, data)
+        except CastoreError as exc:
+            raise _store_failed(path, exc) from None
+
+
+def _store_failed(path: str, exc: CastoreError | OSError) -> HttpError:
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+    _log(f"cannot store {path}: {reason}")
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return HttpError(507, "insufficient-storage", f"the cache's disk is full: {path} was not stored; "
+                         "nothing partial was kept")
+    return HttpError(500, "server-error", f"the server could not store {path} (its log says why); "
+                     "nothing partial was kept")
+
+
+def _said(exc: CastoreError) -> str:
+    """The message, with something after its colon when the foreign error it ends with said nothing
+    (msgpack's FormatError() and StackError() have no text)."""
+    if not exc.message.endswith(": ") or exc.__cause__ is None or str(exc.__cause__):
+        return exc.message
+    what = {"FormatError": "a byte that starts no msgpack value", "StackError": "nested too deeply"}
+    return exc.message + what.get(type(exc.__cause__).__name__, type(exc.__cause__).__name__)
 
 
 def _log(line: str) -> None:
@@ -281,6 +387,10 @@ class HttpError(Exception):
         self.status, self.error, self.message = status, error, message
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its body was whole."""
+
+
 def _checked(path: str, status: int = 404) -> str:
     try:
         return check_path(path)
@@ -288,15 +398,21 @@ def _checked(path: str, status: int = 404) -> str:
         raise HttpError(status, "bad-path" if status == 400 else "not-found", "no such cache path") from None
 
 
-async def _body(receive: Receive) -> bytes:
+async def _body(scope: Scope, receive: Receive, limit: int = MAX_BODY) -> bytes:
+    too_large = HttpError(413, "too-large", f"bodies are limited to {limit >> 20} MiB")
+    for key, value in scope.get("headers", []):
+        if key == b"content-length" and value.isdigit() and int(value) > limit:
+            raise too_large  # at once: uvicorn then reads the body it announced and drops it
     parts: list[bytes] = []
     size = 0
     while True:
         msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
         chunk = msg.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY:
-            raise HttpError(413, "too-large", f"bodies are limited to {MAX_BODY >> 20} MiB")
+        if size > limit:
+            raise too_large
         parts.append(chunk)
         if not msg.get("more_body"):
             return b"".join(parts)
@@ -307,12 +423,128 @@ async def _send(send: Send, status: int, body: bytes, ctype: str, *, length: int
     size = len(body) if length is None else length
     headers = [(b"content-type", ctype.encode()), (b"content-length", str(size).encode()),
                (b"cache-control", cache.encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    except (OSError, RuntimeError):
+        # The reader left while its answer was being written: uvicorn does not see it when the
+        # request was pipelined behind another, and uvloop raises RuntimeError on the closed transport.
+        pass
 
 
-def serve(root: str, host: str, port: int) -> None:  # pragma: no cover - runs until stopped
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to HOST:PORT (each address it names) and listening, before anything else happens:
+    a port in use is one error line, and no cache directory is made."""
+    where = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CastoreError(f"cannot listen on {where}: {(exc.strerror or str(exc)).lower()}",
+                           "--bind takes an address of this machine, e.g. 127.0.0.1:8080 or 0.0.0.0:8080") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        hint = {errno.EADDRINUSE: "pick another port with --bind",
+                errno.EACCES: "ports below 1024 need root: pick another with --bind",
+                errno.EADDRNOTAVAIL: "--bind takes an address of this machine, e.g. 127.0.0.1:8080 or 0.0.0.0:8080"}
+        reason = (exc.strerror or str(exc)).lower()
+        raise CastoreError(f"cannot listen on {where}: {reason}", hint.get(exc.errno or 0)) from None
+    return socks
+
+
+def serve(app: CacheApp, sockets: list[socket.socket], *, max_connections: int = MAX_CONNECTIONS,
+          header_timeout: float = HEADER_TIMEOUT) -> None:  # pragma: no cover - runs until stopped
     import uvicorn
 
-    uvicorn.run(CacheApp(root), host=host, port=port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools")
+    max_connections = _descriptors_for(max_connections)
+    logging.getLogger("uvicorn.error").addFilter(_quiet_when_the_reader_left)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, loop="uvloop", ws="none",
+                            http=_protocol(max_connections, header_timeout),
+                            # uvicorn answers 503 once this many connections or running handlers are
+                            # counted; connections are capped at accept, so this caps the handlers (one
+                            # whose client left runs to its end)
+                            limit_concurrency=max_connections + 1,
+                            backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has stopped; nothing to say
+        uvicorn.Server(config).run(sockets=sockets)
+
+
+def _descriptors_for(connections: int) -> int:
+    """Raise the soft descriptor limit to fit the connections (up to the hard one, as Go does at
+    start); fewer connections when even that is too low. 256 spare: files, threads, listeners."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return connections if soft == resource.RLIM_INFINITY else max(1, min(connections, soft - 256))
+
+
+def _quiet_when_the_reader_left(record: logging.LogRecord) -> bool:
+    """uvicorn's error line after _send found the reader gone, which is no fault of the server."""
+    return record.getMessage() != "ASGI callable returned without completing response."
+
+
+def _protocol(max_connections: int, header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with what nginx does about slow or too many clients: a connection
+    is closed when its request head is not whole header_timeout seconds after the connection
+    opened or the head began, and a connection past max_connections is closed once accepted.
+
+    One sweep a second finds the late ones: a timer per request would cost every request more."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class Protocol(HttpToolsProtocol):
+        head_since: float | None = None  # loop time the connection opened or its current request head began
+        sweeping: ClassVar[bool] = False
+        warned: ClassVar[float] = 0.0  # when the log last said connections were refused
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.abort()
+                if time.monotonic() - Protocol.warned > 60:
+                    Protocol.warned = time.monotonic()
+                    _log(f"{max_connections} connections are open; closing new ones until some end "
+                         "(this line comes at most once a minute)")
+                return
+            self.head_since = self.loop.time()
+            if not Protocol.sweeping:
+                Protocol.sweeping = True
+                self.loop.call_later(1.0, self._sweep)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self.head_since is None:
+                self.head_since = self.loop.time()
+
+        def on_headers_complete(self) -> None:
+            self.head_since = None
+            super().on_headers_complete()
+
+        def _sweep(self) -> None:
+            now = self.loop.time()
+            for conn in list(self.connections):
+                if not isinstance(conn, Protocol) or conn.head_since is None or conn.transport.is_closing():
+                    continue
+                if now - conn.head_since < header_timeout:
+                    continue
+                if (conn.cycle is not None and not conn.cycle.response_complete) or conn.pipeline:
+                    conn.head_since = now  # the server is busy with it and does not read the rest yet
+                else:
+                    conn.transport.close()
+            self.loop.call_later(min(1.0, header_timeout / 4), self._sweep)
+
+    return Protocol
