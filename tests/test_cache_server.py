@@ -44,6 +44,30 @@ def asgi(app: CacheApp, method: str, path: str, body: bytes = b"", token: str = 
     return asyncio.run(go())
 
 
+def test_a_record_must_say_what_its_object_is(tmp_path: Path) -> None:
+    """A tree or image record is refused unless its bytes are one, naming blobs of this cache."""
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+
+    def upload(data: bytes, kind: str, refs: tuple[str, ...] = ()) -> int:
+        oid = hash_bytes(data)
+        asgi(app, "PUT", f"/{chunk_path(oid)}", zstandard.ZstdCompressor().compress(data), token=writer)
+        record = ObjectRecord(oid, kind, len(data), refs, ((oid, len(data)),)).encode()
+        return asgi(app, "PUT", f"/{object_path(oid)}", record, token=writer).status_code
+
+    hello = b"hello\n"
+    assert upload(os.urandom(1000), "tree") == 400  # random bytes as a tree
+    assert upload(hello, "blob") == 201
+    entry = {"path": "a", "type": "file", "mode": 0o644, "uid": 0, "gid": 0, "blob": hash_bytes(hello), "size": 6}
+    tree = canonical.encode({"format": 1, "kind": "tree", "entries": [entry]})
+    assert upload(tree, "tree", ()) == 400  # its reference is not in its record
+    assert upload(tree, "tree", (hash_bytes(hello),)) == 201
+    outer = canonical.encode({"format": 1, "kind": "tree", "entries": [{**entry, "blob": hash_bytes(tree),
+                                                                          "size": len(tree)}]})
+    assert upload(outer, "tree", (hash_bytes(tree),)) == 400  # names a tree as a file's blob
+    assert not (tmp_path / "cache" / object_path(hash_bytes(outer))).exists()
+
+
 def test_uploads_are_verified_and_ordered(tmp_path: Path) -> None:
     app = CacheApp(tmp_path / "cache")
     writer = add_token(tmp_path / "cache", ["write"], "ci")
@@ -90,6 +114,20 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_missing_asks_in_batches_the_server_takes(server: tuple[str, Path, str]) -> None:
+    """The chunks of a blob over 3 GB are more than one POST /missing may list: they go in batches."""
+    url, root, token = server
+    present = chunk_path(hash_bytes(b"here"))
+    (root / present).parent.mkdir(parents=True, exist_ok=True)
+    (root / present).write_bytes(b"")
+    asked = [chunk_path(f"{i:064x}") for i in range(120_000)] + [present]
+    with HttpTransport(url, token=token) as http:
+        assert http.missing(asked) == set(asked) - {present}
+        assert http._batch  # answered in batches, not by 120,001 HEADs
+    log = (root.parent / "serve.log").read_text()
+    assert "413" not in log and "Traceback" not in log
 
 
 def test_push_and_pull_through_a_real_server(server: tuple[str, Path, str], tmp_path: Path) -> None:

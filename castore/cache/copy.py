@@ -35,16 +35,16 @@ from castore.cache.layout import (
     RealisationRecord,
     check_chunk,
     chunk_path,
+    kind_check,
     object_path,
     realisation_path,
 )
 from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
 from castore.chunking import Chunk, ChunkParams, cut_file
-from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound, StoreError, UnsafeArchive
+from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound, StoreError
 from castore.fsutil import copy_range, pwrite_all, start_writeback
 from castore.hashing import hash_file
-from castore.manifest import Image, Tree
 from castore.store import LocalStore, store_os_error
 
 Progress = Callable[[str], None]
@@ -394,7 +394,7 @@ class _Assembly:
             actual = hash_file(staged)
             if actual != oid:
                 raise HashMismatch(str(staged), oid, actual)
-            kind_check(self.records[oid], staged, self._known)
+            kind_check(self.records[oid], staged.read_bytes(), self._known)
         except HashMismatch as exc:
             staged.unlink(missing_ok=True)
             raise self._reassembly_error(oid, exc) from exc
@@ -467,34 +467,6 @@ def _ok(cid: str, data: bytes) -> bool:
     except EncodingError:
         return False
     return True
-
-
-def kind_check(rec: ObjectRecord, path: Path, known: Callable[[list[str]], dict[str, tuple[str, int]]]) -> None:
-    """Trees and images must decode before they enter the store, with the references their record
-    lists; every reference must be a blob, and a tree's file entries must give the sizes of their
-    blobs (known: ids -> (kind, size) of those known)."""
-    if rec.kind not in ("tree", "image"):
-        return
-    try:
-        if rec.kind == "tree":
-            tree = Tree.decode(path.read_bytes())
-            refs = tree.refs()
-        else:
-            refs = Image.decode(path.read_bytes()).refs()
-    except (EncodingError, UnsafeArchive) as exc:
-        raise EncodingError(f"{rec.kind} {rec.id}: {exc.message}", CORRUPT) from exc
-    if sorted(refs) != sorted(rec.refs):
-        raise EncodingError(f"{rec.kind} {rec.id}: its record's references do not match its manifest", CORRUPT)
-    found = known(refs)
-    for ref in refs:
-        if (kind := found.get(ref, ("unknown object", 0))[0]) != "blob":
-            raise EncodingError(f"{rec.kind} {rec.id} refers to {ref} as a blob, but it is a {kind}", CORRUPT)
-    if rec.kind == "tree":
-        sizes = {oid: size for oid, (_, size) in found.items()}
-        for e in tree:
-            if e.type == "file" and e.blob is not None and e.size != (actual := sizes.get(e.blob)):
-                raise EncodingError(f"tree {rec.id}: {e.path!r} says {e.size} bytes, but its blob {e.blob} "
-                                    f"has {actual}", CORRUPT)
 
 
 def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust: Trust,

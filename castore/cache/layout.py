@@ -9,14 +9,15 @@ does not decode).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from castore import canonical
 from castore.chunking import ChunkParams
-from castore.errors import EncodingError
+from castore.errors import EncodingError, UnsafeArchive
 from castore.hashing import hash_bytes, is_id
-from castore.manifest import FORMAT, KINDS, MAX_SIZE, brief
+from castore.manifest import FORMAT, KINDS, MAX_SIZE, Image, Tree, brief
 
 CONFIG = "castore-cache.json"
 COMPRESSION = "zstd"
@@ -203,3 +204,31 @@ def check_chunk(cid: str, data: bytes) -> None:
 
 def record_fields(rec: ObjectRecord) -> dict[str, Any]:
     return {"id": rec.id, "kind": rec.kind, "size": rec.size, "refs": list(rec.refs), "chunks": len(rec.chunks)}
+
+
+def kind_check(rec: ObjectRecord, data: bytes, known: Callable[[list[str]], dict[str, tuple[str, int]]]) -> None:
+    """Trees and images (data: the object's bytes) must decode before they enter a store or a
+    cache, with the references their record lists; every reference must be a blob, and a tree's
+    file entries must give the sizes of their blobs (known: ids -> (kind, size) of those known)."""
+    if rec.kind not in ("tree", "image"):
+        return
+    try:
+        if rec.kind == "tree":
+            tree = Tree.decode(data)
+            refs = tree.refs()
+        else:
+            refs = Image.decode(data).refs()
+    except (EncodingError, UnsafeArchive) as exc:
+        raise EncodingError(f"{rec.kind} {rec.id}: {exc.message}", CORRUPT) from exc
+    if sorted(refs) != sorted(rec.refs):
+        raise EncodingError(f"{rec.kind} {rec.id}: its record's references do not match its manifest", CORRUPT)
+    found = known(refs)
+    for ref in refs:
+        if (kind := found.get(ref, ("unknown object", 0))[0]) != "blob":
+            raise EncodingError(f"{rec.kind} {rec.id} refers to {ref} as a blob, but it is a {kind}", CORRUPT)
+    if rec.kind == "tree":
+        sizes = {oid: size for oid, (_, size) in found.items()}
+        for e in tree:
+            if e.type == "file" and e.blob is not None and e.size != (actual := sizes.get(e.blob)):
+                raise EncodingError(f"tree {rec.id}: {e.path!r} says {e.size} bytes, but its blob {e.blob} "
+                                    f"has {actual}", CORRUPT)

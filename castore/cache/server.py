@@ -61,11 +61,12 @@ from castore.cache.layout import (
     RealisationRecord,
     check_chunk,
     chunk_path,
+    kind_check,
     merged_realisation,
     object_path,
 )
 from castore.cache.transport import check_path
-from castore.errors import CastoreError
+from castore.errors import CastoreError, EncodingError
 from castore.fsutil import atomic_write, syncfs
 from castore.hashing import Hasher, hash_bytes
 
@@ -316,16 +317,36 @@ class CacheApp:
         return merged_realisation(rrec.plan, here.read_bytes() if here.exists() else None, body)
 
     def _check_reassembly(self, rec: ObjectRecord) -> None:
-        """The chunks a record lists must make up the object it is named after."""
+        """The chunks a record lists must make up the object it is named after, and a tree or an
+        image must be one (layout.kind_check), so that no record lies about what its object is."""
         h = Hasher()
         dctx = zstandard.ZstdDecompressor()
+        manifest = bytearray()
         for cid, length in rec.chunks:
             data = dctx.decompress((self.root / chunk_path(cid)).read_bytes(), max_output_size=length)
             if len(data) != length:
                 raise HttpError(400, "invalid", f"chunk {cid} is {len(data)} bytes, the record says {length}")
             h.update(data)
+            if rec.kind != "blob":
+                manifest += data
         if h.hexdigest() != rec.id:
             raise HttpError(400, "invalid", f"the chunks of object {rec.id} hash to {h.hexdigest()}")
+        if rec.kind != "blob":
+            try:
+                kind_check(rec, bytes(manifest), self._known)
+            except EncodingError as exc:
+                raise HttpError(400, "invalid", exc.message) from None
+
+    def _known(self, oids: list[str]) -> dict[str, tuple[str, int]]:
+        """(kind, size) of the objects this cache has, from their records."""
+        known = {}
+        for oid in oids:
+            try:
+                ref = ObjectRecord.decode(oid, (self.root / object_path(oid)).read_bytes())
+            except (OSError, EncodingError):
+                continue
+            known[oid] = (ref.kind, ref.size)
+        return known
 
     def _write_chunk(self, path: str, data: bytes) -> None:
         """On the event loop, without an fsync: a syncfs precedes the next record, which may name it.

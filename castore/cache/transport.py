@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 MAX_BODY = 1 << 30  # no cache file is bigger: the largest is the record of a blob of ~700 GiB
 _ANSWER = 1 << 20  # to an upload: a status, at most an error message
 _ERROR_PAGE = 64 << 10  # of an error page, its start says enough
+_MISSING_BATCH = 50_000  # paths per POST /missing: castore serve takes up to 100,000 (a 3 GB blob's chunks)
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 _TRANSIENT = frozenset((408, 429, 500, 502, 503, 504))  # as curl --retry and nix: worth asking again
 _RETRY_HINT = "is the cache server up? nothing unverified was added"
@@ -331,15 +332,21 @@ class HttpTransport:
         """One POST /missing to `castore serve`; one HEAD per path to a plain static server, or to
         one whose answer to the POST is not a list of the paths asked (a login page, a proxy's)."""
         wanted = [check_path(p) for p in paths]
-        if self._batch and wanted:
-            ask = json.dumps(wanted).encode()
+        found: set[str] = set()
+        for start in range(0, len(wanted), _MISSING_BATCH):
+            if not self._batch:
+                break
+            part = wanted[start:start + _MISSING_BATCH]
+            ask = json.dumps(part).encode()
             # a subset of the question in any JSON layout (twice its size), or an error page
             status, body = self._request("POST", "missing", ask, limit=2 * len(ask) + _ANSWER)
-            if status == 200:
-                found = _subset(body, wanted)
-                if found is not None:
-                    return found
-            self._batch = False  # nginx and friends: 404/405
+            answer = _subset(body, part) if status == 200 else None
+            if answer is None:
+                self._batch = False  # nginx and friends: 404/405
+                break
+            found |= answer
+        else:
+            return found
         return {p for p in wanted if not self.exists(p)}
 
     def put(self, path: str, data: bytes) -> None:
