@@ -661,8 +661,8 @@ def gc(
 def roots(as_json: JsonOpt = False) -> None:
     """List the gc roots: out-links and named roots."""
     with _store(create=False) as store:
-        rows = [(n, link, store.root_object(n, o, link) or o, store.root_object(n, o, link) is not None)
-                for n, o, link in store.roots()]
+        now = [(n, link, o, store.root_object(n, o, link)) for n, o, link in store.roots()]
+        rows = [(n, link, kept or o, kept is not None) for n, link, o, kept in now]
         if as_json:
             _emit([{"name": n, "id": o, "link": link, "live": live} for n, link, o, live in rows])
             return

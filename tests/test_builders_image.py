@@ -41,6 +41,8 @@ def test_signatures() -> None:
     elf = Path("/bin/true").read_bytes()[:0x440]
     assert is_kernel(elf) and is_kernel(bzimage()) and not is_kernel(b"hsqs" + bytes(0x440))
     assert not is_kernel(b"") and not is_kernel(b"HdrS" * 200)  # HdrS, but not at 0x202
+    arm64 = bytes(0x38) + b"ARM\x64" + bytes(0x400)  # the arm64 Image header's magic
+    assert is_kernel(arm64) and not is_kernel(bytes(0x3c) + b"ARM\x64")
     assert is_squashfs(b"hsqs\0\0") and not is_squashfs(b"sqsh") and not is_squashfs(elf)
     ext4 = bytearray(0x440)
     ext4[0x438:0x43A] = b"\x53\xef"

@@ -44,6 +44,51 @@ def asgi(app: CacheApp, method: str, path: str, body: bytes = b"", token: str = 
     return asyncio.run(go())
 
 
+def test_a_small_frame_that_claims_much_is_refused_before_it_is_decompressed(tmp_path: Path) -> None:
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    zeros = bytes(64 << 20)
+    bomb = zstandard.ZstdCompressor().compress(zeros)  # 2 KB that say 64 MiB
+    r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(zeros))}", bomb, token=writer)
+    assert r.status_code == 400 and "more than this cache's chunking maximum" in r.json()["message"]
+    b = LocalStore(tmp_path / "b")  # a pull asked to fetch it as a chunk of its record's length: refused too
+    from castore.cache.copy import _verified
+
+    with pytest.raises(CastoreError, match="more than the 1000 bytes it may hold"):
+        _verified(DirTransport(tmp_path / "cache"), zstandard.ZstdDecompressor(), hash_bytes(zeros), 1000, bomb)
+    b.close()
+
+
+def test_a_restarted_server_syncs_before_its_first_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk a killed server wrote may not be on disk yet: the record that names it waits for a syncfs."""
+    import castore.cache.server as server
+
+    root = tmp_path / "cache"
+    writer = add_token(root, ["write"], "ci")
+    data = os.urandom(50_000)
+    cid = hash_bytes(data)
+    frame = zstandard.ZstdCompressor().compress(data)
+    assert asgi(CacheApp(root), "PUT", f"/{chunk_path(cid)}", frame, token=writer).status_code == 201
+    synced: list[object] = []
+    monkeypatch.setattr(server, "syncfs", lambda path: synced.append(path))
+    again = CacheApp(root)  # the same directory, a new process
+    assert asgi(again, "PUT", f"/{chunk_path(cid)}", frame, token=writer).status_code == 201  # already there
+    record = ObjectRecord(cid, "blob", len(data), (), ((cid, len(data)),)).encode()
+    assert asgi(again, "PUT", f"/{object_path(cid)}", record, token=writer).status_code == 201
+    assert synced
+
+
+def test_a_file_that_cannot_be_opened_is_absent_not_a_traceback(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    app = CacheApp(tmp_path / "cache")
+    where = tmp_path / "cache" / chunk_path("ab" * 32)
+    where.parent.mkdir(parents=True)
+    monkeypatch.chdir(where.parent)  # a socket's path must be short
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(where.name)  # opening a socket file fails with ENXIO
+        assert asgi(app, "GET", f"/{chunk_path('ab' * 32)}").status_code == 404
+
+
 def test_a_record_must_say_what_its_object_is(tmp_path: Path) -> None:
     """A tree or image record is refused unless its bytes are one, naming blobs of this cache."""
     app = CacheApp(tmp_path / "cache")
@@ -388,7 +433,7 @@ def test_a_chunk_is_one_frame_and_one_already_there_stays(server: tuple[str, Pat
     for extra in (b"\0" * 4096, frame):  # padding; a second frame (a plain decompress stops at the first)
         r = httpx.put(where, content=frame + extra, headers=auth)
         assert r.status_code == 400 and r.json()["error"] == "bad-chunk", r.text
-        assert f"has {len(extra)} bytes after its zstd frame" in r.json()["message"]
+        assert f": {len(extra)} bytes after its zstd frame" in r.json()["message"]
     assert not (root / chunk_path(cid)).exists()
     assert httpx.put(where, content=frame, headers=auth).status_code == 201
     other = zstandard.ZstdCompressor(level=19, write_checksum=True).compress(data)  # the same chunk, other bytes

@@ -14,6 +14,7 @@ from castore.manifest import Image, Layer
 
 ELF_MAGIC = b"\x7fELF"
 BZIMAGE_MAGIC, BZIMAGE_AT = b"HdrS", 0x202  # the x86 boot protocol's setup header
+ARM64_MAGIC, ARM64_AT = b"ARM\x64", 0x38  # an arm64 Image, what Firecracker boots on aarch64
 SQUASHFS_MAGIC = b"hsqs"  # squashfs 4 superblock, little-endian
 _HEAD = 0x440  # enough for every signature _what() knows; ext4's magic is at 0x438
 
@@ -24,7 +25,8 @@ def _head(blob: BlobInput) -> bytes:
 
 
 def is_kernel(head: bytes) -> bool:
-    return head.startswith(ELF_MAGIC) or head[BZIMAGE_AT:BZIMAGE_AT + 4] == BZIMAGE_MAGIC
+    return (head.startswith(ELF_MAGIC) or head[BZIMAGE_AT:BZIMAGE_AT + 4] == BZIMAGE_MAGIC
+            or head[ARM64_AT:ARM64_AT + 4] == ARM64_MAGIC)
 
 
 def is_squashfs(head: bytes) -> bool:

@@ -44,7 +44,7 @@ class Entries:
     A hard link and the file it names are one inode. A mode or owner set through
     either name is the file's; replacing or removing the file's name leaves its
     links the content they had (the first of them in tree order takes the file's
-    place, the others name it), as ``rm``, ``cp`` over it or ``tar -x`` do. So a
+    place, the others name it), as ``rm``, ``mv`` over it or ``tar -x`` do. So a
     hard link here always names a file entry.
     """
 

@@ -38,6 +38,7 @@ from castore.cache.layout import (
     kind_check,
     object_path,
     realisation_path,
+    unframe,
 )
 from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
@@ -447,10 +448,9 @@ def _verified(cache: Transport, dctx: zstandard.ZstdDecompressor, cid: str, leng
     if frame is None:
         raise NotFound(f"{cache.url} lacks chunk {cid}", "the cache is incomplete; nothing was added")
     try:
-        data = dctx.decompress(frame, max_output_size=length)
-    except zstandard.ZstdError as exc:
-        raise CastoreError(f"chunk {cid} from {cache.url} is not a valid zstd frame: {exc}",
-                           CORRUPT) from exc
+        data = unframe(frame, length, dctx)
+    except EncodingError as exc:
+        raise CastoreError(f"chunk {cid} from {cache.url}: {exc.message}", CORRUPT) from exc
     if len(data) != length:
         raise CastoreError(f"chunk {cid} from {cache.url} is {len(data)} bytes, its record says {length}",
                            CORRUPT)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import zstandard
+
 from castore import canonical
 from castore.chunking import ChunkParams
 from castore.errors import EncodingError, UnsafeArchive
@@ -194,6 +196,32 @@ def merged_realisation(plan_hash: str, old: bytes | None, new: bytes) -> bytes:
         return new
     sigs = dict(prev.signatures) | dict(rec.signatures)
     return RealisationRecord(rec.plan, rec.object, rec.record, tuple(sorted(sigs.items()))).encode()
+
+
+def unframe(frame: bytes, limit: int, dctx: zstandard.ZstdDecompressor | None = None, *,
+            whole: bool = False, most: str = "") -> bytes:
+    """The bytes of one zstd frame, never more than limit. A frame whose header claims more is
+    refused before anything is decompressed: max_output_size bounds only frames that do not say
+    their size, and a 2 KB frame can say 64 MiB of zeros. whole: nothing may follow the frame (a
+    second frame, padding), as a server must insist before it keeps a chunk. most: what limit is,
+    for the error (default: "the N bytes it may hold")."""
+    try:
+        claimed = zstandard.get_frame_parameters(frame).content_size
+        if claimed != zstandard.CONTENTSIZE_UNKNOWN and claimed > limit:
+            raise EncodingError(f"a zstd frame that holds {claimed} bytes, more than "
+                                f"{most or f'the {limit} bytes it may hold'}")
+        data = (dctx or zstandard.ZstdDecompressor()).decompress(frame, max_output_size=limit)
+        if len(data) > limit:  # cannot happen (the bound above); said plainly if it ever does
+            raise EncodingError(f"a zstd frame of {len(data)} bytes, more than {most or limit}")
+        if whole:
+            rest = zstandard.ZstdDecompressor().decompressobj()
+            rest.decompress(frame)  # the frame just decompressed within limit: bounded as well
+            if not rest.eof or rest.unused_data:
+                raise EncodingError(f"{len(rest.unused_data)} bytes after its zstd frame; a chunk is one "
+                                    "frame and nothing else")
+    except zstandard.ZstdError as exc:
+        raise EncodingError(f"not a valid zstd frame: {exc}") from exc
+    return data
 
 
 def check_chunk(cid: str, data: bytes) -> None:

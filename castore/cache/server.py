@@ -55,7 +55,6 @@ import zstandard
 
 from castore.cache.layout import (
     CONFIG,
-    MAX_CHUNK,
     CacheConfig,
     ObjectRecord,
     RealisationRecord,
@@ -64,6 +63,7 @@ from castore.cache.layout import (
     kind_check,
     merged_realisation,
     object_path,
+    unframe,
 )
 from castore.cache.transport import check_path
 from castore.errors import CastoreError, EncodingError
@@ -140,7 +140,8 @@ class CacheApp:
     def __init__(self, root: str | os.PathLike[str], *, public_read: bool = True) -> None:
         self.root = Path(root).absolute()
         self.public_read = public_read
-        self._chunks_written = 0  # chunk files written without an fsync, counted once on disk
+        self._chunks_written = 1  # chunk files written without an fsync, counted once on disk; 1: what
+        # a server before this one wrote may not be durable yet, so the first record waits for a syncfs
         self._chunks_synced = 0  # how many of those a finished syncfs has made durable
         self._sync_lock = asyncio.Lock()  # one syncfs at a time; records waiting on it may find theirs done
         self._realisation_lock = asyncio.Lock()  # read, merge, write: signatures pushed at once are all kept
@@ -217,6 +218,9 @@ class CacheApp:
             fd = os.open(self.root / _checked(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             raise absent from None
+        except OSError as exc:  # a socket put there (ENXIO), a loop, permissions: not a cache file
+            _log(f"cannot open {path}: {exc.strerror}")
+            raise absent from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -228,7 +232,7 @@ class CacheApp:
             elif st.st_size <= INLINE_READ:
                 data = os.read(fd, st.st_size)
             else:
-                data = await asyncio.to_thread(os.read, fd, st.st_size)
+                data = await asyncio.to_thread(_read_all, fd, st.st_size)
         finally:
             os.close(fd)
         immutable = path.startswith(("chunks/", "objects/"))
@@ -263,8 +267,9 @@ class CacheApp:
                     await asyncio.to_thread(self._check_chunk, name, body)
                 else:  # at most 128 KiB at the default chunking: tens of microseconds
                     self._check_chunk(name, body)
-                if (self.root / path).exists():
-                    return  # named by its content, and checked when it came: it stays as it is
+                if (self.root / path).exists():  # named by its content, checked when it came: it stays,
+                    self._chunks_written += 1  # but it may not be on disk yet (a server killed a moment ago
+                    return  # wrote it): the record that names it waits for a syncfs all the same
                 self._write_chunk(path, body)
             elif kind == "objects":
                 if await asyncio.to_thread(self._check_object, name, body):
@@ -280,19 +285,11 @@ class CacheApp:
     def _check_chunk(self, cid: str, body: bytes) -> None:
         """One zstd frame and nothing after it, of bytes that hash to cid: a second frame or padding
         would pass a plain decompress (it stops at the first frame) and make every pull refuse the file."""
-        dctx = zstandard.ZstdDecompressor()
         try:
-            data = dctx.decompress(body, max_output_size=MAX_CHUNK)  # bounded, whatever the frame claims
-            frame = dctx.decompressobj()  # the same frame again (so bounded too), to learn where it ends
-            frame.decompress(body)
-        except zstandard.ZstdError as exc:
-            raise HttpError(400, "bad-chunk", f"chunk {cid} is not a zstd frame: {exc}") from None
-        if not frame.eof or frame.unused_data:
-            raise HttpError(400, "bad-chunk", f"chunk {cid} has {len(frame.unused_data)} bytes after its zstd "
-                            "frame; a chunk is one frame and nothing else")
-        if len(data) > self.max_chunk:
-            raise HttpError(400, "bad-chunk", f"chunk {cid} is {len(data)} bytes, longer than this "
-                            f"cache's chunking maximum of {self.max_chunk}")
+            data = unframe(body, self.max_chunk, whole=True,
+                           most=f"this cache's chunking maximum of {self.max_chunk} bytes")
+        except EncodingError as exc:
+            raise HttpError(400, "bad-chunk", f"chunk {cid}: {exc.message}") from None
         check_chunk(cid, data)
 
     def _check_object(self, oid: str, body: bytes) -> bool:
@@ -395,6 +392,15 @@ def _said(exc: CastoreError) -> str:
         return exc.message
     what = {"FormatError": "a byte that starts no msgpack value", "StackError": "nested too deeply"}
     return exc.message + what.get(type(exc.__cause__).__name__, type(exc.__cause__).__name__)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """size bytes from fd: one read() returns at most 2 GiB."""
+    parts, done = [], 0
+    while done < size and (part := os.pread(fd, min(size - done, 1 << 30), done)):
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
 
 
 def _log(line: str) -> None:

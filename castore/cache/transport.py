@@ -347,7 +347,7 @@ class HttpTransport:
             found |= answer
         else:
             return found
-        return {p for p in wanted if not self.exists(p)}
+        return found | {p for p in wanted[start:] if not self.exists(p)}  # found: the batches answered
 
     def put(self, path: str, data: bytes) -> None:
         status, body = self._request("PUT", path, data, limit=_ANSWER)
