@@ -170,9 +170,8 @@ def test_missing_asks_in_batches_the_server_takes(server: tuple[str, Path, str])
     asked = [chunk_path(f"{i:064x}") for i in range(120_000)] + [present]
     with HttpTransport(url, token=token) as http:
         assert http.missing(asked) == set(asked) - {present}
-        assert http._batch  # answered in batches, not by 120,001 HEADs
-    log = (root.parent / "serve.log").read_text()
-    assert "413" not in log and "Traceback" not in log
+        assert http._batch  # answered in batches (a 413 would have turned them off), not by 120,001 HEADs
+    assert "Traceback" not in (root.parent / "serve.log").read_text()
 
 
 def test_push_and_pull_through_a_real_server(server: tuple[str, Path, str], tmp_path: Path) -> None:
