@@ -66,6 +66,36 @@ def _host(host: str) -> str | bytes:
     return host.encode() if host.isascii() else host
 
 
+class Deadline:
+    """When an answer must have arrived whole (:data:`MIN_RATE`): the timeout plus a second per KiB
+    its request sends, pushed back a second per KiB it brings. Not running: never."""
+
+    __slots__ = ("at", "started")
+
+    def __init__(self) -> None:
+        self.started = self.at = math.inf
+
+    def start(self, timeout: float, sent: int = 0) -> None:
+        self.started = time.monotonic()
+        self.at = self.started + timeout + sent / MIN_RATE
+
+    def stop(self) -> None:
+        self.started = self.at = math.inf
+
+    def left(self) -> float:
+        """Seconds left; TimeoutError once there are none."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("past the answer's deadline")
+        return left
+
+    def got(self, n: int) -> None:
+        self.at += n / MIN_RATE
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
 class _Reader(socket.SocketIO):
     """The socket's reading side, holding each answer to a deadline (:data:`MIN_RATE`) that the
     bytes it reads push back. The buffered reader above it calls it only when its buffer runs
@@ -77,23 +107,18 @@ class _Reader(socket.SocketIO):
         self.sock = sock
         self.timeout = timeout
         self.upload: int | None = None  # set for each answer: the bytes of its request; None once its clock runs
-        self.started = self.deadline = math.inf
+        self.deadline = Deadline()
 
     def readinto(self, b: WriteableBuffer) -> int | None:
-        now = time.monotonic()
         if self.upload is not None:
-            self.started = now
-            self.deadline = now + self.timeout + self.upload / MIN_RATE
+            self.deadline.start(self.timeout, self.upload)
             self.upload = None
-        left = self.deadline - now
-        if left <= 0:
-            raise TimeoutError("past the answer's deadline")
-        wait = min(left, self.timeout)
+        wait = min(self.deadline.left(), self.timeout)
         if self.sock.gettimeout() != wait:
             self.sock.settimeout(wait)
         n = super().readinto(b)
         if n:
-            self.deadline += n / MIN_RATE
+            self.deadline.got(n)
         return n
 
 
@@ -250,7 +275,7 @@ class Pipeline:
                 raise Broken(f"the body ended after {len(body)} of {length} bytes")
         except TimeoutError as exc:
             self.close()
-            raise Broken(f"timed out: no whole answer after {time.monotonic() - raw.started:.1f} s") from exc
+            raise Broken(f"timed out: no whole answer after {raw.deadline.elapsed():.1f} s") from exc
         except OSError as exc:
             self.close()
             raise Broken(f"{type(exc).__name__}: {exc}") from exc

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from castore.cache.pipeline import MIN_RATE, UNTRUSTED, Broken, Malformed, Pipeline, Unsupported
+from castore.cache.pipeline import UNTRUSTED, Broken, Deadline, Malformed, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
 from castore.fsutil import atomic_write, syncfs
 
@@ -173,7 +172,7 @@ class HttpTransport:
         self._pipe: Pipeline | None = None  # made on first use
         self._pipe_ok = True  # until the server answers in a way the pipeline cannot read
         self._client: httpx.Client | None = None
-        self._deadline = math.inf  # of the answer httpx is reading
+        self._deadline = Deadline()  # of the answer httpx is reading
         self._budget = 0  # the bytes it may still bring
 
     @property
@@ -206,8 +205,7 @@ class HttpTransport:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         delay = 0.1
         for attempt in range(self.attempts):
-            started = time.monotonic()
-            self._deadline = started + self.timeout + len(body or b"") / MIN_RATE
+            self._deadline.start(self.timeout, len(body or b""))
             self._budget = limit + (1 << 20)  # room for headers and redirects
             try:
                 with self.client.stream(method, url, content=body, headers=headers,
@@ -221,7 +219,7 @@ class HttpTransport:
                         return status, _read_body(resp, url, _ERROR_PAGE, cut=True)
                     problem = f"HTTP {status}"
             except (_Expired, httpx.ReadTimeout):
-                problem = f"timed out: no whole answer after {time.monotonic() - started:.1f} s"
+                problem = f"timed out: no whole answer after {self._deadline.elapsed():.1f} s"
             except _TooLarge:
                 raise CastoreError(f"{url}: a body of more than the {limit} bytes expected", _MALFORMED) from None
             except httpx.InvalidURL as exc:
@@ -231,7 +229,7 @@ class HttpTransport:
                     raise CastoreError(f"{url}: {exc}", UNTRUSTED) from exc
                 problem = f"{type(exc).__name__}: {exc}"
             finally:
-                self._deadline = math.inf
+                self._deadline.stop()
             if attempt + 1 < self.attempts:
                 time.sleep(delay)
                 delay *= 4
@@ -246,11 +244,12 @@ class HttpTransport:
             stream.read = functools.partial(self._read, stream.read)
 
     def _read(self, read: Callable[[int, float | None], bytes], max_bytes: int, timeout: float | None = None) -> bytes:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise _Expired
+        try:
+            left = self._deadline.left()
+        except TimeoutError:
+            raise _Expired from None  # not an OSError: httpcore would call it a dropped connection
         data = read(max_bytes, left if timeout is None else min(timeout, left))
-        self._deadline += len(data) / MIN_RATE
+        self._deadline.got(len(data))
         self._budget -= len(data)
         if self._budget < 0:
             raise _TooLarge
