@@ -720,9 +720,11 @@ def python_rate(url: str, paths: list[str], seconds: float, clients: int) -> tup
 def bench_serve() -> Row:
     clients, seconds = 64, 5
     row = Row(f"serve chunk GETs/s, {clients} clients", "none; nginx for scale", unit="req/s")
-    from castore.cache.layout import ObjectRecord, chunk_path, object_path
+    from castore.cache.copy import record_of
+    from castore.cache.layout import chunk_path
+    from castore.cache.transport import DirTransport
 
-    rec = ObjectRecord.decode(lab().v1, (lab().cache / object_path(lab().v1)).read_bytes())
+    rec = record_of(DirTransport(lab().cache), lab().v1)
     paths = [f"/{chunk_path(c)}" for c, _ in rec.chunks]
     listing = new_dir("chunk-paths").with_suffix(".txt")
     listing.write_text("\n".join(paths) + "\n")

@@ -45,7 +45,7 @@ from castore.fsutil import copy_range, start_writeback, syncfs
 from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree
 
-_SCHEMA_VERSION = 1  # PRAGMA user_version once the schema below is in place
+_SCHEMA_VERSION = 2  # PRAGMA user_version once the schema below is in place (2: chunk_lists)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, added INTEGER NOT NULL);
@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS chunks (
     chunk TEXT NOT NULL, blob TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     PRIMARY KEY (chunk, blob, offset)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob);
+CREATE TABLE IF NOT EXISTS chunk_lists (
+    list TEXT NOT NULL, blob TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (list, blob)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunk_lists_blob ON chunk_lists (blob);
 """
 _SMALL = 8 << 20
 _LISTED = 20  # stray files named one by one in verify's notes
@@ -578,11 +581,26 @@ class LocalStore:
 
     # -- chunk index: where each chunk of a local blob lies, to seed pulls --------
 
-    def record_chunks(self, blob: str, chunks: Iterable[tuple[str, int, int]]) -> None:
-        """chunks: (chunk id, offset, length) of blob, which must be in the store."""
+    def record_chunks(self, blob: str, chunks: Iterable[tuple[str, int, int]],
+                      lists: Iterable[tuple[str, bytes]] = ()) -> None:
+        """chunks: (chunk id, offset, length) of blob, which must be in the store; lists: (id,
+        bytes) of the pieces a cache cuts a long chunk list into, kept so that a pull of the next
+        version of this blob fetches only the pieces that changed (the caller checks them by id)."""
         with self._transaction() as db:
             db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)",
                            [(c, blob, off, n) for c, off, n in chunks])
+            db.executemany("INSERT OR IGNORE INTO chunk_lists VALUES (?, ?, ?)",
+                           [(lid, blob, data) for lid, data in lists])
+
+    def find_lists(self, ids: Iterable[str]) -> dict[str, bytes]:
+        """The bytes of the chunk lists of local blobs that have these ids (see record_chunks)."""
+        found: dict[str, bytes] = {}
+        wanted = list(dict.fromkeys(ids))
+        for i in range(0, len(wanted), 500):
+            part = wanted[i:i + 500]
+            found.update(self._q("SELECT l.list, l.data FROM chunk_lists l JOIN objects o ON o.id = l.blob "
+                                 f"WHERE l.list IN ({','.join('?' * len(part))})", part))
+        return found
 
     def chunked(self, blob: str) -> bool:
         return bool(self._q("SELECT 1 FROM chunks WHERE blob = ? LIMIT 1", (blob,)))
@@ -672,6 +690,7 @@ class LocalStore:
                     db.execute("DELETE FROM refs WHERE referrer = ?", (oid,))
                     db.execute("DELETE FROM realisations WHERE object = ?", (oid,))
                     db.execute("DELETE FROM chunks WHERE blob = ?", (oid,))
+                    db.execute("DELETE FROM chunk_lists WHERE blob = ?", (oid,))
             freed = litter
             for oid, size in dead:
                 with contextlib.suppress(FileNotFoundError):

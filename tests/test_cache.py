@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from castore import canonical
-from castore.cache.copy import pull, push
+from castore.cache.copy import pull, push, record_of
 from castore.cache.layout import CacheConfig, ObjectRecord, RealisationRecord, chunk_path, object_path
 from castore.cache.transport import DirTransport, HttpTransport, check_path, open_cache
 from castore.chunking import ChunkParams
@@ -56,6 +56,58 @@ def test_record_golden_and_config(tmp_path: Path) -> None:
         CacheConfig.decode(b'{"format": 9}')
 
 
+def _many_chunks(n: int) -> tuple[tuple[str, int], ...]:
+    return tuple((hash_bytes(i.to_bytes(4, "big")), 1000 + i) for i in range(n))
+
+
+def test_large_records_cut_their_chunk_list_into_list_chunks() -> None:
+    chunks = _many_chunks(200)
+    rec = ObjectRecord("a" * 64, "blob", sum(n for _, n in chunks), (), chunks)
+    lists = rec.chunk_lists()
+    golden("cache-object-record-listed.bin", rec.encode())
+    golden("cache-list-chunk.bin", lists[0].data)
+    assert 1 < len(lists) < 200 and [c for piece in lists for c in canonical.decode(piece.data)] == [
+        [bytes.fromhex(c), n] for c, n in chunks]
+    head = ObjectRecord.decode("a" * 64, rec.encode())
+    assert not head.complete and len(head.lists) == len(lists)
+    found = {piece.id: piece.data for piece in lists}
+    assert head.resolve(found.get).chunks == chunks
+    # the cuts depend on the chunk ids alone: chunks put in front change the first list chunk only
+    longer = ObjectRecord("a" * 64, "blob", 0, (), _many_chunks(300)[250:] + chunks).chunk_lists()
+    assert len({piece.id for piece in lists} - {piece.id for piece in longer}) <= 1
+    # an inline record stays format 2, byte for byte
+    small = ObjectRecord("a" * 64, "blob", 3, (), (("b" * 64, 3),))
+    assert small.chunk_lists() == [] and canonical.decode(small.encode())["format"] == 2
+
+
+@pytest.mark.parametrize("damage, complaint", [
+    ("missing", "which is not there"),
+    ("other bytes", "hash to"),
+    ("count", "the record says"),
+    ("not msgpack", "list chunk"),
+    ("bad entry", "bad chunk"),
+])
+def test_list_chunks_are_checked_against_the_record(damage: str, complaint: str) -> None:
+    chunks = _many_chunks(100)
+    rec = ObjectRecord("a" * 64, "blob", sum(n for _, n in chunks), (), chunks)
+    found = {piece.id: piece.data for piece in rec.chunk_lists()}
+    fields = canonical.decode(rec.encode())
+    first = fields["lists"][0]
+    if damage == "missing":
+        del found[first[0].hex()]
+    elif damage == "other bytes":
+        found[first[0].hex()] = canonical.encode([[bytes(32), 5]])
+    elif damage == "count":  # a list chunk that hashes right, named by a record that counts otherwise
+        first[1] += 1
+    else:  # bytes that hash to the id the record names, but do not list chunks
+        bad = b"\xc1" if damage == "not msgpack" else canonical.encode([[bytes(31), first[2]]])
+        first[0] = bytes.fromhex(hash_bytes(bad))
+        found[first[0].hex()] = bad
+    head = ObjectRecord.decode("a" * 64, canonical.encode(fields))
+    with pytest.raises(CastoreError, match=re.escape(complaint)):
+        head.resolve(found.get)
+
+
 def test_round_trip_of_a_realized_closure(tmp_path: Path) -> None:
     a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
     res = castore_json("realize", "tests/recipes/small.py:layer", store=a)  # a tree and its blobs
@@ -92,7 +144,9 @@ def test_dedup_push_and_seeded_pull(tmp_path: Path) -> None:
     cache.gets.clear()
     s = pull(b, cache, [id2])
     fetched = [g for g in cache.gets if g.startswith("chunks/")]
-    assert len(fetched) == s.chunks_fetched == s2.chunks_sent  # exactly what v1 lacks
+    assert len(fetched) == s.chunks_fetched + s.lists == s2.chunks_sent + s2.lists  # exactly what v1 lacks
+    lists = ObjectRecord.decode(id2, cache.get(object_path(id2)) or b"").lists
+    assert 0 < s.lists < len(lists)  # v2's chunk list is cut in list chunks, and shares most with v1's
     assert s.chunks_seeded > 0 and b.blob_path(id2).read_bytes() == v2
     # a local blob rotted on disk: the chunks seeded from it make v3 hash wrong, and nothing is added
     v3 = v1[:2_500_000] + rng.randbytes(100_000) + v1[2_500_000:]
@@ -127,7 +181,7 @@ def test_seeding_copies_runs_and_fetches_what_a_short_blob_lacks(tmp_path: Path)
     cache.gets.clear()
     s = pull(b, cache, [id2])
     fetched = {g.rpartition("/")[2] for g in cache.gets if g.startswith("chunks/")}
-    record = ObjectRecord.decode(id2, (tmp_path / "cache" / object_path(id2)).read_bytes())
+    record = record_of(cache, id2)
     offsets, at = {}, 0
     for cid, n in record.chunks:
         offsets[cid], at = at, at + n
@@ -166,8 +220,7 @@ def _pushed(tmp_path: Path, size: int = 400_000) -> tuple[LocalStore, DirTranspo
 
 
 def _chunk_files(cache: DirTransport, oid: str) -> list[Path]:
-    rec = ObjectRecord.decode(oid, cache.get(object_path(oid)) or b"")
-    return [cache.root / chunk_path(c) for c, _ in rec.chunks]
+    return [cache.root / chunk_path(c) for c, _ in record_of(cache, oid).chunks]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "other-chunk", "missing", "bigger"])
@@ -400,14 +453,31 @@ _CID = "b" * 64
     ({"chunks": [[bytes.fromhex(_CID), 0]], "size": 0}, "bad chunk"),
     ({"chunks": [[bytes.fromhex(_CID), 1 << 30]], "size": 1 << 30}, "no chunk is over 16 MiB"),
     ({"format": 2, "extra": 1}, "malformed"),
+    ({"format": 3}, "format 3 is not supported"),
+    ({"format": 3, "lists": [[bytes(32), 1, 3]]}, "malformed"),  # chunks and lists both
 ])
 def test_object_records_are_type_checked(rec: dict[str, object], complaint: str) -> None:
     fields: dict[str, object] = {"format": 2, "kind": "tree", "size": 3, "refs": [],
                                  "chunks": [[bytes.fromhex(_CID), 3]], **rec}
+    fields = {k: v for k, v in fields.items() if v is not None}
     with pytest.raises(EncodingError, match=re.escape(complaint)):
         ObjectRecord.decode("a" * 64, canonical.encode(fields))
     with pytest.raises(EncodingError, match="chunking"):
         CacheConfig.decode(b'{"format": 2, "compression": "zstd", "chunking": {"algorithm": "fastcdc-2020"}}')
+
+
+@pytest.mark.parametrize("lists, complaint", [
+    ([], "bad list chunk"),
+    ([[bytes(32), 3]], "bad list chunk"),
+    ([[bytes(32), 0, 3]], "bad list chunk"),
+    ([[bytes(32), 257, 3]], "bad list chunk"),
+    ([[bytes(31), 1, 3]], "bad list chunk"),
+    ([[bytes(32), 1, 2]], "add up to 2 bytes"),
+])
+def test_listed_records_are_type_checked(lists: list[object], complaint: str) -> None:
+    fields = {"format": 3, "kind": "blob", "size": 3, "refs": [], "lists": lists}
+    with pytest.raises(EncodingError, match=re.escape(complaint)):
+        ObjectRecord.decode("a" * 64, canonical.encode(fields))
 
 
 def test_realisation_records_are_type_checked() -> None:

@@ -143,6 +143,34 @@ def test_uploads_are_verified_and_ordered(tmp_path: Path) -> None:
     assert asgi(app, "DELETE", f"/{object_path(cid)}", token=writer).status_code == 405
 
 
+def test_a_listed_record_waits_for_its_list_chunks_and_must_agree_with_them(tmp_path: Path) -> None:
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    cctx = zstandard.ZstdCompressor()
+    pieces = [os.urandom(1000 + i) for i in range(100)]
+    data = b"".join(pieces)
+    chunks = tuple((hash_bytes(p), len(p)) for p in pieces)
+    for p in pieces:
+        assert asgi(app, "PUT", f"/{chunk_path(hash_bytes(p))}", cctx.compress(p), token=writer).status_code == 201
+    rec = ObjectRecord(hash_bytes(data), "blob", len(data), (), chunks)
+    lists = rec.chunk_lists()
+    assert len(lists) > 1
+    r = asgi(app, "PUT", f"/{object_path(rec.id)}", rec.encode(), token=writer)
+    assert r.status_code == 409 and "list chunk" in r.json()["message"]  # its list chunks are not there yet
+    for piece in lists:
+        assert asgi(app, "PUT", f"/{chunk_path(piece.id)}", cctx.compress(piece.data), token=writer).status_code == 201
+    fields = canonical.decode(rec.encode())
+    fields["lists"][0][1] += 1  # a record that counts a list chunk otherwise than it lists
+    r = asgi(app, "PUT", f"/{object_path(rec.id)}", canonical.encode(fields), token=writer)
+    assert r.status_code == 400 and "the record says" in r.json()["message"]
+    assert not (tmp_path / "cache" / object_path(rec.id)).exists()
+    assert asgi(app, "PUT", f"/{object_path(rec.id)}", rec.encode(), token=writer).status_code == 201
+    b = LocalStore(tmp_path / "b")
+    assert pull(b, DirTransport(tmp_path / "cache"), [rec.id]).lists == len(lists)
+    assert b.blob_path(rec.id).read_bytes() == data
+    b.close()
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     """A real `castore serve` of tmp_path/served; its stderr goes to tmp_path/serve.log."""

@@ -258,6 +258,24 @@ def test_a_store_made_before_user_version_was_set_is_adopted(tmp_path: Path) -> 
         assert s.db.execute("PRAGMA user_version").fetchone()[0] >= 1
 
 
+def test_a_version_1_store_gains_the_chunk_lists_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    root = tmp_path / "s"
+    with LocalStore(root) as s:
+        oid = s.add_bytes(b"x" * 100)
+    db = sqlite3.connect(root / "db.sqlite")
+    db.execute("DROP TABLE chunk_lists")  # what a store made before list chunks has
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with LocalStore(root) as s:
+        s.record_chunks(oid, [("c" * 64, 0, 100)], [("d" * 64, b"list bytes")])
+        assert s.find_lists(["d" * 64, "e" * 64]) == {"d" * 64: b"list bytes"}
+        s.gc()  # no root holds the blob: its chunk lists go with it
+        assert not s.has(oid) and s.find_lists(["d" * 64]) == {}
+
+
 def test_hard_links_across_directories_import(store: LocalStore, tmp_path: Path) -> None:
     d = tmp_path / "tree"
     (d / "a").mkdir(parents=True)

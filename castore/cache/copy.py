@@ -29,6 +29,7 @@ import zstandard
 from castore.cache.layout import (
     CONFIG,
     CORRUPT,
+    LIST_BYTES,
     MAX_CHUNK,
     CacheConfig,
     ObjectRecord,
@@ -59,6 +60,7 @@ class CopyStats:
     chunks_sent: int = 0
     chunks_fetched: int = 0
     chunks_seeded: int = 0  # taken from local blobs or the resume cache
+    lists: int = 0  # list chunks (the chunk lists of large objects, see layout.ChunkList) sent or fetched
     bytes_on_wire: int = 0
     realisations: int = 0  # signed realisations published
     ids: list[str] = field(default_factory=list)
@@ -116,13 +118,19 @@ def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Pro
         info = store.info(oid)
         path = store.blob_path(oid)
         chunks = cut_file(path, config.chunking)
-        store.record_chunks(oid, [(c.id, c.offset, c.length) for c in chunks])
+        record = ObjectRecord(oid, info.kind, info.size, info.refs, tuple((c.id, c.length) for c in chunks))
+        lists = {chunk_path(c.id): c for c in record.chunk_lists()}
+        store.record_chunks(oid, [(c.id, c.offset, c.length) for c in chunks], [(c.id, c.data) for c in lists.values()])
         wanted = {chunk_path(c.id): c for c in chunks}
         todo = cache.missing(wanted)
         with open(path, "rb") as f:
             cache.put_many(_frames(f, [wanted[cpath] for cpath in sorted(todo)], cctx, stats))
         progress(f"pushed {info.kind} {oid[:12]} ({len(todo)} of {len(chunks)} chunks new)")
-        record = ObjectRecord(oid, info.kind, info.size, info.refs, tuple((c.id, c.length) for c in chunks))
+        if lists:  # published before the record that names them
+            frames = {p: cctx.compress(lists[p].data) for p in sorted(cache.missing(lists))}
+            cache.put_many(frames.items())
+            stats.lists += len(frames)
+            stats.bytes_on_wire += sum(map(len, frames.values()))
         data = record.encode()
         cache.put(object_path(oid), data)
         stats.bytes_on_wire += len(data)
@@ -155,28 +163,68 @@ def _frames(f: BinaryIO, chunks: list[Chunk], cctx: zstandard.ZstdCompressor,
         yield chunk_path(c.id), frame
 
 
-def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str],
-                  max_chunk: int = MAX_CHUNK) -> tuple[dict[str, ObjectRecord], int]:
-    """The records of every object of the closures that the store lacks, and their bytes on the wire.
+def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats: CopyStats,
+                  max_chunk: int = MAX_CHUNK) -> dict[str, ObjectRecord]:
+    """The records of every object of the closures that the store lacks, with their chunk
+    lists (their bytes on the wire, and the list chunks fetched, are added to stats).
 
-    One batch of requests per level of references: a tree's thousands of blobs in one pipeline.
-    A record listing a chunk longer than max_chunk (the cache's chunking maximum) is corrupt.
+    One batch of requests per level of references: a tree's thousands of blobs in one pipeline,
+    then one for the list chunks of the level's large objects. A record listing a chunk longer
+    than max_chunk (the cache's chunking maximum) is corrupt.
     """
     records: dict[str, ObjectRecord] = {}
-    wire = 0
     level = sorted({oid for oid in ids if not store.has(oid)})
     while level:
         refs: set[str] = set()
+        listed: list[ObjectRecord] = []
         for path, data in cache.get_many([object_path(oid) for oid in level]):
             oid = path.rpartition("/")[2]
             if data is None:
                 raise NotFound(f"{cache.url} has no object {oid}")
             rec = records[oid] = ObjectRecord.decode(oid, data)
-            rec.check_chunks(max_chunk)
-            wire += len(data)
+            stats.bytes_on_wire += len(data)
             refs.update(rec.refs)
+            if not rec.complete:
+                listed.append(rec)
+        if listed:  # the pieces of chunk lists local blobs share are not fetched
+            found = store.find_lists({lid for rec in listed for lid, _, _ in rec.lists})
+            fetched, n = _chunk_lists(cache, sorted({lid for rec in listed for lid, _, _ in rec.lists} - set(found)))
+            found |= fetched
+            stats.bytes_on_wire += n
+            stats.lists += len(fetched)
+            for rec in listed:
+                records[rec.id] = rec.resolve(found.get)
+        for oid in level:
+            records[oid].check_chunks(max_chunk)
         level = sorted(r for r in refs if r not in records and not store.has(r))
-    return records, wire
+    return records
+
+
+def record_of(cache: Transport, oid: str) -> ObjectRecord:
+    """One object's record with its chunks, as a cache has it."""
+    data = cache.get(object_path(oid))
+    if data is None:
+        raise NotFound(f"{cache.url} has no object {oid}")
+    rec = ObjectRecord.decode(oid, data)
+    return rec.resolve(_chunk_lists(cache, [lid for lid, _, _ in rec.lists])[0].get)
+
+
+def _chunk_lists(cache: Transport, ids: list[str]) -> tuple[dict[str, bytes], int]:
+    """The list chunks a cache has of these (decompressed; each is checked against its id as it
+    is used), and their bytes on the wire."""
+    found: dict[str, bytes] = {}
+    wire = 0
+    dctx = zstandard.ZstdDecompressor()
+    for path, frame in cache.get_many([chunk_path(lid) for lid in ids], _frame_limit(LIST_BYTES)):
+        if frame is None:
+            continue
+        lid = path.rpartition("/")[2]
+        try:
+            found[lid] = unframe(frame, LIST_BYTES, dctx, most=f"a list chunk may hold ({LIST_BYTES} bytes)")
+        except EncodingError as exc:
+            raise CastoreError(f"list chunk {lid} from {cache.url}: {exc.message}", CORRUPT) from exc
+        wire += len(frame)
+    return found, wire
 
 
 def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bool = False,
@@ -191,14 +239,14 @@ def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bo
 def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress,
           meter: Meter | None, kinds: dict[str, str]) -> CopyStats:
     config = cache_config(cache, create=False)
-    records, record_bytes = fetch_records(store, cache, wanted, config.chunking.max)
+    stats = CopyStats(present=len([o for o in wanted if store.has(o)]))
+    records = fetch_records(store, cache, wanted, stats, config.chunking.max)
     for oid, kind in kinds.items():  # a record's kind is the cache's word: its content may say otherwise
         said = records[oid].kind if oid in records else store.kinds_and_sizes([oid]).get(oid, (kind, 0))[0]
         if said != kind:
             where = f"{cache.url} records" if oid in records else "the store holds"
             raise CastoreError(f"{where} object {oid} as a {said}, but it was asked for as a {kind}",
                                CORRUPT if oid in records else "run `castore verify`")
-    stats = CopyStats(present=len([o for o in wanted if store.has(o)]), bytes_on_wire=record_bytes)
     order = _refs_first(records, lambda o: [r for r in records[o].refs if r in records])
     if dry_run:
         lengths = {cid: n for oid in order for cid, n in records[oid].chunks}
@@ -207,7 +255,7 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
         stats.ids = order
         stats.chunks_fetched = len(need)
         stats.chunks_seeded = len(lengths) - len(need)
-        stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed: zstd frames differ a little
+        stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed chunk data; records left out
         return stats
     with store.lock("pull"):  # one pull at a time writes the partial objects
         order = [oid for oid in order if not store.has(oid)]  # a pull we waited for may have added some
@@ -431,7 +479,7 @@ class _Assembly:
         for cid, length in rec.chunks:
             index.append((cid, offset, length))
             offset += length
-        self.store.record_chunks(oid, index)
+        self.store.record_chunks(oid, index, [(c.id, c.data) for c in rec.chunk_lists()])
         self.stats.objects += 1
         self.stats.ids.append(oid)
         self.progress(f"pulled {rec.kind} {oid[:12]}")

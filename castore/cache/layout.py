@@ -17,7 +17,7 @@ import zstandard
 
 from castore import canonical
 from castore.chunking import ChunkParams
-from castore.errors import EncodingError, UnsafeArchive
+from castore.errors import EncodingError, NotFound, UnsafeArchive
 from castore.hashing import hash_bytes, is_id
 from castore.manifest import FORMAT, KINDS, MAX_SIZE, Image, Tree, brief
 
@@ -27,6 +27,7 @@ CACHE_FORMAT = 2  # 2: chunk ids in object records are 32-byte bin, half the byt
 MAX_CHUNK = 16 << 20  # the largest chunking max ChunkParams allows: no chunk is longer
 CORRUPT = "the cache is corrupt; nothing was added"
 _RECORD_KEYS = frozenset(("format", "kind", "size", "refs", "chunks"))
+_LISTED_KEYS = frozenset(("format", "kind", "size", "refs", "lists"))
 _REALISATION_KEYS = frozenset(("format", "kind", "plan", "object", "record", "signatures"))
 
 
@@ -65,14 +66,72 @@ class CacheConfig:
         return cls(ChunkParams.from_record(chunking), COMPRESSION)
 
 
+INLINE_CHUNKS = 64  # a record of more chunks lists them in list chunks
+LIST_CUT = 32  # a list chunk ends after a chunk id whose first 32 bits are LIST_CUT - 1 modulo LIST_CUT
+LIST_MAX = 256  # ... or after this many entries
+_ENTRY_MAX = 48  # bytes of one encoded [bin(32), length] entry, with room
+LIST_BYTES = LIST_MAX * _ENTRY_MAX + 16  # the most a list chunk may hold
+
+
+@dataclass(frozen=True)
+class ChunkList:
+    """A piece of an object's chunk list, kept as a chunk of its own (``chunks/``, zstd) so that
+    the next version of an image shares it: its cuts depend only on the chunk ids it lists."""
+
+    id: str  # the BLAKE3 of data
+    data: bytes  # canonical msgpack [[bin(32) chunk id, length], ...]
+    count: int
+    size: int  # bytes of the object its chunks make up
+
+
+def chunk_lists(chunks: tuple[tuple[str, int], ...]) -> list[ChunkList]:
+    lists: list[ChunkList] = []
+    piece: list[tuple[str, int]] = []
+    for cid, length in chunks:
+        piece.append((cid, length))
+        if len(piece) == LIST_MAX or int(cid[:8], 16) % LIST_CUT == LIST_CUT - 1:
+            lists.append(_chunk_list(piece))
+            piece = []
+    if piece:
+        lists.append(_chunk_list(piece))
+    return lists
+
+
+def _chunk_list(piece: list[tuple[str, int]]) -> ChunkList:
+    data = canonical.encode([[bytes.fromhex(c), n] for c, n in piece])
+    return ChunkList(hash_bytes(data), data, len(piece), sum(n for _, n in piece))
+
+
+def _entries(value: Any, what: str) -> tuple[tuple[str, int], ...]:
+    """[[bin(32), length], ...] checked: every length positive and at most MAX_CHUNK."""
+    if not isinstance(value, list):
+        raise EncodingError(f"{what} lists a bad chunk", CORRUPT)
+    for c in value:
+        if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], bytes) and len(c[0]) == 32
+                and type(c[1]) is int and c[1] > 0):
+            raise EncodingError(f"{what} lists a bad chunk", CORRUPT)
+        if c[1] > MAX_CHUNK:
+            raise EncodingError(f"{what} lists a chunk of {c[1]} bytes; no chunk is over "
+                                f"{MAX_CHUNK >> 20} MiB", CORRUPT)
+    return tuple((c.hex(), n) for c, n in value)
+
+
 @dataclass(frozen=True)
 class ObjectRecord:
     """What a cache keeps per object: its kind, size, references and chunks, in order.
 
-    Grammar (format 2)::
+    Grammar, format 2 (up to INLINE_CHUNKS chunks)::
 
         {"format": 2, "kind": "blob" | "tree" | "image", "size": int, "refs": [id, ...],
          "chunks": [[bin(32) chunk id, length], ...]}
+
+    and format 3, where the chunk list is cut into list chunks (:class:`ChunkList`)::
+
+        {"format": 3, "kind": ..., "size": int, "refs": [id, ...],
+         "lists": [[bin(32) list chunk id, chunks it lists, bytes they hold], ...]}
+
+    A decoded format 3 record knows its lists but not yet its chunks (:attr:`complete` is
+    False) until :meth:`resolve` is given the list chunks.
     """
 
     id: str
@@ -80,6 +139,15 @@ class ObjectRecord:
     size: int
     refs: tuple[str, ...]
     chunks: tuple[tuple[str, int], ...]
+    lists: tuple[tuple[str, int, int], ...] = ()  # (list chunk id, count, size), from a format 3 record
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.chunks) or not self.lists
+
+    def chunk_lists(self) -> list[ChunkList]:
+        """The list chunks to publish (before the record) when the record is format 3; else none."""
+        return chunk_lists(self.chunks) if len(self.chunks) > INLINE_CHUNKS else []
 
     def check_chunks(self, limit: int) -> None:
         """No chunk may be longer than the cache's chunking maximum: a record must not make a
@@ -90,21 +158,25 @@ class ObjectRecord:
                                 f"the cache's chunking maximum of {limit}", CORRUPT)
 
     def encode(self) -> bytes:
-        return canonical.encode({
-            "format": CACHE_FORMAT, "kind": self.kind, "size": self.size, "refs": sorted(self.refs),
-            "chunks": [[bytes.fromhex(c), n] for c, n in self.chunks],
-        })
+        head = {"kind": self.kind, "size": self.size, "refs": sorted(self.refs)}
+        lists = self.chunk_lists()
+        if lists:
+            return canonical.encode({**head, "format": 3,
+                                     "lists": [[bytes.fromhex(c.id), c.count, c.size] for c in lists]})
+        return canonical.encode({**head, "format": CACHE_FORMAT,
+                                 "chunks": [[bytes.fromhex(c), n] for c, n in self.chunks]})
 
     @classmethod
     def decode(cls, oid: str, data: bytes) -> ObjectRecord:
         what = f"object record {oid}"
         rec = canonical.decode(data, what)
-        if not isinstance(rec, dict) or rec.keys() != _RECORD_KEYS:
-            raise EncodingError(f"{what} is malformed: not a map of {', '.join(sorted(_RECORD_KEYS))}", CORRUPT)
-        if rec["format"] != CACHE_FORMAT:
+        if not isinstance(rec, dict) or rec.keys() not in (_RECORD_KEYS, _LISTED_KEYS):
+            raise EncodingError(f"{what} is malformed: not a map of {', '.join(sorted(_RECORD_KEYS))} "
+                                "(or lists instead of chunks)", CORRUPT)
+        if rec["format"] != (CACHE_FORMAT if "chunks" in rec else 3):
             raise EncodingError(f"{what}: format {brief(rec['format'])} is not supported",
                                 "a newer or older castore wrote this cache: upgrade, or push to a new cache directory")
-        kind, size, refs, chunks = rec["kind"], rec["size"], rec["refs"], rec["chunks"]
+        kind, size, refs = rec["kind"], rec["size"], rec["refs"]
         if not isinstance(kind, str) or kind not in KINDS:
             raise EncodingError(f"{what} has a bad kind {brief(kind)}", CORRUPT)
         if type(size) is not int or not 0 <= size <= MAX_SIZE:
@@ -113,19 +185,42 @@ class ObjectRecord:
             raise EncodingError(f"{what} has a bad reference", CORRUPT)
         if kind == "blob" and refs:
             raise EncodingError(f"{what} is a blob with references: a blob names nothing", CORRUPT)
-        if not isinstance(chunks, list):
-            raise EncodingError(f"{what} lists a bad chunk", CORRUPT)
-        for c in chunks:
-            if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], bytes) and len(c[0]) == 32
-                    and type(c[1]) is int and c[1] > 0):
-                raise EncodingError(f"{what} lists a bad chunk", CORRUPT)
-            if c[1] > MAX_CHUNK:
-                raise EncodingError(f"{what} lists a chunk of {c[1]} bytes; no chunk is over "
-                                    f"{MAX_CHUNK >> 20} MiB", CORRUPT)
-        total = sum(n for _, n in chunks)
+        if "chunks" in rec:
+            chunks = _entries(rec["chunks"], what)
+            total = sum(n for _, n in chunks)
+            if total != size:
+                raise EncodingError(f"{what}: chunk lengths add up to {total}, not its size {size}", CORRUPT)
+            return cls(oid, kind, size, tuple(refs), chunks)
+        lists = rec["lists"]
+        if not isinstance(lists, list) or not lists or not all(
+                isinstance(c, list) and len(c) == 3 and isinstance(c[0], bytes) and len(c[0]) == 32
+                and type(c[1]) is int and 0 < c[1] <= LIST_MAX and type(c[2]) is int and c[2] > 0 for c in lists):
+            raise EncodingError(f"{what} lists a bad list chunk", CORRUPT)
+        total = sum(c[2] for c in lists)
         if total != size:
-            raise EncodingError(f"{what}: chunk lengths add up to {total}, not its size {size}", CORRUPT)
-        return cls(oid, kind, size, tuple(refs), tuple((c.hex(), n) for c, n in chunks))
+            raise EncodingError(f"{what}: its list chunks add up to {total} bytes, not its size {size}", CORRUPT)
+        return cls(oid, kind, size, tuple(refs), (), tuple((c[0].hex(), c[1], c[2]) for c in lists))
+
+    def resolve(self, found: Callable[[str], bytes | None]) -> ObjectRecord:
+        """The record with its chunks, read from its list chunks (found: list chunk id -> its
+        bytes, decompressed, or None). Each must hash to its id and list what the record says."""
+        if self.complete:
+            return self
+        what = f"object record {self.id}"
+        chunks: list[tuple[str, int]] = []
+        for lid, count, size in self.lists:
+            data = found(lid)
+            if data is None:
+                raise NotFound(f"{what} names list chunk {lid}, which is not there",
+                               "the cache is incomplete; nothing was added")
+            if hash_bytes(data) != lid:
+                raise EncodingError(f"{what}: list chunk {lid} holds bytes that hash to {hash_bytes(data)}", CORRUPT)
+            entries = _entries(canonical.decode(data, f"list chunk {lid}"), f"list chunk {lid}")
+            if len(entries) != count or sum(n for _, n in entries) != size:
+                raise EncodingError(f"{what}: list chunk {lid} lists {len(entries)} chunks of "
+                                    f"{sum(n for _, n in entries)} bytes, the record says {count} of {size}", CORRUPT)
+            chunks += entries
+        return ObjectRecord(self.id, self.kind, self.size, self.refs, tuple(chunks), self.lists)
 
 
 def realisation_path(plan_hash: str) -> str:
@@ -228,10 +323,6 @@ def check_chunk(cid: str, data: bytes) -> None:
     actual = hash_bytes(data)
     if actual != cid:
         raise EncodingError(f"chunk {cid} holds bytes that hash to {actual}")
-
-
-def record_fields(rec: ObjectRecord) -> dict[str, Any]:
-    return {"id": rec.id, "kind": rec.kind, "size": rec.size, "refs": list(rec.refs), "chunks": len(rec.chunks)}
 
 
 def kind_check(rec: ObjectRecord, data: bytes, known: Callable[[list[str]], dict[str, tuple[str, int]]]) -> None:

@@ -55,6 +55,7 @@ import zstandard
 
 from castore.cache.layout import (
     CONFIG,
+    LIST_BYTES,
     CacheConfig,
     ObjectRecord,
     RealisationRecord,
@@ -286,8 +287,8 @@ class CacheApp:
         """One zstd frame and nothing after it, of bytes that hash to cid: a second frame or padding
         would pass a plain decompress (it stops at the first frame) and make every pull refuse the file."""
         try:
-            data = unframe(body, self.max_chunk, whole=True,
-                           most=f"this cache's chunking maximum of {self.max_chunk} bytes")
+            most = max(self.max_chunk, LIST_BYTES)  # list chunks may be longer than a small maximum
+            data = unframe(body, most, whole=True, most=f"this cache's chunking maximum of {most} bytes")
         except EncodingError as exc:
             raise HttpError(400, "bad-chunk", f"chunk {cid}: {exc.message}") from None
         check_chunk(cid, data)
@@ -295,15 +296,26 @@ class CacheApp:
     def _check_object(self, oid: str, body: bytes) -> bool:
         """In a thread: whether the record must be written (False: it is here already)."""
         rec = ObjectRecord.decode(oid, body)
-        rec.check_chunks(self.max_chunk)  # a CastoreError: 400
         if (self.root / object_path(oid)).exists():
             return False  # named by its content: what is there is already right
+        absent = [lid for lid, _, _ in rec.lists if not (self.root / chunk_path(lid)).exists()]
+        if absent:
+            raise HttpError(409, "incomplete", f"object {oid} names list chunk {absent[0]}, which is not here yet")
+        rec = rec.resolve(self._list_chunk)
+        rec.check_chunks(self.max_chunk)  # a CastoreError: 400
         absent = [c for c, _ in rec.chunks if not (self.root / chunk_path(c)).exists()]
         absent += [r for r in rec.refs if not (self.root / object_path(r)).exists()]
         if absent:
             raise HttpError(409, "incomplete", f"object {oid} names {absent[0]}, which is not here yet")
         self._check_reassembly(rec)
         return True
+
+    def _list_chunk(self, lid: str) -> bytes:
+        """A list chunk here, decompressed (ObjectRecord.resolve checks its id)."""
+        try:
+            return unframe((self.root / chunk_path(lid)).read_bytes(), LIST_BYTES)
+        except EncodingError as exc:
+            raise HttpError(400, "invalid", f"list chunk {lid}: {exc.message}") from None
 
     def _merge_realisation(self, path: str, body: bytes) -> bytes:
         """In a thread, under the realisation lock: the record to write, with the signatures of both."""
