@@ -34,7 +34,7 @@ _state: dict[str, Any] = {"store": None, "debug": False}
 
 StoreOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer reads the annotation at runtime
-    typer.Option("--store", help="Store directory [env CASTORE_STORE; default /var/lib/castore "
+    typer.Option("--store", metavar="DIR", help="Store directory [env CASTORE_STORE; default /var/lib/castore "
                  "for root, else $XDG_DATA_HOME/castore].", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -82,13 +82,13 @@ def _err(text: str) -> None:
 def realize(
     target: Annotated[str, typer.Argument(metavar="FILE[:NAME]", help="A recipe file, and which recipe in it "
                                           "(default: 'default', else the only one).")],
-    out_link: Annotated[Optional[str], typer.Option("-o", "--out-link",  # noqa: UP045
+    out_link: Annotated[Optional[str], typer.Option("-o", "--out-link", metavar="NAME",  # noqa: UP045
                         help="Make a symlink NAME to the result and keep it from gc.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be built or fetched, "
                        "and build nothing.")] = False,
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep the scratch directory "
                            "of a failed build for inspection.")] = False,
-    jobs: Annotated[int, typer.Option("-j", "--jobs", help="Parallel jobs inside a build "
+    jobs: Annotated[int, typer.Option("-j", "--jobs", metavar="N", help="Parallel jobs inside a build "
                     "(make -j, compressor threads). 0: one per core.")] = 0,
     no_substitute: Annotated[bool, typer.Option("--no-substitute", help="Build everything missing "
                              "locally; do not ask the configured substituters.")] = False,
@@ -213,7 +213,7 @@ def add(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="A file (vmlinux, rootfs.img, ...) or a directory.")],
     all_root: Annotated[bool, typer.Option("--all-root", help="Record every entry of a directory "
                         "as owned by root (0:0) instead of its owner on this host.")] = False,
-    root_name: Annotated[Optional[str], typer.Option("--root", help="Keep the result as a named "  # noqa: UP045
+    root_name: Annotated[Optional[str], typer.Option("--root", metavar="NAME", help="Keep the result as a named "  # noqa: UP045
                          "gc root.")] = None,
     move: Annotated[bool, typer.Option("--move", help="Move a file into the store instead of copying "
                     "it (same filesystem, one link, owned by you); it leaves its old path.")] = False,
@@ -334,7 +334,7 @@ def export(
 def push(
     ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Objects (ids or prefixes) whose "
                    "closures to upload.")],
-    to: Annotated[str, typer.Option("--to", help="The cache: a directory or file:// URL (created "
+    to: Annotated[str, typer.Option("--to", metavar="CACHE", help="The cache: a directory or file:// URL (created "
                   "if missing), or the http(s) URL of a `castore serve` (token in CASTORE_TOKEN).")],
     as_json: JsonOpt = False,
 ) -> None:
@@ -366,7 +366,7 @@ def push(
 def pull(
     ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Full ids of the objects to fetch "
                    "with their closures.")],
-    from_: Annotated[Optional[str], typer.Option("--from", help="The cache: a directory, file:// or "  # noqa: UP045
+    from_: Annotated[Optional[str], typer.Option("--from", metavar="CACHE", help="The cache: a directory, file:// or "  # noqa: UP045
                      "http(s) URL. Default: the configured substituters, in order.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be fetched, and how much.")] = False,
     as_json: JsonOpt = False,
@@ -452,7 +452,7 @@ def _copy_report(stats: Any, verb: str, as_json: bool) -> None:
 @app.command()
 def serve(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory (created if missing).")],
-    bind: Annotated[str, typer.Option("--bind", help="HOST:PORT to listen on.")] = "127.0.0.1:8080",
+    bind: Annotated[str, typer.Option("--bind", metavar="HOST:PORT", help="Where to listen.")] = "127.0.0.1:8080",
 ) -> None:
     """Serve a cache directory over HTTP: reads for everyone, verified uploads for tokens with write scope.
 
@@ -478,8 +478,8 @@ app.add_typer(token_app, name="token")
 @token_app.command("add")
 def token_add(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory `castore serve` serves.")],
-    scope: Annotated[list[str], typer.Option("--scope", help="read or write (repeat for both).")],
-    name: Annotated[str, typer.Option("--name", help="Who the token is for.")] = "",
+    scope: Annotated[list[str], typer.Option("--scope", metavar="SCOPE", help="read or write (repeat for both).")],
+    name: Annotated[str, typer.Option("--name", metavar="NAME", help="Who the token is for.")] = "",
 ) -> None:
     """Make a token and print it; the server keeps only its hash."""
     from castore.cache.server import add_token
@@ -497,7 +497,8 @@ app.add_typer(key_app, name="key")
 @key_app.command("generate")
 def key_generate(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Key name, by convention LAB-N (bump N to rotate).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the secret key (mode 0600).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE",
+                                      help="Where to write the secret key (mode 0600).")],
 ) -> None:
     """Make a key pair: write the secret key to --out and print the public key (NAME:BASE64).
 
@@ -590,7 +591,7 @@ def _jsonable(value: Any) -> Any:
 
 @app.command(name="ls")
 def ls(
-    kind: Annotated[Optional[str], typer.Option("--kind", help="Only blob, tree or image.")] = None,  # noqa: UP045
+    kind: Annotated[Optional[str], typer.Option("--kind", metavar="KIND", help="Only blob, tree or image.")] = None,  # noqa: UP045
     as_json: JsonOpt = False,
 ) -> None:
     """List the objects in the store, with the names of the plans that made them."""
