@@ -439,14 +439,18 @@ def _copy_report(stats: Any, verb: str, as_json: bool) -> None:
         _emit(asdict(stats))
         return
     if verb == "would fetch":
-        print(f"would fetch {len(stats.ids)} objects ({stats.present} already there): "
-              f"{stats.chunks_fetched} chunks, about {_human(stats.bytes_on_wire)} before compression; "
-              f"{stats.chunks_seeded} chunks would be taken from local blobs")
+        print(f"would fetch {_count(len(stats.ids), 'object')} ({stats.present} already there): "
+              f"{_count(stats.chunks_fetched, 'chunk')}, about {_human(stats.bytes_on_wire)} before compression; "
+              f"{_count(stats.chunks_seeded, 'chunk')} would be taken from local blobs")
         return
-    print(f"{verb} {stats.objects} objects "
+    print(f"{verb} {_count(stats.objects, 'object')} "
           f"({stats.present} already there); chunks: {stats.chunks_sent + stats.chunks_fetched} moved, "
           f"{stats.chunks_seeded} taken from local blobs; {_human(stats.bytes_on_wire)} on the wire"
-          + (f"; {stats.realisations} signed realisations" if stats.realisations else ""))
+          + (f"; {_count(stats.realisations, 'signed realisation')}" if stats.realisations else ""))
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
 @app.command()
@@ -655,7 +659,7 @@ def gc(
             _emit({"deleted": dead, "bytes": freed, "dry_run": dry_run})
         else:
             verb = "would delete" if dry_run else "deleted"
-            print(f"{verb} {len(dead)} objects, {_human(freed)}")
+            print(f"{verb} {_count(len(dead), 'object')}, {_human(freed)}")
 
 
 @app.command()

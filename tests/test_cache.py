@@ -333,7 +333,7 @@ def test_pull_fails_over_between_substituters(tmp_path: Path) -> None:
     env = {"CASTORE_SUBSTITUTERS": f"{empty.root} {tmp_path / 'missing'} file://{cache.root}",
            "CASTORE_CONFIG": str(tmp_path / "none")}
     proc = castore("pull", oid, store=tmp_path / "b", env=env)
-    assert "trying the next substituter" in proc.stderr and "pulled 1 objects" in proc.stdout
+    assert "trying the next substituter" in proc.stderr and "pulled 1 object " in proc.stdout
     assert (tmp_path / "b" / "blobs" / oid[:2] / oid).read_bytes() == data
     dry = castore_json("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "c")
     assert dry["chunks_fetched"] > 0 and dry["bytes_on_wire"] == len(data) and dry["chunks_seeded"] == 0
