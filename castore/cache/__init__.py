@@ -5,7 +5,8 @@ Layout (format 2)::
 
     castore-cache.json        {"format": 2, "chunking": {...}, "compression": "zstd"}
     objects/<id>              canonical msgpack: format, kind, size, refs, chunks [[bin chunk id, length], ...]
-    chunks/<ab>/<chunk id>    one zstd frame holding that chunk's bytes
+                              (format 3, over 64 chunks: lists [[bin list chunk id, count, bytes], ...])
+    chunks/<ab>/<chunk id>    one zstd frame holding that chunk's bytes (or a list chunk's)
 
 A cache is reached through a :class:`~castore.cache.transport.Transport`: a few
 primitives (get, put, exists, missing) over a directory or over HTTP, where
