@@ -48,8 +48,12 @@ class ChunkParams:
     max: int = 128 * 1024
 
     def __post_init__(self) -> None:
-        if not (64 <= self.min <= self.avg <= self.max <= 16 << 20):
+        if not (self.min <= self.avg <= self.max):
             raise EncodingError(f"chunk sizes {self.min}/{self.avg}/{self.max} are not min <= avg <= max")
+        for name, value, low, high in (("min", self.min, 64, 1 << 20), ("avg", self.avg, 256, 4 << 20),
+                                       ("max", self.max, 1024, 16 << 20)):
+            if not low <= value <= high:  # pyfastcdc's bounds
+                raise EncodingError(f"chunking {name} {value} is not from {low} to {high}")
 
     def to_record(self) -> dict[str, Any]:
         return {"algorithm": ALGORITHM, "min": self.min, "avg": self.avg, "max": self.max}

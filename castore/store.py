@@ -593,13 +593,16 @@ class LocalStore:
                            [(lid, blob, data) for lid, data in lists])
 
     def find_lists(self, ids: Iterable[str]) -> dict[str, bytes]:
-        """The bytes of the chunk lists of local blobs that have these ids (see record_chunks)."""
+        """The bytes of the chunk lists of local blobs that have these ids (see record_chunks);
+        a row whose bytes do not hash to its id is left out, so the caller fetches that one."""
         found: dict[str, bytes] = {}
         wanted = list(dict.fromkeys(ids))
         for i in range(0, len(wanted), 500):
             part = wanted[i:i + 500]
-            found.update(self._q("SELECT l.list, l.data FROM chunk_lists l JOIN objects o ON o.id = l.blob "
-                                 f"WHERE l.list IN ({','.join('?' * len(part))})", part))
+            for lid, data in self._q("SELECT l.list, l.data FROM chunk_lists l JOIN objects o ON o.id = l.blob "
+                                     f"WHERE l.list IN ({','.join('?' * len(part))})", part):
+                if isinstance(data, bytes) and hash_bytes(data) == lid:
+                    found[lid] = data
         return found
 
     def chunked(self, blob: str) -> bool:
@@ -690,7 +693,8 @@ class LocalStore:
                     db.execute("DELETE FROM refs WHERE referrer = ?", (oid,))
                     db.execute("DELETE FROM realisations WHERE object = ?", (oid,))
                     db.execute("DELETE FROM chunks WHERE blob = ?", (oid,))
-                    db.execute("DELETE FROM chunk_lists WHERE blob = ?", (oid,))
+                # the chunk lists of blobs that are gone: these, and any an older castore's gc left
+                db.execute("DELETE FROM chunk_lists WHERE blob NOT IN (SELECT id FROM objects)")
             freed = litter
             for oid, size in dead:
                 with contextlib.suppress(FileNotFoundError):

@@ -60,6 +60,9 @@ def _many_chunks(n: int) -> tuple[tuple[str, int], ...]:
     return tuple((hash_bytes(i.to_bytes(4, "big")), 1000 + i) for i in range(n))
 
 
+_SMALL = ChunkParams(512, 1024, 4096)  # chunking that makes chunks of about 1000 bytes
+
+
 def test_large_records_cut_their_chunk_list_into_list_chunks() -> None:
     chunks = _many_chunks(200)
     rec = ObjectRecord("a" * 64, "blob", sum(n for _, n in chunks), (), chunks)
@@ -71,7 +74,7 @@ def test_large_records_cut_their_chunk_list_into_list_chunks() -> None:
     head = ObjectRecord.decode("a" * 64, rec.encode())
     assert not head.complete and len(head.lists) == len(lists)
     found = {piece.id: piece.data for piece in lists}
-    assert head.resolve(found.get).chunks == chunks
+    assert head.resolve(found.get, _SMALL).chunks == chunks
     # the cuts depend on the chunk ids alone: chunks put in front change the first list chunk only
     longer = ObjectRecord("a" * 64, "blob", 0, (), _many_chunks(300)[250:] + chunks).chunk_lists()
     assert len({piece.id for piece in lists} - {piece.id for piece in longer}) <= 1
@@ -105,7 +108,63 @@ def test_list_chunks_are_checked_against_the_record(damage: str, complaint: str)
         found[first[0].hex()] = bad
     head = ObjectRecord.decode("a" * 64, canonical.encode(fields))
     with pytest.raises(CastoreError, match=re.escape(complaint)):
-        head.resolve(found.get)
+        head.resolve(found.get, _SMALL)
+
+
+def test_a_record_cannot_name_more_chunks_than_its_size_makes() -> None:
+    """One list chunk named 10,000 times would make a 400 KB record list 2.5 million chunks."""
+    chunks = _many_chunks(256)
+    piece = canonical.encode([[bytes.fromhex(c), n] for c, n in chunks])
+    size = sum(n for _, n in chunks)
+    fields = {"format": 3, "kind": "blob", "size": size * 10_000, "refs": [],
+              "lists": [[bytes.fromhex(hash_bytes(piece)), 256, size]] * 10_000}
+    head = ObjectRecord.decode("a" * 64, canonical.encode(fields))
+    asked: list[str] = []
+    with pytest.raises(EncodingError, match=r"more than .* make at the cache.s chunking minimum of 8192"):
+        head.resolve(lambda lid: asked.append(lid) or piece, ChunkParams())
+    assert asked == []  # refused from the record alone
+    whole = head.resolve(lambda lid: asked.append(lid) or piece, _SMALL)  # honest at small chunking:
+    assert len(whole.chunks) == 2_560_000 and len(asked) == 1  # each list chunk is read and decoded once
+    with pytest.raises(EncodingError, match="lists 2 chunks, more than 1000 bytes make"):
+        ObjectRecord("a" * 64, "blob", 1000, (), (("b" * 64, 500), ("c" * 64, 500))).check_chunks(ChunkParams())
+
+
+def test_a_format_2_cache_keeps_getting_records_older_castore_reads(tmp_path: Path) -> None:
+    a = LocalStore(tmp_path / "a")
+    oid = a.add_file(blob_file(tmp_path, "big", random.Random(5).randbytes(4 << 20)))
+    old = DirTransport(tmp_path / "old", create=True)
+    old.put("castore-cache.json", CacheConfig(ChunkParams(), format=2).encode())
+    new = DirTransport(tmp_path / "new", create=True)
+    s_old, s_new = push(a, old, [oid]), push(a, new, [oid])
+    assert s_old.lists == 0 and s_new.lists > 0
+    assert canonical.decode(old.get(object_path(oid)) or b"")["format"] == 2
+    assert canonical.decode(new.get(object_path(oid)) or b"")["format"] == 3
+    assert b'"format": 3' in (new.get("castore-cache.json") or b"")
+    for cache in (old, new):
+        b = LocalStore(tmp_path / f"b-{cache.root.name}")
+        pull(b, cache, [oid])
+        assert b.blob_path(oid).read_bytes() == a.blob_path(oid).read_bytes()
+    with pytest.raises(EncodingError, match="cache format 4 is not supported"):
+        CacheConfig.decode(CacheConfig(ChunkParams(), format=4).encode())
+
+
+def test_a_damaged_chunk_list_in_the_store_is_fetched_again(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    v1 = rng.randbytes(4 << 20)
+    v2 = v1 + rng.randbytes(100_000)
+    a = LocalStore(tmp_path / "a")
+    id1, id2 = a.add_file(blob_file(tmp_path, "v1", v1)), a.add_file(blob_file(tmp_path, "v2", v2))
+    cache = DirTransport(tmp_path / "cache", create=True)
+    push(a, cache, [id1, id2])
+    b = LocalStore(tmp_path / "b")
+    pull(b, cache, [id1])
+    shared = len(b.find_lists(lid for lid, _, _ in ObjectRecord.decode(id2, cache.get(object_path(id2)) or b"").lists))
+    assert shared > 0
+    b.db.execute("UPDATE chunk_lists SET data = x'00'")  # rotted rows: left out, fetched from the cache
+    b.db.commit()
+    s = pull(b, cache, [id2])
+    assert b.blob_path(id2).read_bytes() == v2 and s.lists == len(ObjectRecord.decode(
+        id2, cache.get(object_path(id2)) or b"").lists)
 
 
 def test_round_trip_of_a_realized_closure(tmp_path: Path) -> None:

@@ -24,9 +24,10 @@ import zstandard
 
 from castore import canonical
 from castore.cache.copy import pull, push
-from castore.cache.layout import ObjectRecord, RealisationRecord, chunk_path, object_path
+from castore.cache.layout import CacheConfig, ObjectRecord, RealisationRecord, chunk_path, object_path
 from castore.cache.server import CacheApp, add_token, load_tokens
 from castore.cache.transport import DirTransport, HttpTransport
+from castore.chunking import ChunkParams
 from castore.errors import CastoreError
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
@@ -144,6 +145,8 @@ def test_uploads_are_verified_and_ordered(tmp_path: Path) -> None:
 
 
 def test_a_listed_record_waits_for_its_list_chunks_and_must_agree_with_them(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()  # chunking that makes chunks of about 1000 bytes
+    (tmp_path / "cache" / "castore-cache.json").write_bytes(CacheConfig(ChunkParams(512, 1024, 4096)).encode())
     app = CacheApp(tmp_path / "cache")
     writer = add_token(tmp_path / "cache", ["write"], "ci")
     cctx = zstandard.ZstdCompressor()
@@ -169,6 +172,16 @@ def test_a_listed_record_waits_for_its_list_chunks_and_must_agree_with_them(tmp_
     assert pull(b, DirTransport(tmp_path / "cache"), [rec.id]).lists == len(lists)
     assert b.blob_path(rec.id).read_bytes() == data
     b.close()
+    # a format 2 cache (older castore reads it) takes no format 3 record
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "castore-cache.json").write_bytes(CacheConfig(ChunkParams(512, 1024, 4096), format=2).encode())
+    old = CacheApp(tmp_path / "old")
+    writer = add_token(tmp_path / "old", ["write"], "ci")
+    for p in [*pieces, *(piece.data for piece in lists)]:
+        assert asgi(old, "PUT", f"/{chunk_path(hash_bytes(p))}", cctx.compress(p), token=writer).status_code == 201
+    r = asgi(old, "PUT", f"/{object_path(rec.id)}", rec.encode(), token=writer)
+    assert r.status_code == 400 and "format 2" in r.json()["message"]
+    assert asgi(old, "PUT", f"/{object_path(rec.id)}", rec.encode(listed=False), token=writer).status_code == 201
 
 
 @pytest.fixture

@@ -269,11 +269,14 @@ def test_a_version_1_store_gains_the_chunk_lists_table(tmp_path: Path) -> None:
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
+    lid = hash_bytes(b"list bytes")
     with LocalStore(root) as s:
-        s.record_chunks(oid, [("c" * 64, 0, 100)], [("d" * 64, b"list bytes")])
-        assert s.find_lists(["d" * 64, "e" * 64]) == {"d" * 64: b"list bytes"}
-        s.gc()  # no root holds the blob: its chunk lists go with it
-        assert not s.has(oid) and s.find_lists(["d" * 64]) == {}
+        s.record_chunks(oid, [("c" * 64, 0, 100)], [(lid, b"list bytes"), ("e" * 64, b"not what hashes to e...")])
+        assert s.find_lists([lid, "e" * 64, "f" * 64]) == {lid: b"list bytes"}
+        s.db.execute("INSERT INTO chunk_lists VALUES (?, ?, ?)", ("f" * 64, "0" * 64, b"x"))  # left by an
+        s.db.commit()  # older castore's gc, which knew no chunk_lists
+        s.gc()  # no root holds the blob: its chunk lists go with it, and the orphan row too
+        assert not s.has(oid) and s.db.execute("SELECT COUNT(*) FROM chunk_lists").fetchone()[0] == 0
 
 
 def test_hard_links_across_directories_import(store: LocalStore, tmp_path: Path) -> None:

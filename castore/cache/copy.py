@@ -30,7 +30,6 @@ from castore.cache.layout import (
     CONFIG,
     CORRUPT,
     LIST_BYTES,
-    MAX_CHUNK,
     CacheConfig,
     ObjectRecord,
     RealisationRecord,
@@ -119,7 +118,7 @@ def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Pro
         path = store.blob_path(oid)
         chunks = cut_file(path, config.chunking)
         record = ObjectRecord(oid, info.kind, info.size, info.refs, tuple((c.id, c.length) for c in chunks))
-        lists = {chunk_path(c.id): c for c in record.chunk_lists()}
+        lists = {chunk_path(c.id): c for c in record.chunk_lists(config.listed)}
         store.record_chunks(oid, [(c.id, c.offset, c.length) for c in chunks], [(c.id, c.data) for c in lists.values()])
         wanted = {chunk_path(c.id): c for c in chunks}
         todo = cache.missing(wanted)
@@ -131,7 +130,7 @@ def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Pro
             cache.put_many(frames.items())
             stats.lists += len(frames)
             stats.bytes_on_wire += sum(map(len, frames.values()))
-        data = record.encode()
+        data = record.encode(config.listed)
         cache.put(object_path(oid), data)
         stats.bytes_on_wire += len(data)
         stats.objects += 1
@@ -164,13 +163,13 @@ def _frames(f: BinaryIO, chunks: list[Chunk], cctx: zstandard.ZstdCompressor,
 
 
 def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats: CopyStats,
-                  max_chunk: int = MAX_CHUNK) -> dict[str, ObjectRecord]:
+                  chunking: ChunkParams) -> dict[str, ObjectRecord]:
     """The records of every object of the closures that the store lacks, with their chunk
     lists (their bytes on the wire, and the list chunks fetched, are added to stats).
 
     One batch of requests per level of references: a tree's thousands of blobs in one pipeline,
-    then one for the list chunks of the level's large objects. A record listing a chunk longer
-    than max_chunk (the cache's chunking maximum) is corrupt.
+    then one for the list chunks of the level's large objects. A record at odds with the cache's
+    chunking (ObjectRecord.check_chunks) is corrupt.
     """
     records: dict[str, ObjectRecord] = {}
     level = sorted({oid for oid in ids if not store.has(oid)})
@@ -193,9 +192,9 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
             stats.bytes_on_wire += n
             stats.lists += len(fetched)
             for rec in listed:
-                records[rec.id] = rec.resolve(found.get)
+                records[rec.id] = rec.resolve(found.get, chunking)
         for oid in level:
-            records[oid].check_chunks(max_chunk)
+            records[oid].check_chunks(chunking)
         level = sorted(r for r in refs if r not in records and not store.has(r))
     return records
 
@@ -206,7 +205,8 @@ def record_of(cache: Transport, oid: str) -> ObjectRecord:
     if data is None:
         raise NotFound(f"{cache.url} has no object {oid}")
     rec = ObjectRecord.decode(oid, data)
-    return rec.resolve(_chunk_lists(cache, [lid for lid, _, _ in rec.lists])[0].get)
+    found = _chunk_lists(cache, [lid for lid, _, _ in rec.lists])[0]
+    return rec.resolve(found.get, cache_config(cache, create=False).chunking)
 
 
 def _chunk_lists(cache: Transport, ids: list[str]) -> tuple[dict[str, bytes], int]:
@@ -240,7 +240,7 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
           meter: Meter | None, kinds: dict[str, str]) -> CopyStats:
     config = cache_config(cache, create=False)
     stats = CopyStats(present=len([o for o in wanted if store.has(o)]))
-    records = fetch_records(store, cache, wanted, stats, config.chunking.max)
+    records = fetch_records(store, cache, wanted, stats, config.chunking)
     for oid, kind in kinds.items():  # a record's kind is the cache's word: its content may say otherwise
         said = records[oid].kind if oid in records else store.kinds_and_sizes([oid]).get(oid, (kind, 0))[0]
         if said != kind:

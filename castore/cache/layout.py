@@ -23,7 +23,8 @@ from castore.manifest import FORMAT, KINDS, MAX_SIZE, Image, Tree, brief
 
 CONFIG = "castore-cache.json"
 COMPRESSION = "zstd"
-CACHE_FORMAT = 2  # 2: chunk ids in object records are 32-byte bin, half the bytes of format 1's hex
+CACHE_FORMAT = 3  # 3: records of over INLINE_CHUNKS chunks name list chunks; 2: every record lists its chunks
+READ_FORMATS = (2, 3)  # a format 2 cache (older castore reads it) keeps getting format 2 records
 MAX_CHUNK = 16 << 20  # the largest chunking max ChunkParams allows: no chunk is longer
 CORRUPT = "the cache is corrupt; nothing was added"
 _RECORD_KEYS = frozenset(("format", "kind", "size", "refs", "chunks"))
@@ -43,9 +44,15 @@ def chunk_path(cid: str) -> str:
 class CacheConfig:
     chunking: ChunkParams
     compression: str = COMPRESSION
+    format: int = CACHE_FORMAT
+
+    @property
+    def listed(self) -> bool:
+        """Whether records of many chunks name list chunks (older castore cannot read those)."""
+        return self.format >= 3
 
     def encode(self) -> bytes:
-        rec = {"format": CACHE_FORMAT, "chunking": self.chunking.to_record(), "compression": self.compression}
+        rec = {"format": self.format, "chunking": self.chunking.to_record(), "compression": self.compression}
         return (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -54,16 +61,16 @@ class CacheConfig:
             rec = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise EncodingError(f"{CONFIG} is not JSON: {exc}") from exc
-        if not isinstance(rec, dict) or rec.get("format") != CACHE_FORMAT:
+        if not isinstance(rec, dict) or rec.get("format") not in READ_FORMATS or type(rec["format"]) is not int:
             raise EncodingError(f"{CONFIG}: cache format {rec.get('format') if isinstance(rec, dict) else rec!r} "
-                                f"is not supported (this castore reads format {CACHE_FORMAT})",
-                                "push to a new cache directory with this castore")
+                                f"is not supported (this castore reads formats 2 and 3)",
+                                "upgrade castore, or push to a new cache directory with this castore")
         if rec.get("compression") != COMPRESSION:
             raise EncodingError(f"{CONFIG}: compression {brief(rec.get('compression'))} is not {COMPRESSION}")
         chunking = rec.get("chunking")
         if not isinstance(chunking, dict) or not all(type(chunking.get(k)) is int for k in ("min", "avg", "max")):
             raise EncodingError(f"{CONFIG}: chunking {brief(chunking)} does not give min, avg and max as ints")
-        return cls(ChunkParams.from_record(chunking), COMPRESSION)
+        return cls(ChunkParams.from_record(chunking), COMPRESSION, rec["format"])
 
 
 INLINE_CHUNKS = 64  # a record of more chunks lists them in list chunks
@@ -145,25 +152,33 @@ class ObjectRecord:
     def complete(self) -> bool:
         return bool(self.chunks) or not self.lists
 
-    def chunk_lists(self) -> list[ChunkList]:
-        """The list chunks to publish (before the record) when the record is format 3; else none."""
-        return chunk_lists(self.chunks) if len(self.chunks) > INLINE_CHUNKS else []
+    def chunk_lists(self, listed: bool = True) -> list[ChunkList]:
+        """The list chunks to publish (before the record) when the record is format 3 (listed:
+        the cache takes those, CacheConfig.listed); else none."""
+        return chunk_lists(self.chunks) if listed and len(self.chunks) > INLINE_CHUNKS else []
 
-    def check_chunks(self, limit: int) -> None:
-        """No chunk may be longer than the cache's chunking maximum: a record must not make a
-        reader allocate what it never verifies."""
+    def check_chunks(self, chunking: ChunkParams) -> None:
+        """No chunk may be longer than the cache's chunking maximum, nor may a record list more
+        chunks than its size allows at the chunking minimum (every chunk but the last is at
+        least that long): a record must not make a reader allocate what it never verifies."""
         longest = max((n for _, n in self.chunks), default=0)
-        if longest > limit:
+        if longest > chunking.max:
             raise EncodingError(f"object record {self.id} lists a chunk of {longest} bytes, longer than "
-                                f"the cache's chunking maximum of {limit}", CORRUPT)
+                                f"the cache's chunking maximum of {chunking.max}", CORRUPT)
+        self.check_count(len(self.chunks), chunking)
 
-    def encode(self) -> bytes:
+    def check_count(self, count: int, chunking: ChunkParams) -> None:
+        if count > self.size // chunking.min + 1:
+            raise EncodingError(f"object record {self.id} lists {count} chunks, more than {self.size} bytes "
+                                f"make at the cache's chunking minimum of {chunking.min}", CORRUPT)
+
+    def encode(self, listed: bool = True) -> bytes:
         head = {"kind": self.kind, "size": self.size, "refs": sorted(self.refs)}
-        lists = self.chunk_lists()
+        lists = self.chunk_lists(listed)
         if lists:
             return canonical.encode({**head, "format": 3,
                                      "lists": [[bytes.fromhex(c.id), c.count, c.size] for c in lists]})
-        return canonical.encode({**head, "format": CACHE_FORMAT,
+        return canonical.encode({**head, "format": 2,
                                  "chunks": [[bytes.fromhex(c), n] for c, n in self.chunks]})
 
     @classmethod
@@ -173,7 +188,7 @@ class ObjectRecord:
         if not isinstance(rec, dict) or rec.keys() not in (_RECORD_KEYS, _LISTED_KEYS):
             raise EncodingError(f"{what} is malformed: not a map of {', '.join(sorted(_RECORD_KEYS))} "
                                 "(or lists instead of chunks)", CORRUPT)
-        if rec["format"] != (CACHE_FORMAT if "chunks" in rec else 3):
+        if rec["format"] != (2 if "chunks" in rec else 3):
             raise EncodingError(f"{what}: format {brief(rec['format'])} is not supported",
                                 "a newer or older castore wrote this cache: upgrade, or push to a new cache directory")
         kind, size, refs = rec["kind"], rec["size"], rec["refs"]
@@ -201,21 +216,27 @@ class ObjectRecord:
             raise EncodingError(f"{what}: its list chunks add up to {total} bytes, not its size {size}", CORRUPT)
         return cls(oid, kind, size, tuple(refs), (), tuple((c[0].hex(), c[1], c[2]) for c in lists))
 
-    def resolve(self, found: Callable[[str], bytes | None]) -> ObjectRecord:
+    def resolve(self, found: Callable[[str], bytes | None], chunking: ChunkParams) -> ObjectRecord:
         """The record with its chunks, read from its list chunks (found: list chunk id -> its
-        bytes, decompressed, or None). Each must hash to its id and list what the record says."""
+        bytes, decompressed, or None; asked once per list chunk). Each must hash to its id and
+        list what the record says, and the count they add up to is checked (check_count) first."""
         if self.complete:
             return self
+        self.check_count(sum(count for _, count, _ in self.lists), chunking)
         what = f"object record {self.id}"
         chunks: list[tuple[str, int]] = []
+        decoded: dict[str, tuple[tuple[str, int], ...]] = {}
         for lid, count, size in self.lists:
-            data = found(lid)
-            if data is None:
-                raise NotFound(f"{what} names list chunk {lid}, which is not there",
-                               "the cache is incomplete; nothing was added")
-            if hash_bytes(data) != lid:
-                raise EncodingError(f"{what}: list chunk {lid} holds bytes that hash to {hash_bytes(data)}", CORRUPT)
-            entries = _entries(canonical.decode(data, f"list chunk {lid}"), f"list chunk {lid}")
+            entries = decoded.get(lid)
+            if entries is None:
+                data = found(lid)
+                if data is None:
+                    raise NotFound(f"{what} names list chunk {lid}, which is not there",
+                                   "the cache is incomplete; nothing was added")
+                if hash_bytes(data) != lid:
+                    raise EncodingError(f"{what}: list chunk {lid} holds bytes that hash to {hash_bytes(data)}",
+                                        CORRUPT)
+                entries = decoded[lid] = _entries(canonical.decode(data, f"list chunk {lid}"), f"list chunk {lid}")
             if len(entries) != count or sum(n for _, n in entries) != size:
                 raise EncodingError(f"{what}: list chunk {lid} lists {len(entries)} chunks of "
                                     f"{sum(n for _, n in entries)} bytes, the record says {count} of {size}", CORRUPT)

@@ -154,7 +154,8 @@ class CacheApp:
             from castore.chunking import ChunkParams
 
             atomic_write(self.root / CONFIG, CacheConfig(ChunkParams()).encode())
-        self.max_chunk = CacheConfig.decode((self.root / CONFIG).read_bytes()).chunking.max
+        self.config = CacheConfig.decode((self.root / CONFIG).read_bytes())
+        self.max_chunk = self.config.chunking.max
         load_tokens(self.root)  # a broken token file stops the server here, not on each upload
 
     # -- ASGI ----------------------------------------------------------------
@@ -301,8 +302,11 @@ class CacheApp:
         absent = [lid for lid, _, _ in rec.lists if not (self.root / chunk_path(lid)).exists()]
         if absent:
             raise HttpError(409, "incomplete", f"object {oid} names list chunk {absent[0]}, which is not here yet")
-        rec = rec.resolve(self._list_chunk)
-        rec.check_chunks(self.max_chunk)  # a CastoreError: 400
+        if rec.lists and not self.config.listed:
+            raise HttpError(400, "invalid", f"this cache is format {self.config.format}, which older castore "
+                            "reads: it takes records that list their chunks, not format 3 records")
+        rec = rec.resolve(self._list_chunk, self.config.chunking)
+        rec.check_chunks(self.config.chunking)  # a CastoreError: 400
         absent = [c for c, _ in rec.chunks if not (self.root / chunk_path(c)).exists()]
         absent += [r for r in rec.refs if not (self.root / object_path(r)).exists()]
         if absent:
