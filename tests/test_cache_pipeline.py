@@ -208,6 +208,6 @@ def test_puts_are_pipelined_in_order_and_a_refusal_is_an_error() -> None:
             pytest.raises(CastoreError, match="HTTP 403") as err:
         http.put_many(iter(locked))
     assert "token" in (err.value.hint or "")
-    # the uploads behind the refused one were already on the wire, and the server verified and kept
-    # them: harmless, since chunks are named by their content
-    assert handler.received == items[:6]
+    # the uploads behind the refused one may have been on the wire already, and the server kept
+    # those it read before the client hung up: harmless, since chunks are named by their content
+    assert handler.received[:3] == items[:3] and handler.received == items[:len(handler.received)]
