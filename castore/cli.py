@@ -350,8 +350,9 @@ def push(
     config = load_config()
     secrets = secret_keys(config)
     if not secrets and not as_json:
-        _err("note: no secret-key-files configured: objects are pushed, realisations are not "
-             "(others can pull these ids, but realize cannot substitute them)")
+        _err("note: no secret-key-files configured: the realisations of what this store built are not "
+             "pushed (others can pull these ids, but realize cannot substitute them); those it substituted "
+             "are, with the signatures they came with")
     with _store(create=False) as store:
         full = [store.resolve(i) for i in ids]
         cache = open_cache(to, create=True, token=config.token_for(to))
@@ -549,7 +550,8 @@ def show(
         plans = store.plans_for(oid)
         data: dict[str, Any] = {"id": oid, "kind": info.kind, "size": info.size, "refs": list(info.refs),
                                 "path": str(store.blob_path(oid)),
-                                "plans": [{"plan": h, "name": n, "record": _jsonable(r)} for h, n, r in plans]}
+                                "plans": [{"plan": h, "name": n, "record": _jsonable(r),
+                                           "substituted_from": _origin(store, h)} for h, n, r in plans]}
         if info.kind == "image":
             data["image"] = store.read_image(oid).to_record()
         if info.kind == "tree" and (entries or as_json):
@@ -567,6 +569,8 @@ def show(
                     print(f"{k:8}{v}")
         for h, name, record in plans:
             print(f"made by plan {h}  ({name})")
+            if origin := _origin(store, h):
+                print(f"  substituted from {origin}")
             print(f"  builder {record['builder']} v{record['version']}")
             for t, v in record["tools"].items():
                 print(f"  tool    {t}: {v}")
@@ -660,6 +664,12 @@ def gc(
         else:
             verb = "would delete" if dry_run else "deleted"
             print(f"{verb} {_count(len(dead), 'object')}, {_human(freed)}")
+
+
+def _origin(store: Any, plan_hash: str) -> str | None:
+    """The cache a plan's realisation was substituted from; None when it was built here."""
+    came = store.substitution(plan_hash)
+    return came[0] if came else None
 
 
 @app.command()

@@ -209,10 +209,11 @@ class Realizer:
                                down=self._down, kind=step.plan.output)
             if found is None:
                 return False
-            oid, record = found
-            if record != step.record:
+            oid = found.object
+            if found.record != step.record:
                 return False  # cannot happen: the record hashes to the plan hash
-            self.store.record_realisation(step.hash, oid, record, step.plan.label)
+            self.store.record_realisation(step.hash, oid, found.record, step.plan.label,
+                                          substituted=(found.origin, found.realisation))
         step.oid, step.how = oid, "substituted"
         self.reporter.done(step.plan, oid, step.how, time.monotonic() - t0)
         return True

@@ -45,7 +45,7 @@ from castore.fsutil import copy_range, start_writeback, syncfs
 from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree
 
-_SCHEMA_VERSION = 2  # PRAGMA user_version once the schema below is in place (2: chunk_lists)
+_SCHEMA_VERSION = 3  # PRAGMA user_version once the schema below is in place (2: chunk_lists, 3: substitutions)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, added INTEGER NOT NULL);
@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS realisations (
     plan TEXT PRIMARY KEY, object TEXT NOT NULL, record BLOB NOT NULL,
     name TEXT NOT NULL, created INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS realisations_object ON realisations (object);
+CREATE TABLE IF NOT EXISTS substitutions (
+    plan TEXT PRIMARY KEY, origin TEXT NOT NULL, realisation BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS roots (name TEXT PRIMARY KEY, object TEXT NOT NULL, link INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -531,12 +533,25 @@ class LocalStore:
             return str(rows[0][0])
         return None
 
-    def record_realisation(self, plan_hash: str, oid: str, record: bytes, name: str) -> None:
+    def record_realisation(self, plan_hash: str, oid: str, record: bytes, name: str,
+                           substituted: tuple[str, bytes] | None = None) -> None:
+        """substituted: (the cache it came from, the signed realisation record that vouched for
+        it), kept so that a push passes on those signatures instead of vouching with its own;
+        None: built here."""
         if not self.has(oid):
             raise StoreError(f"cannot record a realisation of {oid}: not in the store")
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO realisations VALUES (?, ?, ?, ?, ?)",
-                       (plan_hash, oid, record, name, int(time.time())))
+            db.execute("INSERT OR REPLACE INTO realisations (plan, object, record, name, created) "
+                       "VALUES (?, ?, ?, ?, ?)", (plan_hash, oid, record, name, int(time.time())))
+            if substituted is None:
+                db.execute("DELETE FROM substitutions WHERE plan = ?", (plan_hash,))
+            else:
+                db.execute("INSERT OR REPLACE INTO substitutions VALUES (?, ?, ?)", (plan_hash, *substituted))
+
+    def substitution(self, plan_hash: str) -> tuple[str, bytes] | None:
+        """(cache, signed realisation record) when the plan's realisation was substituted, else None."""
+        rows = self._q("SELECT origin, realisation FROM substitutions WHERE plan = ?", (plan_hash,))
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     def plans_for(self, oid: str) -> list[tuple[str, str, Any]]:
         """(plan hash, name, decoded plan record) of every realisation that produced oid."""
@@ -695,6 +710,7 @@ class LocalStore:
                     db.execute("DELETE FROM chunks WHERE blob = ?", (oid,))
                 # the chunk lists of blobs that are gone: these, and any an older castore's gc left
                 db.execute("DELETE FROM chunk_lists WHERE blob NOT IN (SELECT id FROM objects)")
+                db.execute("DELETE FROM substitutions WHERE plan NOT IN (SELECT plan FROM realisations)")
             freed = litter
             for oid, size in dead:
                 with contextlib.suppress(FileNotFoundError):

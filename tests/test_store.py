@@ -258,7 +258,7 @@ def test_a_store_made_before_user_version_was_set_is_adopted(tmp_path: Path) -> 
         assert s.db.execute("PRAGMA user_version").fetchone()[0] >= 1
 
 
-def test_a_version_1_store_gains_the_chunk_lists_table(tmp_path: Path) -> None:
+def test_a_version_1_store_gains_the_tables_of_later_versions(tmp_path: Path) -> None:
     import sqlite3
 
     root = tmp_path / "s"
@@ -266,6 +266,7 @@ def test_a_version_1_store_gains_the_chunk_lists_table(tmp_path: Path) -> None:
         oid = s.add_bytes(b"x" * 100)
     db = sqlite3.connect(root / "db.sqlite")
     db.execute("DROP TABLE chunk_lists")  # what a store made before list chunks has
+    db.execute("DROP TABLE substitutions")
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
@@ -275,8 +276,14 @@ def test_a_version_1_store_gains_the_chunk_lists_table(tmp_path: Path) -> None:
         assert s.find_lists([lid, "e" * 64, "f" * 64]) == {lid: b"list bytes"}
         s.db.execute("INSERT INTO chunk_lists VALUES (?, ?, ?)", ("f" * 64, "0" * 64, b"x"))  # left by an
         s.db.commit()  # older castore's gc, which knew no chunk_lists
+        s.record_realisation("p" * 64, oid, b"plan", "x", substituted=("file:///c", b"signed"))
+        assert s.substitution("p" * 64) == ("file:///c", b"signed")
+        s.record_realisation("p" * 64, oid, b"plan", "x")  # built here after all
+        assert s.substitution("p" * 64) is None
+        s.record_realisation("p" * 64, oid, b"plan", "x", substituted=("file:///c", b"signed"))
         s.gc()  # no root holds the blob: its chunk lists go with it, and the orphan row too
         assert not s.has(oid) and s.db.execute("SELECT COUNT(*) FROM chunk_lists").fetchone()[0] == 0
+        assert s.substitution("p" * 64) is None
 
 
 def test_hard_links_across_directories_import(store: LocalStore, tmp_path: Path) -> None:

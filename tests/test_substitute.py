@@ -46,6 +46,35 @@ def test_signed_realisation_is_substituted_and_nothing_is_built(tmp_path: Path) 
     assert shown["plans"][0]["record"]["builder"] == "squashfs"  # the plan came along
 
 
+def test_a_substituted_realisation_is_passed_on_with_its_signatures_not_signed_again(tmp_path: Path) -> None:
+    """Lab 2 substituted lab 1's build: its push carries lab-1's signature and adds none of its own
+    (as Nix signs only what it builds), with or without a key of its own."""
+    from castore.cache.layout import RealisationRecord, realisation_path
+    from castore.cache.transport import DirTransport
+
+    secret_1, public_1 = _keys(tmp_path, "lab-1")
+    secret_2, public_2 = _keys(tmp_path, "lab-2")
+    cache, res = _published(tmp_path, secret_1)
+    out, _ = _realize_b(tmp_path, cache, public_1)
+    assert out["substituted"] == ["rootfs"]
+    shown = castore_json("show", out["id"], store=tmp_path / "b")
+    assert shown["plans"][0]["substituted_from"] == f"file://{cache}"
+    for secrets in (str(secret_2), ""):
+        cache_2 = tmp_path / f"cache-2{'-keyless' if not secrets else ''}"
+        env = {"CASTORE_SECRET_KEY_FILES": secrets, "CASTORE_CONFIG": str(tmp_path / "none")}
+        castore("push", out["id"], "--to", str(cache_2), store=tmp_path / "b", env=env)
+        plan = shown["plans"][0]["plan"]
+        rec = RealisationRecord.decode(plan, DirTransport(cache_2).get(realisation_path(plan)) or b"")
+        assert [name for name, _ in rec.signatures] == ["lab-1"]
+    shutil.rmtree(tmp_path / "b")
+    out, err = _realize_b(tmp_path, tmp_path / "cache-2", public_2)  # lab-2 never vouched for it
+    assert out["substituted"] == [] and "no signature from a trusted key" in err
+    out, _ = _realize_b(tmp_path, tmp_path / "cache-2", public_1)
+    assert out["id"] == res["id"] and out["built"] == []
+    built = castore_json("show", res["id"], store=tmp_path / "a")
+    assert built["plans"][0]["substituted_from"] is None
+
+
 def test_unsigned_untrusted_and_revoked_realisations_are_not_used(tmp_path: Path) -> None:
     secret, public = _keys(tmp_path, "lab-1")
     _, stranger = _keys(tmp_path, "other-1")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
@@ -36,6 +36,7 @@ from castore.cache.layout import (
     check_chunk,
     chunk_path,
     kind_check,
+    merged_realisation,
     object_path,
     realisation_path,
     unframe,
@@ -134,20 +135,20 @@ def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Pro
         cache.put(object_path(oid), data)
         stats.bytes_on_wire += len(data)
         stats.objects += 1
-    for oid in stats.ids if secrets else ():  # published last: they name objects already there
+    for oid in stats.ids:  # published last: they name objects already there
         for plan_hash, plan_record in store.realisations_of(oid):
-            rec = RealisationRecord(plan_hash, oid, plan_record)
+            came = store.substitution(plan_hash)
+            if came is not None:  # passed on with the signatures that vouched for it: this store
+                new = came[1]  # did not build it, so it does not sign it (as Nix signs only what it builds)
+                RealisationRecord.decode(plan_hash, new)
+            elif secrets:
+                new = signed(RealisationRecord(plan_hash, oid, plan_record), secrets).encode()
+            else:
+                continue
             old = cache.get(realisation_path(plan_hash))
-            if old is not None:
-                try:
-                    prev = RealisationRecord.decode(plan_hash, old)
-                    if prev.object == oid:
-                        rec = prev  # keep the signatures it has, add ours
-                except EncodingError:
-                    pass
-            new = signed(rec, secrets or [])
-            if old is None or new.encode() != old:
-                cache.put(realisation_path(plan_hash), new.encode())
+            data = merged_realisation(plan_hash, old, new)  # keeps the signatures of others for the same object
+            if data != old:
+                cache.put(realisation_path(plan_hash), data)
                 stats.realisations += 1
     return stats
 
@@ -517,12 +518,19 @@ def _ok(cid: str, data: bytes) -> bool:
     return True
 
 
+class Substituted(NamedTuple):
+    object: str
+    record: bytes  # the plan record
+    realisation: bytes  # the realisation record, with only the signatures this store trusts
+    origin: str  # the cache's URL
+
+
 def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust: Trust,
                note: Progress = lambda s: None, down: set[str] | None = None,
-               fetch: bool = True, kind: str | None = None) -> tuple[str, bytes] | None:
+               fetch: bool = True, kind: str | None = None) -> Substituted | None:
     """Find a trusted realisation of plan_hash in the caches (in order) and pull its object.
 
-    Returns (object id, plan record), or None when no cache has a usable one:
+    Returns what was found, or None when no cache has a usable one:
     unsigned, untrusted, revoked or mis-addressed realisations are skipped with a note.
     A cache that cannot be asked at all (down, hung: its retries take minutes) is put in
     `down` and not asked again by the caller's later plans. Without fetch, nothing is pulled:
@@ -544,14 +552,15 @@ def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust
             if data is None:
                 continue
             rec = RealisationRecord.decode(plan_hash, data)
-            signer = trust.signer(rec)
-            if signer is None:
+            vouching = trust.vouching(rec)
+            if not vouching:
                 note(f"{cache.url}: realisation of plan {plan_hash[:12]} has no signature from a trusted key; "
                      "not used")
                 continue
             if fetch:
                 pull(store, cache, [rec.object], kinds={rec.object: kind} if kind else None)
-            return rec.object, rec.record
+            kept = RealisationRecord(rec.plan, rec.object, rec.record, vouching)
+            return Substituted(rec.object, rec.record, kept.encode(), cache.url)
         except StoreError:
             raise  # this store cannot take it (a full disk): no other cache, and no build, will do better
         except CastoreError as exc:

@@ -57,12 +57,15 @@ class Trust:
 
     def signer(self, rec: RealisationRecord) -> str | None:
         """The name of a trusted, unrevoked key with a valid signature on rec, or None."""
+        vouching = self.vouching(rec)
+        return vouching[0][0] if vouching else None
+
+    def vouching(self, rec: RealisationRecord) -> tuple[tuple[str, bytes], ...]:
+        """The signatures on rec by trusted, unrevoked keys that verify."""
         message = rec.message()
-        for name, sig in rec.signatures:
-            for key in self.keys:
-                if key.name == name and not self.is_revoked(key) and verify(key, message, sig):
-                    return name
-        return None
+        return tuple((name, sig) for name, sig in rec.signatures
+                     if any(key.name == name and not self.is_revoked(key) and verify(key, message, sig)
+                            for key in self.keys))
 
 
 T = TypeVar("T")
