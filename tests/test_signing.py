@@ -137,16 +137,20 @@ def test_revoked_keys_are_normalised_and_revoke_by_bytes(tmp_path: Path, monkeyp
     rec = _signed_record(secret)
     b64 = public.split(":")[1]
     _config(tmp_path, monkeypatch, f'trusted-public-keys = ["{public}"]\n')
-    assert Trust.from_config(load_config()).signer(rec) == "lab-1"
+    assert [name for name, _ in Trust.from_config(load_config()).vouching(rec)] == ["lab-1"]
     for entry in (public, f" {public}", f"{public}\n", f"\t{public} ", f"LAB-1:{b64}", f"lab-0:{b64}",
                   "lab-1", " lab-1", "LAB-1", "lab-1\n"):
         _config(tmp_path, monkeypatch, f"trusted-public-keys = [{public!r}]\nrevoked-keys = [{json.dumps(entry)}]\n")
         trust = Trust.from_config(load_config())
         assert trust.is_revoked(parse_public(public)), repr(entry)
-        assert trust.signer(rec) is None, repr(entry)
+        assert trust.vouching(rec) == () and "revoked" in trust.refusal(rec), repr(entry)
     _, other = generate("lab-1")  # another key of the same name, revoked by its bytes: lab-1 stays trusted
     _config(tmp_path, monkeypatch, f'trusted-public-keys = ["{public}"]\nrevoked-keys = ["{other}"]\n')
-    assert Trust.from_config(load_config()).signer(rec) == "lab-1"
+    assert [name for name, _ in Trust.from_config(load_config()).vouching(rec)] == ["lab-1"]
+    _config(tmp_path, monkeypatch, f'trusted-public-keys = ["{other}"]\n')  # the name, not the key
+    trust = Trust.from_config(load_config())
+    assert trust.vouching(rec) == () and trust.refusal(rec) == "has a signature by lab-1 that does not verify"
+    assert Trust().refusal(RealisationRecord("a" * 64, "b" * 64, b"plan")) == "is unsigned"
 
 
 @pytest.mark.parametrize("entry", ["lab-1:AAAA", "lab 1", "lab-1:not base64!", "", ":"])

@@ -79,11 +79,12 @@ def test_unsigned_untrusted_and_revoked_realisations_are_not_used(tmp_path: Path
     secret, public = _keys(tmp_path, "lab-1")
     _, stranger = _keys(tmp_path, "other-1")
     cache, _ = _published(tmp_path, secret)
-    for trusted, revoked in ((stranger, ""), (public, "lab-1"), (public, public)):
+    for trusted, revoked, why in ((stranger, "", "signed by lab-1, not by a trusted key"),
+                                  (public, "lab-1", "signed by lab-1, revoked"), (public, public, "revoked")):
         shutil.rmtree(tmp_path / "b", ignore_errors=True)
         out, err = _realize_b(tmp_path, cache, trusted, revoked)
         assert out["substituted"] == [] and out["built"] == ["layer", "rootfs"]
-        assert "no signature from a trusted key" in err
+        assert "no signature from a trusted key" in err and why in err
     shutil.rmtree(tmp_path / "b")
     (tmp_path / "u").mkdir()
     unsigned_cache, _ = _published(tmp_path / "u", None)

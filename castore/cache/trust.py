@@ -55,10 +55,18 @@ class Trust:
     def is_revoked(self, key: PublicKey) -> bool:
         return key.name.casefold() in self.revoked_names or key.key in self.revoked_keys
 
-    def signer(self, rec: RealisationRecord) -> str | None:
-        """The name of a trusted, unrevoked key with a valid signature on rec, or None."""
-        vouching = self.vouching(rec)
-        return vouching[0][0] if vouching else None
+    def refusal(self, rec: RealisationRecord) -> str:
+        """Why rec is not believed, when vouching(rec) is empty: for the note that says so."""
+        if not rec.signatures:
+            return "is unsigned"
+        names = sorted({name for name, _ in rec.signatures})
+        trusted = [k for k in self.keys if k.name in names]
+        if not trusted:
+            return f"is signed by {', '.join(names)}, not by a trusted key"
+        revoked = sorted({k.name for k in trusted if self.is_revoked(k)})
+        if revoked and len(revoked) == len({k.name for k in trusted}):
+            return f"is signed by {', '.join(revoked)}, revoked (revoked-keys)"
+        return f"has a signature by {', '.join(sorted({k.name for k in trusted}))} that does not verify"
 
     def vouching(self, rec: RealisationRecord) -> tuple[tuple[str, bytes], ...]:
         """The signatures on rec by trusted, unrevoked keys that verify."""
