@@ -268,10 +268,12 @@ class Realizer:
                 except CastoreError as exc:
                     log.write(f"\nerror: {exc.message}\n".encode())
                     log.flush()  # the reporter shows the log's tail: a builder that ran no tool wrote only here
+                    hint = exc.hint or f"the build log is {log_path}"
+                    if self.keep_failed:
+                        scratch = self.store.keep_failed(scratch, f"{plan.builder}-{step.hash[:12]}")
+                        hint += f"; the build directory is kept at {scratch} (castore gc removes it)"
                     error = BuildError(
-                        f"{plan.origin}: building {plan.label} ({plan.builder}) failed:\n{exc.message}",
-                        exc.hint or f"the build log is {log_path}",
-                    )
+                        f"{plan.origin}: building {plan.label} ({plan.builder}) failed:\n{exc.message}", hint)
                     self.reporter.failed(plan, error, log_path)
                     raise error from exc
             self.store.record_realisation(step.hash, oid, step.record, plan.label)

@@ -204,10 +204,18 @@ class LocalStore:
         return ObjectInfo(oid, rows[0][0], rows[0][1], refs)
 
     def resolve(self, text: str) -> str:
-        """A full id or a unique prefix of at least 8 hex digits -> the full id."""
+        """A full id, a unique prefix of at least 8 hex digits, or a path that leads to an object
+        of this store (an out-link such as `result`, a store path) -> the full id."""
+        if not is_prefix(text.strip().lower()) and os.path.lexists(text):
+            target = Path(os.path.realpath(text))
+            if target.parent.parent != self.blobs.resolve() or not is_id(target.name):
+                raise NotFound(f"{text} is not an object of the store at {self.root}",
+                               "give an id, or an out-link or path into this store")
+            text = target.name
         text = text.strip().lower()
         if not is_prefix(text):
-            raise NotFound(f"{text!r} is not an object id", "ids are hex; give at least 8 digits")
+            raise NotFound(f"{text!r} is not an object id",
+                           "ids are hex; give at least 8 digits (or an out-link, such as result)")
         if is_id(text):
             if not self.has(text):
                 raise NotFound(f"object {text} is not in the store at {self.root}")
@@ -247,6 +255,12 @@ class LocalStore:
         path = self.tmp / f"{os.getpid()}-{label}-{os.urandom(4).hex()}"
         path.mkdir(mode=0o755)
         return path
+
+    def keep_failed(self, scratch: Path, name: str) -> Path:
+        """Move a failed build's scratch directory where only gc removes it (not named by a pid)."""
+        kept = self.tmp / f"failed-{name}-{os.urandom(3).hex()}"
+        os.rename(scratch, kept)
+        return kept
 
     def clean_stale_staging(self) -> int:
         """Remove staging left by processes that no longer run."""
@@ -691,7 +705,8 @@ class LocalStore:
 
     def gc(self, *, dry_run: bool = False) -> tuple[list[str], int]:
         """Delete every object no root reaches; returns (deleted ids, bytes freed). A dry run
-        changes nothing and counts what gc would free: dead objects, strays, partial pulls."""
+        changes nothing and counts what gc would free: dead objects, strays, partial pulls.
+        Scratch directories kept by realize --keep-failed are removed too (not counted)."""
         with self.lock("gc"):
             keep = self.closure(self.live_roots(prune=not dry_run))
             dead = [(oid, size) for oid, size in self._q("SELECT id, size FROM objects") if oid not in keep]
@@ -718,6 +733,8 @@ class LocalStore:
                     freed += size
             for p in [*strays, *parts]:
                 p.unlink(missing_ok=True)
+            for p in self.tmp.glob("failed-*"):  # what realize --keep-failed kept
+                remove_tree(p)
             self.clean_stale_staging()
             return [d for d, _ in dead], freed
 

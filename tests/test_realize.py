@@ -101,6 +101,23 @@ def test_failed_build_keeps_log_and_nothing_else(tmp_path: Path) -> None:
         assert castore("log", given, store=store).stdout == logs[0].read_text()
 
 
+def test_keep_failed_keeps_the_build_directory_until_gc(tmp_path: Path) -> None:
+    f = tmp_path / "r.py"
+    f.write_text("from castore import recipe, tree\n\n@recipe\ndef default():\n"
+                 "    return tree().dirs('/a').remove('/b')\n")
+    store = tmp_path / "store"
+    proc = castore("realize", str(f), "--keep-failed", store=store, check=False)
+    assert proc.returncode == 1, proc.stderr
+    kept = [p for p in (store / "tmp").iterdir() if p.name.startswith("failed-tree-")]
+    assert len(kept) == 1 and kept[0].is_dir() and f"kept at {kept[0]}" in proc.stderr
+    ok = tmp_path / "ok.py"
+    ok.write_text("from castore import recipe, tree\n\n@recipe\ndef default():\n    return tree().dirs('/b')\n")
+    castore("realize", str(ok), store=store)  # another realize cleans stale staging: not this
+    assert kept[0].is_dir()
+    castore("gc", store=store)
+    assert not kept[0].exists()
+
+
 def test_bad_recipes_leave_the_store_as_it_was(tmp_path: Path) -> None:
     store = tmp_path / "store"
     castore("realize", "tests/recipes/small.py:hello", store=store)
