@@ -38,6 +38,7 @@ StoreOpt = Annotated[
                  "for root, else $XDG_DATA_HOME/castore].", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+_ID_HELP = "Object id, unique prefix of 8+ hex digits, or an out-link (result) or store path."
 
 
 def _version(value: bool) -> None:
@@ -288,9 +289,10 @@ def _movable(path: Path, root: Path) -> bool:
 
 @app.command()
 def export(
-    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id or unique prefix.")],
+    object_id: Annotated[str, typer.Argument(metavar="ID", help=_ID_HELP)],
     dest: Annotated[Path, typer.Argument(metavar="DEST", help="Where to write: a file for a blob, a new "
                     "directory for a tree or an image.")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Write an object out of the store: a blob as a file (holes kept), a tree as a directory,
     an image as a directory with vmlinux, rootfs layers and image.json."""
@@ -327,7 +329,10 @@ def export(
         finally:
             if part.exists() or part.is_symlink():
                 remove_tree(part)
-        print(dest)
+        if as_json:
+            _emit({"id": oid, "kind": kind, "dest": str(dest.absolute())})
+        else:
+            print(dest)
 
 
 @app.command()
@@ -444,9 +449,12 @@ def _copy_report(stats: Any, verb: str, as_json: bool) -> None:
               f"{_count(stats.chunks_fetched, 'chunk')}, about {_human(stats.bytes_on_wire)} before compression; "
               f"{_count(stats.chunks_seeded, 'chunk')} would be taken from local blobs")
         return
-    print(f"{verb} {_count(stats.objects, 'object')} "
-          f"({stats.present} already there); chunks: {stats.chunks_sent + stats.chunks_fetched} moved, "
-          f"{stats.chunks_seeded} taken from local blobs; {_human(stats.bytes_on_wire)} on the wire"
+    if verb == "pushed":
+        chunks = f"{_count(stats.chunks_sent, 'chunk')} sent (the rest were there)"
+    else:
+        chunks = f"chunks: {stats.chunks_fetched} fetched, {stats.chunks_seeded} taken from local blobs"
+    print(f"{verb} {_count(stats.objects, 'object')} ({stats.present} already there); {chunks}; "
+          f"{_human(stats.bytes_on_wire)} on the wire"
           + (f"; {_count(stats.realisations, 'signed realisation')}" if stats.realisations else ""))
 
 
@@ -485,6 +493,7 @@ def token_add(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory `castore serve` serves.")],
     scope: Annotated[list[str], typer.Option("--scope", metavar="SCOPE", help="read or write (repeat for both).")],
     name: Annotated[str, typer.Option("--name", metavar="NAME", help="Who the token is for.")] = "",
+    as_json: JsonOpt = False,
 ) -> None:
     """Make a token and print it; the server keeps only its hash."""
     from castore.cache.server import add_token
@@ -492,7 +501,11 @@ def token_add(
     bad = [s for s in scope if s not in ("read", "write")]
     if bad:
         raise CastoreError(f"scope {bad[0]!r} is not read or write")
-    print(add_token(directory, scope, name))
+    token = add_token(directory, scope, name)
+    if as_json:
+        _emit({"token": token, "scopes": sorted(set(scope)), "name": name})
+    else:
+        print(token)
 
 
 key_app = typer.Typer(help="ed25519 signing keys for binary caches.", no_args_is_help=True)
@@ -504,6 +517,7 @@ def key_generate(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Key name, by convention LAB-N (bump N to rotate).")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE",
                                       help="Where to write the secret key (mode 0600).")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Make a key pair: write the secret key to --out and print the public key (NAME:BASE64).
 
@@ -515,31 +529,44 @@ def key_generate(
     if out.exists():
         raise CastoreError(f"{out} already exists", "keys are never overwritten; pick another path")
     secret, public = generate(name)
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
-    print(public)
+    if as_json:
+        _emit({"public_key": str(public), "secret_key_file": str(out.absolute())})
+    else:
+        print(public)
 
 
 @key_app.command("public")
-def key_public(secret_file: Annotated[Path, typer.Argument(metavar="SECRET_FILE", help="A secret key file.")]) -> None:
+def key_public(secret_file: Annotated[Path, typer.Argument(metavar="SECRET_FILE", help="A secret key file.")],
+               as_json: JsonOpt = False) -> None:
     """Print the public key of a secret key file (one that only its owner can read)."""
     from castore.cache.trust import read_secret_key
     from castore.signing import public_of
 
-    print(public_of(read_secret_key(secret_file)))
+    public = public_of(read_secret_key(secret_file))
+    if as_json:
+        _emit({"public_key": str(public)})
+    else:
+        print(public)
 
 
 @app.command()
-def path(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id or unique prefix.")]) -> None:
+def path(object_id: Annotated[str, typer.Argument(metavar="ID", help=_ID_HELP)], as_json: JsonOpt = False) -> None:
     """Print the store path of an object (read-only; Firecracker can open it directly)."""
     with _store(create=False) as store:
-        print(store.blob_path(store.resolve(object_id)))
+        oid = store.resolve(object_id)
+        if as_json:
+            _emit({"id": oid, "path": str(store.blob_path(oid))})
+        else:
+            print(store.blob_path(oid))
 
 
 @app.command()
 def show(
-    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id or unique prefix.")],
+    object_id: Annotated[str, typer.Argument(metavar="ID", help=_ID_HELP)],
     entries: Annotated[bool, typer.Option("--entries", help="List a tree's entries.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -559,14 +586,19 @@ def show(
         if as_json:
             _emit(data)
             return
-        print(f"id      {oid}\nkind    {info.kind}\nsize    {info.size}\npath    {data['path']}")
+        print(f"id           {oid}\nkind         {info.kind}\nsize         {info.size}\npath         {data['path']}")
         if info.refs:
-            print(f"refs    {len(info.refs)}" + "".join(f"\n  {r}" for r in info.refs[:20])
+            print(f"refs         {len(info.refs)}" + "".join(f"\n  {r}" for r in info.refs[:20])
                   + ("\n  ..." if len(info.refs) > 20 else ""))
         if info.kind == "image":
             for k, v in data["image"].items():
-                if k not in ("format", "kind"):
-                    print(f"{k:8}{v}")
+                if k == "layers":
+                    for i, layer in enumerate(v):
+                        print(f"{f'layer {i}':<13}{layer['format']} {layer['blob']}")
+                elif k == "overlay_size":
+                    print(f"{k:<13}{v} ({_human(v)})")
+                elif k not in ("format", "kind"):
+                    print(f"{k:<13}{v}")
         for h, name, record in plans:
             print(f"made by plan {h}  ({name})")
             if origin := _origin(store, h):
@@ -580,7 +612,7 @@ def show(
                 text = repr(v)
                 print(f"  param   {k}: {text[:100]}{'...' if len(text) > 100 else ''}")
         if not plans:
-            print("made by  (added directly, no plan)")
+            print("made by      no plan of this store: added, or pulled by id")
         if info.kind == "tree" and entries:
             for e in data["entries"]:
                 extra = e.get("blob") or e.get("target") or (f"{e['major']},{e['minor']}" if "major" in e else "")
@@ -704,7 +736,7 @@ def log(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (
         else:
             plans = store.plans_for(oid)
             if not plans:
-                raise CastoreError(f"{oid} was added directly; it has no build log")
+                raise CastoreError(f"{oid} was not built here (added, or pulled by id): it has no build log")
             candidate = store.logs / f"{plans[-1][0]}.log"
         if not candidate.exists():
             raise CastoreError(f"no log kept for {object_id}")
@@ -732,8 +764,32 @@ def _only(argv: list[str]) -> None:
             return
 
 
+def _globals_first(argv: list[str]) -> list[str]:
+    """`castore export ID DEST --store DIR` as `castore --store DIR export ID DEST`: the global
+    options (--store, --debug) may also follow the command, as nix takes --store anywhere."""
+    at = 0
+    while at < len(argv) and argv[at].startswith("-"):  # the global options already in front
+        at += 2 if argv[at] == "--store" else 1
+    if at >= len(argv):
+        return argv
+    moved: list[str] = []
+    rest: list[str] = []
+    words = iter(argv[at + 1:])
+    for word in words:
+        if word == "--":
+            rest += [word, *words]
+        elif word == "--debug" or word.startswith("--store="):
+            moved.append(word)
+        elif word == "--store":
+            moved += [word, *([nxt] if (nxt := next(words, None)) is not None else [])]
+        else:
+            rest.append(word)
+    return [*argv[:at], *moved, argv[at], *rest]
+
+
 def main() -> None:
     every = app.registered_commands, app.registered_groups
+    sys.argv[1:] = _globals_first(sys.argv[1:])
     _only(sys.argv[1:])
     try:
         app()  # click's standalone mode handles usage errors and exits; ours come through

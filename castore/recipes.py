@@ -566,7 +566,7 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
     try:
         text = p.read_bytes()
     except FileNotFoundError:
-        raise RecipeError(f"recipe file {shown} not found") from None
+        raise RecipeError(f"recipe file {p} not found", f"the working directory is {os.getcwd()}") from None
     except OSError as exc:
         raise RecipeError(f"cannot read recipe file {shown}: {exc.strerror}") from exc
     filename = str(p.resolve())

@@ -114,6 +114,33 @@ def test_out_link_is_a_gc_root(tmp_path: Path) -> None:
     assert castore_json("gc", store=store)["deleted"] == [res["id"]]
 
 
+def test_an_out_link_names_its_object_and_global_options_may_follow_the_command(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    link = tmp_path / "result"
+    res = castore_json("realize", "tests/recipes/small.py:rootfs", "-o", str(link), store=store)
+    assert castore_json("show", str(link), store=store)["id"] == res["id"]
+    assert castore_json("path", res["path"], store=store) == {"id": res["id"], "path": res["path"]}
+    out = castore("path", "result", "--store", str(store), "--debug", cwd=tmp_path).stdout  # after the command
+    assert out.strip() == res["path"]
+    assert castore("show", str(link), f"--store={store}", "--json", cwd=tmp_path).returncode == 0
+    other = castore("show", str(Path(__file__)), store=store, check=False)
+    assert other.returncode == 1 and "is not an object of the store" in other.stderr
+    # -- ends the options: what follows is an argument, even --store
+    assert "no such option" not in castore("show", "--", "--store", store=store, check=False).stderr.lower()
+
+
+def test_every_command_that_prints_data_takes_json(tmp_path: Path) -> None:
+    key = castore_json("key", "generate", "lab-1", "--out", str(tmp_path / "new" / "dir" / "lab-1.secret"))
+    assert key["public_key"].startswith("lab-1:") and (tmp_path / "new" / "dir").stat().st_mode & 0o777 == 0o700
+    assert castore_json("key", "public", key["secret_key_file"]) == {"public_key": key["public_key"]}
+    token = castore_json("token", "add", str(tmp_path / "cache"), "--scope", "write", "--name", "ci")
+    assert token["scopes"] == ["write"] and len(token["token"]) > 20
+    store = tmp_path / "store"
+    oid = castore_json("add", str(Path(__file__)), store=store)["id"]
+    exported = castore_json("export", oid, str(tmp_path / "out.py"), store=store)
+    assert exported == {"id": oid, "kind": "blob", "dest": str(tmp_path / "out.py")}
+
+
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     proc = castore("show", "deadbeefdeadbeef", store=tmp_path / "nostore", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error: no castore store")

@@ -116,7 +116,7 @@ def _squashfs(ctx: BuildContext) -> Result:
     blobs_dir = ctx.blob_path("0" * 64).parent.parent
     listing = ctx.scratch / "pack.list"
     listing.write_text(pack_listing(tree, blobs_dir), encoding="utf-8")
-    ctx.status(f"gensquashfs: {len(tree)} entries, {tree.size() >> 20} MiB")
+    ctx.status(f"gensquashfs: {len(tree)} {'entry' if len(tree) == 1 else 'entries'}, {tree.size() / 2**20:.1f} MiB")
     run(
         [
             "gensquashfs",

@@ -415,8 +415,8 @@ class _Assembly:
                 self.meter(fetched, total)
             elif stats.chunks_fetched % 256 == 0 or stats.chunks_fetched == len(need):
                 rate = stats.bytes_on_wire / max(time.monotonic() - started, 1e-6)
-                self.progress(f"fetched {stats.chunks_fetched}/{len(need)} chunks, {stats.bytes_on_wire >> 20} MiB "
-                              f"of ~{total >> 20} MiB, {rate / 2**20:.1f} MiB/s")
+                self.progress(f"fetched {stats.chunks_fetched}/{len(need)} chunks, {fetched / 2**20:.1f} MiB "
+                              f"of {total / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s")
             self._finish_ready()
 
     def _finish_ready(self) -> None:
@@ -554,8 +554,8 @@ def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust
             rec = RealisationRecord.decode(plan_hash, data)
             vouching = trust.vouching(rec)
             if not vouching:
-                note(f"{cache.url}: realisation of plan {plan_hash[:12]} has no signature from a trusted key; "
-                     "not used")
+                note(f"{cache.url}: realisation of plan {plan_hash[:12]} has no signature from a trusted key: "
+                     f"it {trust.refusal(rec)}; not used")
                 continue
             if fetch:
                 pull(store, cache, [rec.object], kinds={rec.object: kind} if kind else None)
