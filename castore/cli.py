@@ -194,7 +194,7 @@ def _substituters() -> tuple[list[Any], Any]:
     caches = []
     for url in config.substituters:
         try:
-            caches.append(open_cache(url))
+            caches.append(open_cache(url, token=config.token_for(url, named=False)))
         except CastoreError as exc:
             _err(f"note: substituter {url} skipped: {exc.message}")
     return caches, Trust.from_config(config)
@@ -393,19 +393,20 @@ def pull(
     bad = [i for i in ids if not is_id(i)]
     if bad:
         raise CastoreError(f"{bad[0]} is not a full object id", "pull needs the 64-digit id")
+    from castore.config import load_config
+
+    config = load_config()
     if from_ is not None:
         urls = [from_]
     else:
-        from castore.config import load_config
-
-        urls = list(load_config().substituters)
+        urls = list(config.substituters)
         if not urls:
             raise CastoreError("no cache to pull from", "pass --from URL, or set substituters in castore.toml")
     failures = []
     with _store() as store:
         for url in urls:
             try:
-                cache = open_cache(url)
+                cache = open_cache(url, token=config.token_for(url, named=from_ is not None))
                 try:
                     with _meter(enabled=not as_json and not dry_run and sys.stderr.isatty()) as meter:
                         stats = do_pull(store, cache, ids, dry_run=dry_run, meter=meter,
@@ -466,6 +467,8 @@ def _count(n: int, thing: str) -> str:
 def serve(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory (created if missing).")],
     bind: Annotated[str, typer.Option("--bind", metavar="HOST:PORT", help="Where to listen.")] = "127.0.0.1:8080",
+    private: Annotated[bool, typer.Option("--private", help="Reads need a token with read scope too "
+                                          "(by default anyone may read).")] = False,
 ) -> None:
     """Serve a cache directory over HTTP: reads for everyone, verified uploads for tokens with write scope.
 
@@ -479,8 +482,8 @@ def serve(
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise CastoreError(f"--bind {bind!r} is not HOST:PORT (a port from 1 to 65535)", "for example 127.0.0.1:8080")
     sockets = listen(host, int(port))  # first: a port in use is an error before DIR is made
-    cache = CacheApp(directory)
-    _err(f"serving {directory.absolute()} on http://{host}:{port}")
+    cache = CacheApp(directory, public_read=not private)
+    _err(f"serving {directory.absolute()} on http://{host}:{port}" + (" (reads need a token)" if private else ""))
     run_server(cache, sockets)
 
 

@@ -62,10 +62,12 @@ class Config:
         """Where setting `key` (say "revoked-keys") came from: a file's path or "$CASTORE_..."."""
         return dict(self.origins).get(key, "the configuration")
 
-    def token_for(self, url: str) -> str | None:
-        """CASTORE_TOKEN, else the token configured for url's scheme, host and port whose path is
-        url's or above it (on a "/" boundary); the longest path wins."""
-        if os.environ.get("CASTORE_TOKEN"):
+    def token_for(self, url: str, *, named: bool = True) -> str | None:
+        """CASTORE_TOKEN when url was named on the command line (named), else the token configured
+        for url's scheme, host and port whose path is url's or above it (on a "/" boundary); the
+        longest path wins. A configured substituter never gets CASTORE_TOKEN: that token is for
+        the cache the command names, not for every cache it asks."""
+        if named and os.environ.get("CASTORE_TOKEN"):
             return os.environ["CASTORE_TOKEN"]
         target = _origin_and_path(url)
         if target is None:

@@ -202,6 +202,37 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
         proc.wait(timeout=10)
 
 
+def test_a_private_server_wants_a_read_token_and_castore_token_goes_only_where_it_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "served"
+    root.mkdir()
+    reader = add_token(root, ["read"], "lab-2")
+    writer = add_token(root, ["write"], "ci")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([CASTORE, "serve", str(root), "--bind", f"127.0.0.1:{port}", "--private"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_port(port)
+        assert httpx.get(f"{url}/castore-cache.json").status_code == 401
+        oid = castore_json("add", str(Path(__file__)), store=tmp_path / "a")["id"]
+        none = {"CASTORE_CONFIG": str(tmp_path / "none")}
+        castore("push", oid, "--to", url, store=tmp_path / "a", env={**none, "CASTORE_TOKEN": writer})
+        no = castore("pull", oid, "--from", url, store=tmp_path / "b", env=none, check=False)
+        assert no.returncode == 1 and "read scope" in no.stderr
+        castore("pull", oid, "--from", url, store=tmp_path / "b", env={**none, "CASTORE_TOKEN": reader})
+        # a configured substituter gets the token configured for its URL, never CASTORE_TOKEN
+        env = {**none, "CASTORE_SUBSTITUTERS": url, "CASTORE_TOKEN": reader}
+        no = castore("pull", oid, store=tmp_path / "c", env=env, check=False)
+        assert no.returncode == 1 and "401" in no.stderr
+        (tmp_path / "castore.toml").write_text(f'[tokens]\n"{url}" = "{reader}"\n')
+        env = {"CASTORE_CONFIG": str(tmp_path / "castore.toml"), "CASTORE_SUBSTITUTERS": url}
+        assert castore_json("pull", oid, store=tmp_path / "c", env=env)["objects"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_missing_asks_in_batches_the_server_takes(server: tuple[str, Path, str]) -> None:
     """The chunks of a blob over 3 GB are more than one POST /missing may list: they go in batches."""
     url, root, token = server

@@ -45,6 +45,8 @@ def test_tokens_by_url_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert c.token_for("http://other") is None
     monkeypatch.setenv("CASTORE_TOKEN", "env")
     assert c.token_for("http://other") == "env"
+    assert c.token_for("http://other", named=False) is None  # a configured substituter: not CASTORE_TOKEN
+    assert c.token_for("http://cache:8080/", named=False) == "abc"
 
 
 def test_a_token_goes_only_to_its_scheme_host_and_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

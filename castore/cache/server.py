@@ -4,7 +4,9 @@ A plain ASGI application (run by uvicorn):
 
 * ``GET``/``HEAD /<cache path>``: the files, with immutable caching headers for
   chunks and objects (their names are their content), ``no-cache`` for the
-  rest. The same directory served read-only by nginx works for pulls.
+  rest; for anyone, or (``public_read=False``, ``castore serve --private``) for
+  tokens with read or write scope. The same directory served read-only by nginx
+  works for pulls.
 * ``POST /missing``: a JSON list of cache paths in, the ones absent out: one
   request instead of one HEAD per chunk.
 * ``PUT /<cache path>`` with ``Authorization: Bearer TOKEN`` (write scope):
@@ -210,7 +212,10 @@ class CacheApp:
             raise HttpError(500, "server-error", "the server cannot read its tokens; its operator must "
                             "fix that (its log says how)") from None
         entry = known.get(hash_bytes(token.encode()))
-        if entry is None or what not in entry["scopes"]:
+        granted = set(entry["scopes"]) if entry is not None else set()
+        if "write" in granted:  # a push reads the config and asks what is missing
+            granted.add("read")
+        if what not in granted:
             raise HttpError(403, "forbidden", f"this token may not {what}")
 
     async def _get(self, send: Send, path: str, head: bool) -> None:
