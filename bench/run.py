@@ -50,7 +50,7 @@ INODE_AGE = 360.0  # recently_deleted: inodes whose table block was dirty stay s
 # Debian's nix 2.8 as root without a daemon: a chroot store (--store DIR), no nixbld group
 NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group =\n", "XDG_CACHE_HOME": f"{WORK}/cache"}
 # castore reads no castore.toml of this machine: no signing keys, no substituters
-CS_ENV = {**os.environ, "CASTORE_CONFIG": str(WORK / "no-castore.toml")}
+CS_ENV = {**os.environ, "CASTORE_CONFIG": os.devnull}
 Argv = Sequence[str | Path]
 _serial = iter(range(1, 1 << 30))
 BEST_CPU: dict[str, float] = {}  # name -> CPU seconds (user+sys) of its best run

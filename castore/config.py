@@ -106,7 +106,11 @@ def _check_token_url(url: str, where: str) -> None:
 
 def config_files() -> list[Path]:
     if os.environ.get("CASTORE_CONFIG"):
-        return [Path(os.environ["CASTORE_CONFIG"])]
+        named = Path(os.environ["CASTORE_CONFIG"])
+        if not named.exists():  # a typo would silently drop every substituter and trusted key
+            raise CastoreError(f"CASTORE_CONFIG names {named}, which does not exist",
+                               f"fix the path, or set CASTORE_CONFIG={os.devnull} to read no configuration file")
+        return [named]
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return [Path("/etc/castore/castore.toml"), Path(xdg) / "castore" / "castore.toml"]
 

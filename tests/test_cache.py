@@ -390,7 +390,7 @@ def test_pull_fails_over_between_substituters(tmp_path: Path) -> None:
     empty = DirTransport(tmp_path / "empty", create=True)
     empty.put("castore-cache.json", (cache.root / "castore-cache.json").read_bytes())
     env = {"CASTORE_SUBSTITUTERS": f"{empty.root} {tmp_path / 'missing'} file://{cache.root}",
-           "CASTORE_CONFIG": str(tmp_path / "none")}
+           "CASTORE_CONFIG": os.devnull}
     proc = castore("pull", oid, store=tmp_path / "b", env=env)
     assert "trying the next substituter" in proc.stderr and "pulled 1 object " in proc.stdout
     assert (tmp_path / "b" / "blobs" / oid[:2] / oid).read_bytes() == data

@@ -216,7 +216,7 @@ def test_a_private_server_wants_a_read_token_and_castore_token_goes_only_where_i
         wait_port(port)
         assert httpx.get(f"{url}/castore-cache.json").status_code == 401
         oid = castore_json("add", str(Path(__file__)), store=tmp_path / "a")["id"]
-        none = {"CASTORE_CONFIG": str(tmp_path / "none")}
+        none = {"CASTORE_CONFIG": os.devnull}
         castore("push", oid, "--to", url, store=tmp_path / "a", env={**none, "CASTORE_TOKEN": writer})
         no = castore("pull", oid, "--from", url, store=tmp_path / "b", env=none, check=False)
         assert no.returncode == 1 and "read scope" in no.stderr

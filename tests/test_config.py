@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -109,3 +110,11 @@ def test_relative_paths_in_a_file_are_relative_to_that_file(tmp_path: Path, monk
     assert c.secret_key_files == (f"{conf.parent}/keys/lab-1.secret", f"{tmp_path}/home/k.secret")
     monkeypatch.setenv("CASTORE_SUBSTITUTERS", "caches/lab")  # what a shell user typed: from the cwd
     assert load_config().substituters == ("caches/lab",)
+
+
+def test_castore_config_must_name_a_file_that_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASTORE_CONFIG", str(tmp_path / "castor.toml"))  # a typo
+    with pytest.raises(CastoreError, match=r"castor\.toml, which does not exist"):
+        load_config()
+    monkeypatch.setenv("CASTORE_CONFIG", os.devnull)
+    assert load_config().substituters == ()

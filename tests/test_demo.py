@@ -95,7 +95,7 @@ def test_another_store_substitutes_the_demo_and_builds_nothing(demo: dict[str, A
     secret = tmp_path / "lab-1.secret"
     public = castore("key", "generate", "lab-1", "--out", str(secret)).stdout.strip()
     cache = tmp_path / "cache"
-    none = str(tmp_path / "no-config")
+    none = os.devnull
     castore("push", demo["id"], "--to", str(cache), store=demo["store"],
             env={"CASTORE_SECRET_KEY_FILES": str(secret), "CASTORE_CONFIG": none})
     env = {"CASTORE_SUBSTITUTERS": f"file://{cache}", "CASTORE_TRUSTED_PUBLIC_KEYS": public, "CASTORE_CONFIG": none}

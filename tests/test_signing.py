@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_the_configured_secret_keys_are_all_checked_before_use(tmp_path: Path,
     two, _ = generate("lab-2")
     a = _key_file(tmp_path / "a.sec", one)
     b = _key_file(tmp_path / "b.sec", two.split(":")[1])  # no name
-    monkeypatch.setenv("CASTORE_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("CASTORE_CONFIG", os.devnull)
     monkeypatch.setenv("CASTORE_SECRET_KEY_FILES", str(a))
     assert secret_keys(load_config()) == [one]
     monkeypatch.setenv("CASTORE_SECRET_KEY_FILES", f"{a} {b}")
@@ -178,7 +179,7 @@ def test_a_malformed_trusted_key_names_where_it_came_from(tmp_path: Path, monkey
 
 def test_realize_stops_on_a_malformed_trusted_key_without_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "cache").mkdir()
-    env = {"CASTORE_CONFIG": str(tmp_path / "none.toml"), "CASTORE_SUBSTITUTERS": str(tmp_path / "cache"),
+    env = {"CASTORE_CONFIG": os.devnull, "CASTORE_SUBSTITUTERS": str(tmp_path / "cache"),
            "CASTORE_TRUSTED_PUBLIC_KEYS": "lab-1:AAAA", "CASTORE_REVOKED_KEYS": ""}
     proc = castore("realize", "tests/recipes/small.py:layer", store=tmp_path / "s", env=env, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

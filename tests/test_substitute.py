@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,14 @@ def _keys(tmp_path: Path, name: str) -> tuple[Path, str]:
 def _published(tmp_path: Path, secret: Path | None) -> tuple[Path, dict[str, Any]]:
     a, cache = tmp_path / "a", tmp_path / "cache"
     res = castore_json("realize", TARGET, store=a)
-    env = {"CASTORE_SECRET_KEY_FILES": str(secret) if secret else "", "CASTORE_CONFIG": str(tmp_path / "none")}
+    env = {"CASTORE_SECRET_KEY_FILES": str(secret) if secret else "", "CASTORE_CONFIG": os.devnull}
     castore("push", res["id"], "--to", str(cache), store=a, env=env)
     return cache, res
 
 
 def _realize_b(tmp_path: Path, cache: Path | str, trusted: str, revoked: str = "") -> Any:
     env = {"CASTORE_SUBSTITUTERS": str(cache), "CASTORE_TRUSTED_PUBLIC_KEYS": trusted,
-           "CASTORE_REVOKED_KEYS": revoked, "CASTORE_CONFIG": str(tmp_path / "none")}
+           "CASTORE_REVOKED_KEYS": revoked, "CASTORE_CONFIG": os.devnull}
     proc = castore("realize", TARGET, "--json", store=tmp_path / "b", env=env)
     import json
 
@@ -61,7 +62,7 @@ def test_a_substituted_realisation_is_passed_on_with_its_signatures_not_signed_a
     assert shown["plans"][0]["substituted_from"] == f"file://{cache}"
     for secrets in (str(secret_2), ""):
         cache_2 = tmp_path / f"cache-2{'-keyless' if not secrets else ''}"
-        env = {"CASTORE_SECRET_KEY_FILES": secrets, "CASTORE_CONFIG": str(tmp_path / "none")}
+        env = {"CASTORE_SECRET_KEY_FILES": secrets, "CASTORE_CONFIG": os.devnull}
         castore("push", out["id"], "--to", str(cache_2), store=tmp_path / "b", env=env)
         plan = shown["plans"][0]["plan"]
         rec = RealisationRecord.decode(plan, DirTransport(cache_2).get(realisation_path(plan)) or b"")
@@ -128,13 +129,13 @@ def test_a_realisation_whose_object_the_cache_records_as_another_kind_is_not_use
     secret, public = _keys(tmp_path, "lab-1")
     a, cache = tmp_path / "a", tmp_path / "cache"
     layer = castore_json("realize", "tests/recipes/small.py:layer", store=a)["id"]
-    env = {"CASTORE_SECRET_KEY_FILES": str(secret), "CASTORE_CONFIG": str(tmp_path / "none")}
+    env = {"CASTORE_SECRET_KEY_FILES": str(secret), "CASTORE_CONFIG": os.devnull}
     castore("push", layer, "--to", str(cache), store=a, env=env)
     record = cache / object_path(layer)
     rec = ObjectRecord.decode(layer, record.read_bytes())
     record.write_bytes(ObjectRecord(layer, "blob", rec.size, (), rec.chunks).encode())
     env = {"CASTORE_SUBSTITUTERS": str(cache), "CASTORE_TRUSTED_PUBLIC_KEYS": public,
-           "CASTORE_CONFIG": str(tmp_path / "none")}
+           "CASTORE_CONFIG": os.devnull}
     proc = castore("realize", "tests/recipes/small.py:layer", "--json", store=tmp_path / "b", env=env)
     import json
 
@@ -158,7 +159,7 @@ def test_a_dry_run_says_what_would_be_substituted(tmp_path: Path) -> None:
     secret, public = _keys(tmp_path, "lab-1")
     cache, res = _published(tmp_path, secret)
     env = {"CASTORE_SUBSTITUTERS": str(cache), "CASTORE_TRUSTED_PUBLIC_KEYS": public,
-           "CASTORE_CONFIG": str(tmp_path / "none")}
+           "CASTORE_CONFIG": os.devnull}
     dry = castore_json("realize", TARGET, "--dry-run", store=tmp_path / "b", env=env)
     assert [p["action"] for p in dry["plans"]] == ["not needed", "substitute"]  # the layer is not needed
     assert castore_json("ls", store=tmp_path / "b") == []  # nothing fetched
