@@ -681,7 +681,7 @@ def verify(
                 print(f"corrupt: {p}")
             for n in notes:
                 print(f"note: {n}")
-            print(f"{count} objects checked, {len(problems)} problem(s)")
+            print(f"{_count(count, 'object')} checked, {_count(len(problems), 'problem')}")
         if problems:
             raise typer.Exit(1)
 

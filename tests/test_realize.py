@@ -82,7 +82,7 @@ def test_kill_9_during_a_build_leaves_the_store_as_it_was(tmp_path: Path) -> Non
         res = castore_json("realize", "tests/recipes/fetching.py:download", store=store, env=env)
     assert Path(res["path"]).read_bytes() == data
     assert list((store / "tmp").iterdir()) == []  # the stale staging was cleaned
-    assert castore("verify", store=store).stdout.endswith("0 problem(s)\n")
+    assert castore("verify", store=store).stdout.endswith("0 problems\n")
 
 
 def test_failed_build_keeps_log_and_nothing_else(tmp_path: Path) -> None:
