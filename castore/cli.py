@@ -349,7 +349,7 @@ def push(
     """
     from castore.cache.copy import push as do_push
     from castore.cache.transport import open_cache
-    from castore.cache.trust import secret_keys
+    from castore.cache.trust import Trust, secret_keys
     from castore.config import load_config
 
     config = load_config()
@@ -362,7 +362,8 @@ def push(
         full = [store.resolve(i) for i in ids]
         cache = open_cache(to, create=True, token=config.token_for(to))
         try:
-            stats = do_push(store, cache, full, progress=lambda s: None if as_json else _err(s), secrets=secrets)
+            stats = do_push(store, cache, full, progress=lambda s: None if as_json else _err(s), secrets=secrets,
+                            trust=Trust.from_config(config))
         finally:
             cache.close()
     _copy_report(stats, "pushed", as_json)
@@ -704,7 +705,9 @@ def gc(
 def _origin(store: Any, plan_hash: str) -> str | None:
     """The cache a plan's realisation was substituted from; None when it was built here."""
     came = store.substitution(plan_hash)
-    return came[0] if came else None
+    if came is None:
+        return None
+    return came[0] or "a cache (substituted before castore recorded which)"
 
 
 @app.command()
@@ -769,25 +772,51 @@ def _only(argv: list[str]) -> None:
 
 def _globals_first(argv: list[str]) -> list[str]:
     """`castore export ID DEST --store DIR` as `castore --store DIR export ID DEST`: the global
-    options (--store, --debug) may also follow the command, as nix takes --store anywhere."""
+    options (--store, --debug) may also follow the command, as nix takes --store anywhere. The
+    value of a command's own option (`--name --store`) stays its value, and a --store with no
+    value stays where it is, for click to say so."""
     at = 0
     while at < len(argv) and argv[at].startswith("-"):  # the global options already in front
         at += 2 if argv[at] == "--store" else 1
-    if at >= len(argv):
+    tail = argv[at + 1:]
+    if at >= len(argv) or not any(w == "--debug" or w.startswith("--store") for w in tail):
         return argv
+    valued = _valued_options(argv[at], tail[0] if tail else "")
     moved: list[str] = []
     rest: list[str] = []
-    words = iter(argv[at + 1:])
-    for word in words:
+    i = 0
+    while i < len(tail):
+        word = tail[i]
         if word == "--":
-            rest += [word, *words]
-        elif word == "--debug" or word.startswith("--store="):
+            rest += tail[i:]
+            break
+        if word in valued and i + 1 < len(tail):
+            rest += tail[i:i + 2]
+            i += 2
+            continue
+        if word == "--debug" or word.startswith("--store="):
             moved.append(word)
-        elif word == "--store":
-            moved += [word, *([nxt] if (nxt := next(words, None)) is not None else [])]
+        elif word == "--store" and i + 1 < len(tail):
+            moved += tail[i:i + 2]
+            i += 1
         else:
             rest.append(word)
+        i += 1
     return [*argv[:at], *moved, argv[at], *rest]
+
+
+def _valued_options(command: str, sub: str) -> set[str]:
+    """The options of a command (or of a group's subcommand) that take a value."""
+    from typer.main import get_command
+
+    found: Any = get_command(app)  # click's objects (typer 0.28 carries its own click: duck-typed)
+    for name in (command, sub):
+        if not hasattr(found, "commands") or (found := found.commands.get(name)) is None:
+            break
+    if found is None:
+        return set()
+    return {o for p in found.params if getattr(p, "param_type_name", "") == "option" and not p.is_flag
+            for o in [*p.opts, *p.secondary_opts]}
 
 
 def main() -> None:

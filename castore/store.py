@@ -138,9 +138,20 @@ class LocalStore:
             if version != _SCHEMA_VERSION:
                 self.db.execute("PRAGMA journal_mode=WAL")  # kept in the file: set once
                 self.db.executescript(_SCHEMA)
+                if tables is not None and version < 3:
+                    self._unknown_origins()
                 self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                self.db.commit()
         finally:
             os.close(fd)
+
+    def _unknown_origins(self) -> None:
+        """A store from before substitutions were recorded: a realisation without a build log was
+        substituted (a build always writes one), from a cache and with signatures no longer known.
+        Recorded as such, so that a push neither signs it as its own nor passes it on."""
+        for (plan,) in self.db.execute("SELECT plan FROM realisations").fetchall():
+            if not (self.logs / f"{plan}.log").exists():
+                self.db.execute("INSERT OR IGNORE INTO substitutions VALUES (?, '', x'')", (plan,))
 
     def close(self) -> None:
         self.db.close()

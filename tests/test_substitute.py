@@ -62,7 +62,8 @@ def test_a_substituted_realisation_is_passed_on_with_its_signatures_not_signed_a
     assert shown["plans"][0]["substituted_from"] == f"file://{cache}"
     for secrets in (str(secret_2), ""):
         cache_2 = tmp_path / f"cache-2{'-keyless' if not secrets else ''}"
-        env = {"CASTORE_SECRET_KEY_FILES": secrets, "CASTORE_CONFIG": os.devnull}
+        env = {"CASTORE_SECRET_KEY_FILES": secrets, "CASTORE_CONFIG": os.devnull,
+               "CASTORE_TRUSTED_PUBLIC_KEYS": public_1}  # what the mirror trusts, as when it substituted
         castore("push", out["id"], "--to", str(cache_2), store=tmp_path / "b", env=env)
         plan = shown["plans"][0]["plan"]
         rec = RealisationRecord.decode(plan, DirTransport(cache_2).get(realisation_path(plan)) or b"")
@@ -74,14 +75,44 @@ def test_a_substituted_realisation_is_passed_on_with_its_signatures_not_signed_a
     assert out["id"] == res["id"] and out["built"] == []
     built = castore_json("show", res["id"], store=tmp_path / "a")
     assert built["plans"][0]["substituted_from"] is None
+    # a key revoked since is not passed on: nothing vouches for the realisation any more
+    env = {"CASTORE_SUBSTITUTERS": str(cache), "CASTORE_TRUSTED_PUBLIC_KEYS": public_1, "CASTORE_CONFIG": os.devnull}
+    assert castore_json("realize", TARGET, store=tmp_path / "c", env=env)["substituted"] == ["rootfs"]
+    env = {"CASTORE_SECRET_KEY_FILES": str(secret_2), "CASTORE_CONFIG": os.devnull,
+           "CASTORE_TRUSTED_PUBLIC_KEYS": public_1, "CASTORE_REVOKED_KEYS": "lab-1"}
+    proc = castore("push", out["id"], "--to", str(tmp_path / "cache-3"), store=tmp_path / "c", env=env)
+    assert "not pushed" in proc.stderr and not list((tmp_path / "cache-3" / "realisations").glob("*"))
+
+
+def test_a_store_from_before_substitutions_were_recorded_signs_only_what_it_built(tmp_path: Path) -> None:
+    """A realisation without a build log was substituted: after the upgrade, push does not sign it."""
+    import sqlite3
+
+    secret_1, public_1 = _keys(tmp_path, "lab-1")
+    secret_2, _ = _keys(tmp_path, "lab-2")
+    cache, res = _published(tmp_path, secret_1)
+    out, _ = _realize_b(tmp_path, cache, public_1)
+    for store in ("a", "b"):  # what a store of castore before schema 3 holds
+        db = sqlite3.connect(tmp_path / store / "db.sqlite")
+        db.execute("DROP TABLE substitutions")
+        db.execute("PRAGMA user_version = 2")
+        db.commit()
+        db.close()
+    env = {"CASTORE_SECRET_KEY_FILES": str(secret_2), "CASTORE_CONFIG": os.devnull}
+    proc = castore("push", out["id"], "--to", str(tmp_path / "from-b"), store=tmp_path / "b", env=env)
+    assert "not pushed" in proc.stderr and not list((tmp_path / "from-b" / "realisations").glob("*"))
+    assert "before castore recorded" in castore_json("show", out["id"], store=tmp_path / "b")["plans"][0][
+        "substituted_from"]
+    castore("push", res["id"], "--to", str(tmp_path / "from-a"), store=tmp_path / "a", env=env)
+    assert len(list((tmp_path / "from-a" / "realisations").glob("*"))) == 1  # built there: signed
 
 
 def test_unsigned_untrusted_and_revoked_realisations_are_not_used(tmp_path: Path) -> None:
     secret, public = _keys(tmp_path, "lab-1")
     _, stranger = _keys(tmp_path, "other-1")
     cache, _ = _published(tmp_path, secret)
-    for trusted, revoked, why in ((stranger, "", "signed by lab-1, not by a trusted key"),
-                                  (public, "lab-1", "signed by lab-1, revoked"), (public, public, "revoked")):
+    for trusted, revoked, why in ((stranger, "", "signed by lab-1 (not trusted)"),
+                                  (public, "lab-1", "signed by lab-1 (revoked)"), (public, public, "(revoked)")):
         shutil.rmtree(tmp_path / "b", ignore_errors=True)
         out, err = _realize_b(tmp_path, cache, trusted, revoked)
         assert out["substituted"] == [] and out["built"] == ["layer", "rootfs"]

@@ -99,14 +99,16 @@ def _refs_first(ids: Iterable[str], refs: Callable[[str], Iterable[str]]) -> lis
 
 
 def push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Progress = lambda s: None,
-         secrets: list[str] | None = None) -> CopyStats:
-    """Upload closures; with secret keys, also the signed realisations of every object pushed."""
+         secrets: list[str] | None = None, trust: Trust | None = None) -> CopyStats:
+    """Upload closures, then realisations: those of what the store built, signed with the secret
+    keys; those it substituted, with the signatures of keys trust still believes (none: not
+    passed on)."""
     with store.lock("gc", shared=True):  # what is being pushed must not be collected halfway
-        return _push(store, cache, ids, progress, secrets)
+        return _push(store, cache, ids, progress, secrets, trust or Trust())
 
 
 def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Progress,
-          secrets: list[str] | None) -> CopyStats:
+          secrets: list[str] | None, trust: Trust) -> CopyStats:
     config = cache_config(cache, create=True)
     stats = CopyStats()
     cctx = zstandard.ZstdCompressor(level=3)
@@ -137,10 +139,14 @@ def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Pro
         stats.objects += 1
     for oid in stats.ids:  # published last: they name objects already there
         for plan_hash, plan_record in store.realisations_of(oid):
-            came = store.substitution(plan_hash)
-            if came is not None:  # passed on with the signatures that vouched for it: this store
-                new = came[1]  # did not build it, so it does not sign it (as Nix signs only what it builds)
-                RealisationRecord.decode(plan_hash, new)
+            came = _substituted(store, plan_hash, oid, plan_record)
+            if came is not None:  # this store did not build it, so it does not sign it (as Nix signs
+                vouching = trust.vouching(came) if came.signatures else ()  # only what it builds)
+                if not vouching:
+                    progress(f"realisation of plan {plan_hash[:12]} not pushed: it was substituted, and no "
+                             "key this machine trusts vouches for it (now)")
+                    continue
+                new = RealisationRecord(plan_hash, oid, plan_record, vouching).encode()
             elif secrets:
                 new = signed(RealisationRecord(plan_hash, oid, plan_record), secrets).encode()
             else:
@@ -151,6 +157,22 @@ def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Pro
                 cache.put(realisation_path(plan_hash), data)
                 stats.realisations += 1
     return stats
+
+
+def _substituted(store: LocalStore, plan_hash: str, oid: str, plan_record: bytes) -> RealisationRecord | None:
+    """The realisation the store kept for a plan it substituted, when it agrees with what the
+    store holds (else the store built the plan since: None); without signatures when it was
+    substituted before castore kept them (store schema 3)."""
+    came = store.substitution(plan_hash)
+    if came is None:
+        return None
+    if not came[1]:
+        return RealisationRecord(plan_hash, oid, plan_record)
+    try:
+        rec = RealisationRecord.decode(plan_hash, came[1])
+    except EncodingError:
+        return RealisationRecord(plan_hash, oid, plan_record)
+    return rec if rec.object == oid and rec.record == plan_record else None
 
 
 def _frames(f: BinaryIO, chunks: list[Chunk], cctx: zstandard.ZstdCompressor,
