@@ -150,8 +150,14 @@ def test_revoked_keys_are_normalised_and_revoke_by_bytes(tmp_path: Path, monkeyp
     assert [name for name, _ in Trust.from_config(load_config()).vouching(rec)] == ["lab-1"]
     _config(tmp_path, monkeypatch, f'trusted-public-keys = ["{other}"]\n')  # the name, not the key
     trust = Trust.from_config(load_config())
-    assert trust.vouching(rec) == () and trust.refusal(rec) == "has a signature by lab-1 that does not verify"
+    assert trust.vouching(rec) == () and trust.refusal(rec) == "is signed by lab-1 (does not verify)"
     assert Trust().refusal(RealisationRecord("a" * 64, "b" * 64, b"plan")) == "is unsigned"
+    # each key its own reason; names from a cache are printed escaped, five at most
+    hostile = RealisationRecord("a" * 64, "b" * 64, b"plan", (
+        *rec.signatures, ("\x1b[2Jlab-x\nrootfs: substituted", b"s" * 64), *((f"k{i}", b"s" * 64) for i in range(9))))
+    said = trust.refusal(hostile)
+    assert said.startswith("is signed by '\\x1b[2Jlab-x\\nrootfs: substituted' (not trusted), k0 (not trusted)")
+    assert "\x1b" not in said and "\n" not in said and said.endswith("and 6 more")
 
 
 @pytest.mark.parametrize("entry", ["lab-1:AAAA", "lab 1", "lab-1:not base64!", "", ":"])

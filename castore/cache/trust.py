@@ -56,17 +56,22 @@ class Trust:
         return key.name.casefold() in self.revoked_names or key.key in self.revoked_keys
 
     def refusal(self, rec: RealisationRecord) -> str:
-        """Why rec is not believed, when vouching(rec) is empty: for the note that says so."""
+        """Why rec is not believed, when vouching(rec) is empty: for the note that says so. Key
+        names come from the cache: they are shown escaped, and at most five of them."""
         if not rec.signatures:
             return "is unsigned"
-        names = sorted({name for name, _ in rec.signatures})
-        trusted = [k for k in self.keys if k.name in names]
-        if not trusted:
-            return f"is signed by {', '.join(names)}, not by a trusted key"
-        revoked = sorted({k.name for k in trusted if self.is_revoked(k)})
-        if revoked and len(revoked) == len({k.name for k in trusted}):
-            return f"is signed by {', '.join(revoked)}, revoked (revoked-keys)"
-        return f"has a signature by {', '.join(sorted({k.name for k in trusted}))} that does not verify"
+        reasons = []
+        for name in sorted({name for name, _ in rec.signatures})[:5]:
+            keys = [k for k in self.keys if k.name == name]
+            if not keys:
+                why = "not trusted"
+            elif all(self.is_revoked(k) for k in keys):
+                why = "revoked"
+            else:
+                why = "does not verify"
+            reasons.append(f"{_shown(name)} ({why})")
+        more = len({name for name, _ in rec.signatures}) - len(reasons)
+        return "is signed by " + ", ".join(reasons) + (f" and {more} more" if more > 0 else "")
 
     def vouching(self, rec: RealisationRecord) -> tuple[tuple[str, bytes], ...]:
         """The signatures on rec by trusted, unrevoked keys that verify."""
@@ -74,6 +79,11 @@ class Trust:
         return tuple((name, sig) for name, sig in rec.signatures
                      if any(key.name == name and not self.is_revoked(key) and verify(key, message, sig)
                             for key in self.keys))
+
+
+def _shown(name: str) -> str:
+    """A key name from a cache, safe to print: printable and short, else escaped and cut."""
+    return name if name.isprintable() and len(name) <= 64 else repr(name[:64])
 
 
 T = TypeVar("T")
