@@ -69,20 +69,25 @@ class Config:
         the cache the command names, not for every cache it asks."""
         if named and os.environ.get("CASTORE_TOKEN"):
             return os.environ["CASTORE_TOKEN"]
-        target = _origin_and_path(url)
-        if target is None:
-            return None
-        best = []
-        for prefix, token in self.tokens:
-            mine = _origin_and_path(prefix)
-            if mine is None or mine[0] != target[0]:
-                continue
-            if mine[1] == "" or target[1] == mine[1] or target[1].startswith(mine[1] + "/"):
-                best.append((len(mine[1]), token))
+        best = [(len(_path(prefix)), token) for prefix, token in self.tokens if within(url, prefix)]
         return max(best)[1] if best else None
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def within(url: str, base: str) -> bool:
+    """Whether url is base's scheme, host and port, at or below base's path on a "/" boundary:
+    where a token configured for base may go."""
+    target, mine = _origin_and_path(url), _origin_and_path(base)
+    if target is None or mine is None or mine[0] != target[0]:
+        return False
+    return mine[1] == "" or target[1] == mine[1] or target[1].startswith(mine[1] + "/")
+
+
+def _path(url: str) -> str:
+    found = _origin_and_path(url)
+    return found[1] if found else ""
 
 
 def _origin_and_path(url: str) -> tuple[tuple[str, str, int], str] | None:

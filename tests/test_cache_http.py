@@ -298,6 +298,45 @@ def test_a_push_to_a_static_server_says_it_takes_no_uploads(tmp_path: Path, ngin
     a.close()
 
 
+class _Redirecting(http.server.BaseHTTPRequestHandler):
+    """/lab/... redirects to /other/... (or to itself, for ever); records each request's token."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, str | None]] = []
+    loop = False
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/lab/"):
+            where = self.path if self.loop else "/other/" + self.path.removeprefix("/lab/")
+            self.send_response(302)
+            self.send_header("Location", where)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_token_does_not_follow_a_redirect_out_of_its_path() -> None:
+    """httpx keeps Authorization for any path of the same host and port; a token configured for
+    http://host/lab goes only to /lab and below, as docs/cache.md promises."""
+    handler = type("R", (_Redirecting,), {"seen": []})
+    with _serving(handler) as (url, _), HttpTransport(f"{url}/lab", token="secret") as http:
+        assert http._request("GET", "castore-cache.json")[0] == 200
+    assert handler.seen == [("/lab/castore-cache.json", "Bearer secret"), ("/other/castore-cache.json", None)]
+    looping = type("L", (_Redirecting,), {"seen": [], "loop": True})
+    with _serving(looping) as (url, _), HttpTransport(f"{url}/lab", attempts=4) as http, \
+            pytest.raises(CastoreError, match="redirects") as err:
+        http._request("GET", "castore-cache.json")
+    assert "attempts" not in str(err.value) and len(looping.seen) <= 25  # one round of 20 redirects, not 4
+
+
 class _Hostile(http.server.BaseHTTPRequestHandler):
     """A cache whose answers push castore off the pipeline, onto httpx: bodies without end (chunked,
     or until the connection closes), a gzip bomb, an encoding nobody asked for, a redirect with a

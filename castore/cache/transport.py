@@ -183,8 +183,17 @@ class HttpTransport:
 
             self._client = httpx.Client(timeout=self.timeout, follow_redirects=True,
                                         limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-                                        headers={"Accept-Encoding": "gzip, deflate"})  # see _ENCODINGS
+                                        headers={"Accept-Encoding": "gzip, deflate"},  # see _ENCODINGS
+                                        event_hooks={"request": [self._scoped]})
         return self._client
+
+    def _scoped(self, request: Any) -> None:
+        """Called for each request, redirects included: the token goes only where it may, at or
+        below the cache's URL (httpx keeps it for any path of the same host and port)."""
+        from castore.config import within
+
+        if "authorization" in request.headers and not within(str(request.url), self.url):
+            del request.headers["authorization"]
 
     def close(self) -> None:
         if self._pipe is not None:
@@ -224,6 +233,8 @@ class HttpTransport:
                 raise CastoreError(f"{url}: a body of more than the {limit} bytes expected", _MALFORMED) from None
             except httpx.InvalidURL as exc:
                 raise CastoreError(f"{url} is not a valid URL: {exc}") from exc
+            except httpx.TooManyRedirects as exc:  # not transient: no retry
+                raise CastoreError(f"{url}: {exc}", "the server redirects in a loop: its setup is wrong") from exc
             except httpx.HTTPError as exc:
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # not transient: no retry
                     raise CastoreError(f"{url}: {exc}", UNTRUSTED) from exc
@@ -379,8 +390,9 @@ class HttpTransport:
         upload = method in ("PUT", "POST")
         if status in (401, 403):
             return CastoreError(f"{self.url} refused {'the upload of ' if upload else ''}{path}: HTTP {status}",
-                                f"set a token with {'write' if upload else 'read'} scope: CASTORE_TOKEN or "
-                                "`tokens` in castore.toml")
+                                f"{'a token was sent, but' if self.token else 'no token was sent:'} this needs one "
+                                f"with {'write' if upload else 'read'} scope, under [tokens] for this URL in "
+                                "castore.toml, or in CASTORE_TOKEN for a cache named by --to or --from")
         if upload and status in (404, 405, 501):  # nginx: 404 for a new path (try_files), 405 for an old one
             return CastoreError(f"{self.url} takes no uploads (HTTP {status}: a static server?)", _NO_UPLOADS)
         if status == 507:
