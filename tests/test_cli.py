@@ -129,6 +129,22 @@ def test_an_out_link_names_its_object_and_global_options_may_follow_the_command(
     assert "no such option" not in castore("show", "--", "--store", store=store, check=False).stderr.lower()
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ("export ID DEST --store S", "--store S export ID DEST"),
+    ("export ID DEST --store=S --debug", "--store=S --debug export ID DEST"),
+    ("--store S realize r.py --json", "--store S realize r.py --json"),
+    ("token add DIR --name --store --scope write", "token add DIR --name --store --scope write"),
+    ("token add DIR --scope write --store S", "--store S token add DIR --scope write"),
+    ("show abc --store", "show abc --store"),  # no value: left for click to say so
+    ("show -- --store S", "show -- --store S"),
+    ("realize r.py -o --debug", "realize r.py -o --debug"),  # the out-link is named --debug
+])
+def test_global_options_may_follow_the_command(argv: str, expected: str) -> None:
+    from castore.cli import _globals_first
+
+    assert _globals_first(argv.split()) == expected.split()
+
+
 def test_every_command_that_prints_data_takes_json(tmp_path: Path) -> None:
     key = castore_json("key", "generate", "lab-1", "--out", str(tmp_path / "new" / "dir" / "lab-1.secret"))
     assert key["public_key"].startswith("lab-1:") and (tmp_path / "new" / "dir").stat().st_mode & 0o777 == 0o700
