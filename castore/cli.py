@@ -76,6 +76,11 @@ def _emit(data: Any) -> None:
 
 
 def _err(text: str) -> None:
+    """To stderr, with control characters escaped: messages quote what caches, servers and build
+    logs hold, and an escape sequence or a carriage return from those must not drive the terminal."""
+    if not text.isprintable():
+        text = "\n".join("".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
+                          for line in text.split("\n"))
     print(text, file=sys.stderr)
 
 

@@ -81,24 +81,32 @@ class LiveReporter(PlainReporter):
             self.console = Console(stderr=True)
             self.live = Live(console=self.console, refresh_per_second=8, transient=True)
             self.live.__enter__()
+        from rich.markup import escape
+
         self._t0 = time.monotonic()
-        self._label = f"{self._prefix} {plan.label}"
+        self._label = escape(f"{self._prefix} {plan.label}")  # a recipe's name may hold [brackets]
         self.live.update(self._spinner(f"{self._label} [dim]{plan.builder}[/dim]"))
 
     def status(self, plan: Plan, text: str) -> None:
-        elapsed = time.monotonic() - self._t0
-        self.live.update(self._spinner(f"{self._label} [dim]{elapsed:4.0f}s {text}[/dim]"))
+        from rich.markup import escape
+
+        elapsed = time.monotonic() - self._t0  # text is a tool's output: make[1]: is not markup
+        self.live.update(self._spinner(f"{self._label} [dim]{elapsed:4.0f}s {escape(text)}[/dim]"))
 
     def done(self, plan: Plan, oid: str, how: str, seconds: float) -> None:
         if how != "present":
-            self.console.print(f"{self._prefix} [green]{how}[/green] {plan.label} -> {_short(oid)} "
+            from rich.markup import escape
+
+            self.console.print(f"{self._prefix} [green]{how}[/green] {escape(plan.label)} -> {_short(oid)} "
                                f"[dim]({seconds:.1f} s)[/dim]", highlight=False)
 
     def failed(self, plan: Plan, error: CastoreError, log: Path | None) -> None:
         self.live.update("")
-        self.console.print(f"{self._prefix} [red]failed[/red] {plan.label}", highlight=False)
+        from rich.markup import escape
+
+        self.console.print(f"{self._prefix} [red]failed[/red] {escape(plan.label)}", highlight=False)
         if log is not None and log.exists():
             tail = log.read_text(errors="replace").splitlines()[-15:]
-            self.console.print(f"[dim]last lines of {log}:[/dim]", highlight=False)
+            self.console.print(f"[dim]last lines of {escape(str(log))}:[/dim]", highlight=False)
             for line in tail:
                 self.console.print(f"    {line}", highlight=False, markup=False)

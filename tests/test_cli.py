@@ -157,6 +157,14 @@ def test_every_command_that_prints_data_takes_json(tmp_path: Path) -> None:
     assert exported == {"id": oid, "kind": "blob", "dest": str(tmp_path / "out.py")}
 
 
+def test_messages_escape_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    """Errors and notes quote what caches and servers send: no escape sequence reaches the terminal."""
+    from castore.cli import _err
+
+    _err("error: lab-\x1b]0;pwned\x07 said \x1b[2J\rdone\nhint: \ttab kept")
+    assert capsys.readouterr().err == "error: lab-\\x1b]0;pwned\\x07 said \\x1b[2J\\rdone\nhint: \ttab kept\n"
+
+
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     proc = castore("show", "deadbeefdeadbeef", store=tmp_path / "nostore", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error: no castore store")

@@ -447,7 +447,7 @@ def _server_message(body: bytes) -> str:
         text = str(rec["message"]) if isinstance(rec, dict) else body[:200].decode(errors="replace")
     except (ValueError, KeyError):
         text = body[:200].decode(errors="replace")
-    text = " ".join(text.split())
+    text = " ".join(text.split())[:300]
     return f": {text}" if text else ""
 
 
