@@ -141,11 +141,14 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
     _c().sync_file_range(fd, offset, length, 2)  # advisory: an error leaves the later sync to do it all
 
 
-def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = True) -> None:
+def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = True,
+                 staging: Path | None = None) -> None:
     """Write a whole new file, fsynced unless the caller syncs later, then renamed over dest:
-    readers see all of it or none. The mode is set on the open file, whatever the umask."""
+    readers see all of it or none. The mode is set on the open file, whatever the umask.
+    staging: a directory on dest's filesystem for the temporary file (default: beside dest),
+    where a process killed halfway leaves it for stale_entries to find."""
     head, _, name = os.fspath(dest).rpartition("/")
-    tmp = f"{head}/.{name}.{os.urandom(6).hex()}.tmp"
+    tmp = f"{staging or head}/.{name}.{os.urandom(6).hex()}.tmp"
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -161,8 +164,34 @@ def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = Tr
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:  # staged elsewhere, for a directory not made yet
+            os.makedirs(head, exist_ok=True)
+            os.replace(tmp, dest)
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise CastoreError(f"cannot write {dest}: {exc.strerror}") from exc
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_entries(directory: Path) -> list[Path]:
+    """The entries of a staging directory named "PID-..." whose process no longer runs."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [directory / n for n in names
+            if (pid := n.split("-", 1)[0]).isdigit() and not pid_alive(int(pid))]

@@ -41,7 +41,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
-from castore.fsutil import copy_range, start_writeback, syncfs
+from castore.fsutil import copy_range, stale_entries, start_writeback, syncfs
 from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree
 
@@ -275,18 +275,10 @@ class LocalStore:
 
     def clean_stale_staging(self) -> int:
         """Remove staging left by processes that no longer run."""
-        removed = 0
-        try:
-            names = os.listdir(self.tmp)
-        except FileNotFoundError:
-            return 0
-        for name in names:
-            pid_text = name.split("-", 1)[0]
-            if not pid_text.isdigit() or _alive(int(pid_text)):
-                continue
-            _remove(self.tmp / name)
-            removed += 1
-        return removed
+        stale = stale_entries(self.tmp)
+        for path in stale:
+            _remove(path)
+        return len(stale)
 
     def _stage_path(self) -> Path:
         return self.tmp / f"{os.getpid()}-obj-{next(self._counter)}-{self._nonce}"
@@ -801,7 +793,7 @@ class LocalStore:
         if kept.is_dir() and any(kept.iterdir()):
             notes.append(f"{len(list(kept.iterdir()))} partial objects kept from an unfinished pull "
                          "(the next pull keeps what verifies in them; castore gc removes them)")
-        left = [n for n in os.listdir(self.tmp) if (pid := n.split("-", 1)[0]).isdigit() and not _alive(int(pid))]
+        left = stale_entries(self.tmp)
         if left:
             notes.append(f"staging left by a stopped process: {len(left)} files or build directories in tmp/ "
                          "(removed by the next add, realize or gc)")
@@ -868,18 +860,6 @@ def _mkdir(path: Path) -> None:
     if not path.is_dir():
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o755)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:

@@ -144,6 +144,29 @@ def test_uploads_are_verified_and_ordered(tmp_path: Path) -> None:
     assert asgi(app, "DELETE", f"/{object_path(cid)}", token=writer).status_code == 405
 
 
+def test_temporary_files_live_in_a_staging_directory_swept_when_their_writer_is_gone(tmp_path: Path) -> None:
+    """A killed server or push left .tmp files among the chunks; they are now in
+    .castore/tmp/PID-..., removed by the next writer once that process is gone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / "cache" / ".castore" / "tmp" / f"{dead.pid}-abcd"
+    stale.mkdir(parents=True)
+    (stale / ".x.tmp").write_bytes(b"half a chunk")
+    app = CacheApp(tmp_path / "cache")
+    assert not stale.exists() and app.staging.is_dir()
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    data = os.urandom(1000)
+    r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(data))}", zstandard.ZstdCompressor().compress(data), token=writer)
+    assert r.status_code == 201 and not list(app.staging.iterdir())
+    assert not [p for p in (tmp_path / "cache").rglob("*.tmp")]
+    cache = DirTransport(tmp_path / "dir", create=True)
+    cache.put(chunk_path(hash_bytes(data)), b"frame")
+    assert cache._staging is not None and cache._staging.parent == tmp_path / "dir" / ".castore" / "tmp"
+    cache.close()
+    assert not list((tmp_path / "dir" / ".castore" / "tmp").iterdir())
+    assert DirTransport(tmp_path / "dir").get(chunk_path(hash_bytes(data))) == b"frame"
+
+
 def test_a_listed_record_waits_for_its_list_chunks_and_must_agree_with_them(tmp_path: Path) -> None:
     (tmp_path / "cache").mkdir()  # chunking that makes chunks of about 1000 bytes
     (tmp_path / "cache" / "castore-cache.json").write_bytes(CacheConfig(ChunkParams(512, 1024, 4096)).encode())

@@ -41,10 +41,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import stat
 import sys
@@ -68,7 +70,7 @@ from castore.cache.layout import (
     object_path,
     unframe,
 )
-from castore.cache.transport import check_path
+from castore.cache.transport import cache_staging, check_path
 from castore.errors import CastoreError, EncodingError
 from castore.fsutil import atomic_write, syncfs
 from castore.hashing import Hasher, hash_bytes
@@ -159,6 +161,10 @@ class CacheApp:
         self.config = CacheConfig.decode((self.root / CONFIG).read_bytes())
         self.max_chunk = self.config.chunking.max
         load_tokens(self.root)  # a broken token file stops the server here, not on each upload
+        try:
+            self.staging = cache_staging(self.root)  # a killed server's are removed when the next starts
+        except OSError as exc:
+            raise CastoreError(f"cannot make {self.root / '.castore' / 'tmp'}: {exc.strerror}") from exc
 
     # -- ASGI ----------------------------------------------------------------
 
@@ -169,6 +175,7 @@ class CacheApp:
                 if msg["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 elif msg["type"] == "lifespan.shutdown":
+                    shutil.rmtree(self.staging, ignore_errors=True)
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
@@ -370,7 +377,7 @@ class CacheApp:
         """On the event loop, without an fsync: a syncfs precedes the next record, which may name it.
         Synchronous on purpose: a chunk counted as written is on disk before any syncfs can start."""
         try:
-            atomic_write(self.root / path, data, fsync=False)
+            atomic_write(self.root / path, data, fsync=False, staging=self.staging)
         except CastoreError as exc:
             raise _store_failed(path, exc) from None
         self._chunks_written += 1
@@ -390,7 +397,7 @@ class CacheApp:
                         raise _store_failed(path, exc) from None
                     self._chunks_synced = max(self._chunks_synced, began)
         try:
-            await asyncio.to_thread(atomic_write, self.root / path, data)
+            await asyncio.to_thread(functools.partial(atomic_write, self.root / path, data, staging=self.staging))
         except CastoreError as exc:
             raise _store_failed(path, exc) from None
 

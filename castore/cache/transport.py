@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 
 from castore.cache.pipeline import UNTRUSTED, Broken, Deadline, Malformed, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
-from castore.fsutil import atomic_write, syncfs
+from castore.fsutil import atomic_write, stale_entries, syncfs
 
 if TYPE_CHECKING:
     import httpx
@@ -62,6 +63,18 @@ class Transport(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+def cache_staging(root: Path) -> Path:
+    """This process's directory for the temporary files of its writes to a cache,
+    ``.castore/tmp/PID-...`` (on the cache's filesystem, never served), made after removing
+    those of processes that no longer run: a writer killed halfway leaves nothing in chunks/."""
+    base = root / ".castore" / "tmp"
+    for stale in stale_entries(base):
+        shutil.rmtree(stale, ignore_errors=True)
+    path = base / f"{os.getpid()}-{os.urandom(4).hex()}"
+    path.mkdir(parents=True)
+    return path
+
+
 class DirTransport:
     """A cache in a local directory (``file://`` URLs): what nginx or any static host serves."""
 
@@ -69,6 +82,7 @@ class DirTransport:
         self.root = Path(root).absolute()
         self.url = f"file://{self.root}"
         self._dirty = False
+        self._staging: Path | None = None  # made on the first write: reading a cache writes nothing
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():
@@ -91,7 +105,9 @@ class DirTransport:
         return {p for p in paths if not self.exists(p)}
 
     def close(self) -> None:
-        pass
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def __enter__(self) -> DirTransport:
         return self
@@ -103,8 +119,10 @@ class DirTransport:
         """Chunks are written without an fsync each; before the first record that could name
         them is published, one syncfs makes them all durable."""
         dest = self.root / check_path(path)
+        if self._staging is None:
+            self._staging = cache_staging(self.root)
         if path.startswith("chunks/"):
-            atomic_write(dest, data, fsync=False)
+            atomic_write(dest, data, fsync=False, staging=self._staging)
             self._dirty = True
             return
         if self._dirty:
@@ -114,7 +132,7 @@ class DirTransport:
                 raise CastoreError(f"cannot sync {self.root}: {exc.strerror}") from exc
             self._dirty = False
         if not path.startswith("realisations/"):
-            atomic_write(dest, data)
+            atomic_write(dest, data, staging=self._staging)
             return
         # pushes signed by other labs' keys may publish the same realisation at once: merge, locked
         import fcntl
@@ -125,7 +143,8 @@ class DirTransport:
         fd = os.open(self.root / ".castore" / "realisations.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            atomic_write(dest, merged_realisation(path.rpartition("/")[2], self.get(path), data))
+            atomic_write(dest, merged_realisation(path.rpartition("/")[2], self.get(path), data),
+                         staging=self._staging)
         finally:
             os.close(fd)
 
