@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -145,15 +147,30 @@ def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = Tr
                  staging: Path | None = None) -> None:
     """Write a whole new file, fsynced unless the caller syncs later, then renamed over dest:
     readers see all of it or none. The mode is set on the open file, whatever the umask.
-    staging: a directory on dest's filesystem for the temporary file (default: beside dest),
-    where a process killed halfway leaves it for stale_entries to find."""
+    staging: a directory for the temporary file (default: beside dest), made again if it went
+    away; where it is on another filesystem than dest (a chunks/ mounted elsewhere), the file is
+    written beside dest instead."""
     head, _, name = os.fspath(dest).rpartition("/")
-    tmp = f"{staging or head}/.{name}.{os.urandom(6).hex()}.tmp"
+    try:
+        if staging is not None:
+            try:
+                _write_then_rename(f"{staging}/.{name}.{os.urandom(6).hex()}.tmp", dest, data, mode, fsync)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+        _write_then_rename(f"{head}/.{name}.{os.urandom(6).hex()}.tmp", dest, data, mode, fsync)
+    except OSError as exc:
+        raise CastoreError(f"cannot write {dest}: {exc.strerror}") from exc
+
+
+def _write_then_rename(tmp: str, dest: Path, data: bytes, mode: int, fsync: bool) -> None:
+    """The temporary file is removed when anything fails; missing directories are made."""
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileNotFoundError:
-            os.makedirs(head, exist_ok=True)
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
@@ -167,12 +184,12 @@ def atomic_write(dest: Path, data: bytes, mode: int = 0o644, *, fsync: bool = Tr
         try:
             os.replace(tmp, dest)
         except FileNotFoundError:  # staged elsewhere, for a directory not made yet
-            os.makedirs(head, exist_ok=True)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
             os.replace(tmp, dest)
-    except OSError as exc:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise CastoreError(f"cannot write {dest}: {exc.strerror}") from exc
+        raise
 
 
 def pid_alive(pid: int) -> bool:
@@ -187,11 +204,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_entries(directory: Path) -> list[Path]:
-    """The entries of a staging directory named "PID-..." whose process no longer runs."""
+def stale_entries(directory: Path, host: str = "") -> list[Path]:
+    """The entries of a staging directory named "PID-..." (with host: "PID-HOST-...") whose
+    process no longer runs. A PID means something only on its own host and PID namespace: a
+    directory that several hosts or containers write names each writer's with host_id()."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    return [directory / n for n in names
-            if (pid := n.split("-", 1)[0]).isdigit() and not pid_alive(int(pid))]
+    found = []
+    for n in names:
+        pid, _, rest = n.partition("-")
+        if pid.isdigit() and (not host or rest.startswith(f"{host}-")) and not pid_alive(int(pid)):
+            found.append(directory / n)
+    return found
+
+
+def host_id() -> str:
+    """This host and PID namespace, for names that hold a PID: the hostname and the namespace's inode."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid").rpartition("[")[2].rstrip("]")
+    except OSError:
+        ns = "0"
+    return re.sub(r"[^A-Za-z0-9.]", "_", f"{socket.gethostname()}.{ns}")

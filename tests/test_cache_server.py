@@ -51,7 +51,7 @@ def test_a_small_frame_that_claims_much_is_refused_before_it_is_decompressed(tmp
     zeros = bytes(64 << 20)
     bomb = zstandard.ZstdCompressor().compress(zeros)  # 2 KB that say 64 MiB
     r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(zeros))}", bomb, token=writer)
-    assert r.status_code == 400 and "more than this cache's chunking maximum" in r.json()["message"]
+    assert r.status_code == 400 and "more than the 131072 bytes a chunk may hold here" in r.json()["message"]
     b = LocalStore(tmp_path / "b")  # a pull asked to fetch it as a chunk of its record's length: refused too
     from castore.cache.copy import _verified
 
@@ -147,13 +147,17 @@ def test_uploads_are_verified_and_ordered(tmp_path: Path) -> None:
 def test_temporary_files_live_in_a_staging_directory_swept_when_their_writer_is_gone(tmp_path: Path) -> None:
     """A killed server or push left .tmp files among the chunks; they are now in
     .castore/tmp/PID-..., removed by the next writer once that process is gone."""
+    from castore.fsutil import host_id
+
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / "cache" / ".castore" / "tmp" / f"{dead.pid}-abcd"
+    stale = tmp_path / "cache" / ".castore" / "tmp" / f"{dead.pid}-{host_id()}-abcd"
     stale.mkdir(parents=True)
     (stale / ".x.tmp").write_bytes(b"half a chunk")
+    elsewhere = stale.with_name(f"{dead.pid}-otherhost.4026531836-abcd")  # that PID means nothing here
+    elsewhere.mkdir()
     app = CacheApp(tmp_path / "cache")
-    assert not stale.exists() and app.staging.is_dir()
+    assert not stale.exists() and elsewhere.is_dir() and app.staging.is_dir()
     writer = add_token(tmp_path / "cache", ["write"], "ci")
     data = os.urandom(1000)
     r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(data))}", zstandard.ZstdCompressor().compress(data), token=writer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,15 @@ def test_writeback_and_syncfs_keep_the_bytes(tmp_path: Path) -> None:
     assert path.read_bytes() == data
     with pytest.raises(FileNotFoundError):
         syncfs(tmp_path / "missing")
+
+
+def test_atomic_write_remakes_its_staging_and_crosses_filesystems(tmp_path: Path) -> None:
+    """A staging directory removed under a writer is made again; one on another filesystem than
+    the destination (a chunks/ mounted elsewhere) is passed over for the destination's own."""
+    staging = tmp_path / "staging"
+    atomic_write(tmp_path / "a" / "x", b"one", staging=staging)
+    assert (tmp_path / "a" / "x").read_bytes() == b"one" and list(staging.iterdir()) == []
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        atomic_write(tmp_path / "b" / "y", b"two", staging=Path(shm))
+        assert (tmp_path / "b" / "y").read_bytes() == b"two" and os.listdir(shm) == []
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["y"]

@@ -161,10 +161,7 @@ class CacheApp:
         self.config = CacheConfig.decode((self.root / CONFIG).read_bytes())
         self.max_chunk = self.config.chunking.max
         load_tokens(self.root)  # a broken token file stops the server here, not on each upload
-        try:
-            self.staging = cache_staging(self.root)  # a killed server's are removed when the next starts
-        except OSError as exc:
-            raise CastoreError(f"cannot make {self.root / '.castore' / 'tmp'}: {exc.strerror}") from exc
+        self.staging = cache_staging(self.root)  # a killed server's are removed when the next starts
 
     # -- ASGI ----------------------------------------------------------------
 
@@ -301,7 +298,8 @@ class CacheApp:
         would pass a plain decompress (it stops at the first frame) and make every pull refuse the file."""
         try:
             most = max(self.max_chunk, LIST_BYTES)  # list chunks may be longer than a small maximum
-            data = unframe(body, most, whole=True, most=f"this cache's chunking maximum of {most} bytes")
+            data = unframe(body, most, whole=True, most=f"the {most} bytes a chunk may hold here (this cache's "
+                           f"chunking maximum is {self.max_chunk}; a list chunk may hold {LIST_BYTES})")
         except EncodingError as exc:
             raise HttpError(400, "bad-chunk", f"chunk {cid}: {exc.message}") from None
         check_chunk(cid, data)

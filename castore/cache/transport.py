@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from castore.cache.pipeline import UNTRUSTED, Broken, Deadline, Malformed, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
-from castore.fsutil import atomic_write, stale_entries, syncfs
+from castore.fsutil import atomic_write, host_id, stale_entries, syncfs
 
 if TYPE_CHECKING:
     import httpx
@@ -65,13 +65,18 @@ class Transport(Protocol):
 
 def cache_staging(root: Path) -> Path:
     """This process's directory for the temporary files of its writes to a cache,
-    ``.castore/tmp/PID-...`` (on the cache's filesystem, never served), made after removing
-    those of processes that no longer run: a writer killed halfway leaves nothing in chunks/."""
+    ``.castore/tmp/PID-HOST-...`` (never served), made after removing those of this host's
+    processes that no longer run: a writer killed halfway leaves nothing in chunks/."""
     base = root / ".castore" / "tmp"
-    for stale in stale_entries(base):
+    host = host_id()
+    for stale in stale_entries(base, host):
         shutil.rmtree(stale, ignore_errors=True)
-    path = base / f"{os.getpid()}-{os.urandom(4).hex()}"
-    path.mkdir(parents=True)
+    path = base / f"{os.getpid()}-{host}-{os.urandom(4).hex()}"
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise CastoreError(f"cannot make {path}: {exc.strerror}",
+                           "a cache directory must be writable to push to it or to serve uploads") from exc
     return path
 
 
@@ -208,10 +213,13 @@ class HttpTransport:
 
     def _scoped(self, request: Any) -> None:
         """Called for each request, redirects included: the token goes only where it may, at or
-        below the cache's URL (httpx keeps it for any path of the same host and port)."""
+        below the cache's URL (httpx keeps it for any path of the same host and port). Both URLs
+        as httpx writes them: percent-encoded paths, IDNA hosts."""
+        import httpx
+
         from castore.config import within
 
-        if "authorization" in request.headers and not within(str(request.url), self.url):
+        if "authorization" in request.headers and not within(str(request.url), str(httpx.URL(self.url))):
             del request.headers["authorization"]
 
     def close(self) -> None:
