@@ -146,11 +146,19 @@ class LocalStore:
             os.close(fd)
 
     def _unknown_origins(self) -> None:
-        """A store from before substitutions were recorded: a realisation without a build log was
-        substituted (a build always writes one), from a cache and with signatures no longer known.
-        Recorded as such, so that a push neither signs it as its own nor passes it on."""
+        """A store from before substitutions were recorded: a realisation without the log of a
+        build that succeeded was substituted (every build writes a log, and a failed one ends it
+        with "error: ..."), from a cache and with signatures no longer known. Recorded as such, so
+        that a push neither signs it as its own nor passes it on. In doubt (a tool's own "error:"
+        near the end of a log), the realisation is taken as substituted: that push is the safe one."""
         for (plan,) in self.db.execute("SELECT plan FROM realisations").fetchall():
-            if not (self.logs / f"{plan}.log").exists():
+            try:
+                with open(self.logs / f"{plan}.log", "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                    built = b"\nerror: " not in f.read()
+            except OSError:
+                built = False
+            if not built:
                 self.db.execute("INSERT OR IGNORE INTO substitutions VALUES (?, '', x'')", (plan,))
 
     def close(self) -> None:

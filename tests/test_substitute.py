@@ -92,6 +92,8 @@ def test_a_store_from_before_substitutions_were_recorded_signs_only_what_it_buil
     secret_2, _ = _keys(tmp_path, "lab-2")
     cache, res = _published(tmp_path, secret_1)
     out, _ = _realize_b(tmp_path, cache, public_1)
+    plan = castore_json("show", out["id"], store=tmp_path / "b")["plans"][0]["plan"]
+    (tmp_path / "b" / "logs" / f"{plan}.log").write_text("# squashfs rootfs\n\nerror: a build that failed first\n")
     for store in ("a", "b"):  # what a store of castore before schema 3 holds
         db = sqlite3.connect(tmp_path / store / "db.sqlite")
         db.execute("DROP TABLE substitutions")
