@@ -362,7 +362,7 @@ def push(
     if not secrets and not as_json:
         _err("note: no secret-key-files configured: the realisations of what this store built are not "
              "pushed (others can pull these ids, but realize cannot substitute them); those it substituted "
-             "are, with the signatures they came with")
+             "are, with the signatures of keys this machine still trusts")
     with _store(create=False) as store:
         full = [store.resolve(i) for i in ids]
         cache = open_cache(to, create=True, token=config.token_for(to))
@@ -476,10 +476,12 @@ def serve(
     private: Annotated[bool, typer.Option("--private", help="Reads need a token with read scope too "
                                           "(by default anyone may read).")] = False,
 ) -> None:
-    """Serve a cache directory over HTTP: reads for everyone, verified uploads for tokens with write scope.
+    """Serve a cache directory over HTTP: reads for everyone (--private: for read tokens), verified
+    uploads for tokens with write scope.
 
-    Make tokens with `castore token add DIR --scope write`; clients pass them in CASTORE_TOKEN.
-    The same directory can also be served read-only by nginx or any static host.
+    Make tokens with `castore token add DIR --scope write`; clients pass them in CASTORE_TOKEN
+    (to a cache they name) or under [tokens] in castore.toml. The same directory can also be
+    served read-only by nginx or any static host.
     """
     from castore.cache.server import CacheApp, listen
     from castore.cache.server import serve as run_server

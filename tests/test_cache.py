@@ -73,6 +73,8 @@ def test_large_records_cut_their_chunk_list_into_list_chunks() -> None:
         [bytes.fromhex(c), n] for c, n in chunks]
     head = ObjectRecord.decode("a" * 64, rec.encode())
     assert not head.complete and len(head.lists) == len(lists)
+    with pytest.raises(EncodingError, match="never read"):
+        head.encode()  # it would say format 2 with no chunks
     found = {piece.id: piece.data for piece in lists}
     assert head.resolve(found.get, _SMALL).chunks == chunks
     # the cuts depend on the chunk ids alone: chunks put in front change the first list chunk only

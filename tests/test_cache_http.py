@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import zstandard
 
@@ -330,6 +331,10 @@ def test_a_token_does_not_follow_a_redirect_out_of_its_path() -> None:
     with _serving(handler) as (url, _), HttpTransport(f"{url}/lab", token="secret") as http:
         assert http._request("GET", "castore-cache.json")[0] == 200
     assert handler.seen == [("/lab/castore-cache.json", "Bearer secret"), ("/other/castore-cache.json", None)]
+    for base in ("http://cache.lab:8080/my cache", "http://bücher.example/c"):  # as httpx writes them
+        request = httpx.Request("GET", f"{base}/objects/x", headers={"Authorization": "Bearer t"})
+        HttpTransport(base, token="t")._scoped(request)
+        assert request.headers["authorization"] == "Bearer t", base
     looping = type("L", (_Redirecting,), {"seen": [], "loop": True})
     with _serving(looping) as (url, _), HttpTransport(f"{url}/lab", attempts=4) as http, \
             pytest.raises(CastoreError, match="redirects") as err:

@@ -228,8 +228,10 @@ def record_of(cache: Transport, oid: str) -> ObjectRecord:
     if data is None:
         raise NotFound(f"{cache.url} has no object {oid}")
     rec = ObjectRecord.decode(oid, data)
-    found = _chunk_lists(cache, [lid for lid, _, _ in rec.lists])[0]
-    return rec.resolve(found.get, cache_config(cache, create=False).chunking)
+    chunking = cache_config(cache, create=False).chunking
+    rec.check_count(sum(count for _, count, _ in rec.lists), chunking)  # before anything is fetched
+    found = _chunk_lists(cache, sorted({lid for lid, _, _ in rec.lists}))[0]
+    return rec.resolve(found.get, chunking)
 
 
 def _chunk_lists(cache: Transport, ids: list[str]) -> tuple[dict[str, bytes], int]:

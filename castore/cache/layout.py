@@ -173,6 +173,8 @@ class ObjectRecord:
                                 f"make at the cache's chunking minimum of {chunking.min}", CORRUPT)
 
     def encode(self, listed: bool = True) -> bytes:
+        if not self.complete:
+            raise EncodingError(f"object record {self.id}: its chunk lists were never read (resolve)")
         head = {"kind": self.kind, "size": self.size, "refs": sorted(self.refs)}
         lists = self.chunk_lists(listed)
         if lists:
