@@ -171,6 +171,21 @@ def test_temporary_files_live_in_a_staging_directory_swept_when_their_writer_is_
     assert DirTransport(tmp_path / "dir").get(chunk_path(hash_bytes(data))) == b"frame"
 
 
+def test_only_a_list_chunk_may_be_longer_than_the_chunking_maximum(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "castore-cache.json").write_bytes(CacheConfig(ChunkParams(256, 1024, 4096)).encode())
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    cctx = zstandard.ZstdCompressor()
+    data = os.urandom(5000)
+    r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(data))}", cctx.compress(data), token=writer)
+    assert r.status_code == 400 and "is not a list chunk" in r.json()["message"]
+    listed = canonical.encode([[os.urandom(32), 1000] for _ in range(150)])  # 5.7 KB of entries
+    assert len(listed) > 4096
+    r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(listed))}", cctx.compress(listed), token=writer)
+    assert r.status_code == 201
+
+
 def test_a_listed_record_waits_for_its_list_chunks_and_must_agree_with_them(tmp_path: Path) -> None:
     (tmp_path / "cache").mkdir()  # chunking that makes chunks of about 1000 bytes
     (tmp_path / "cache" / "castore-cache.json").write_bytes(CacheConfig(ChunkParams(512, 1024, 4096)).encode())

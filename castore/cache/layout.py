@@ -109,6 +109,11 @@ def _chunk_list(piece: list[tuple[str, int]]) -> ChunkList:
     return ChunkList(hash_bytes(data), data, len(piece), sum(n for _, n in piece))
 
 
+def list_entries(lid: str, data: bytes) -> tuple[tuple[str, int], ...]:
+    """The (chunk id, length) entries a list chunk's bytes hold, checked."""
+    return _entries(canonical.decode(data, f"list chunk {lid}"), f"list chunk {lid}")
+
+
 def _entries(value: Any, what: str) -> tuple[tuple[str, int], ...]:
     """[[bin(32), length], ...] checked: every length positive and at most MAX_CHUNK."""
     if not isinstance(value, list):
@@ -238,7 +243,7 @@ class ObjectRecord:
                 if hash_bytes(data) != lid:
                     raise EncodingError(f"{what}: list chunk {lid} holds bytes that hash to {hash_bytes(data)}",
                                         CORRUPT)
-                entries = decoded[lid] = _entries(canonical.decode(data, f"list chunk {lid}"), f"list chunk {lid}")
+                entries = decoded[lid] = list_entries(lid, data)
             if len(entries) != count or sum(n for _, n in entries) != size:
                 raise EncodingError(f"{what}: list chunk {lid} lists {len(entries)} chunks of "
                                     f"{sum(n for _, n in entries)} bytes, the record says {count} of {size}", CORRUPT)

@@ -66,6 +66,7 @@ from castore.cache.layout import (
     check_chunk,
     chunk_path,
     kind_check,
+    list_entries,
     merged_realisation,
     object_path,
     unframe,
@@ -303,6 +304,12 @@ class CacheApp:
         except EncodingError as exc:
             raise HttpError(400, "bad-chunk", f"chunk {cid}: {exc.message}") from None
         check_chunk(cid, data)
+        if len(data) > self.max_chunk:  # only a list chunk may be longer than the chunking maximum
+            try:
+                list_entries(cid, data)
+            except EncodingError:
+                raise HttpError(400, "bad-chunk", f"chunk {cid} holds {len(data)} bytes, more than this cache's "
+                                f"chunking maximum of {self.max_chunk}, and is not a list chunk") from None
 
     def _check_object(self, oid: str, body: bytes) -> bool:
         """In a thread: whether the record must be written (False: it is here already)."""
