@@ -209,13 +209,8 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
             if not rec.complete:
                 listed.append(rec)
         if listed:  # the pieces of chunk lists local blobs share are not fetched
-            found = store.find_lists({lid for rec in listed for lid, _, _ in rec.lists})
-            fetched, n = _chunk_lists(cache, sorted({lid for rec in listed for lid, _, _ in rec.lists} - set(found)))
-            found |= fetched
-            stats.bytes_on_wire += n
-            stats.lists += len(fetched)
-            for rec in listed:
-                records[rec.id] = rec.resolve(found.get, chunking)
+            for rec in _resolved(cache, listed, chunking, stats, store.find_lists):
+                records[rec.id] = rec
         for oid in level:
             records[oid].check_chunks(chunking)
         level = sorted(r for r in refs if r not in records and not store.has(r))
@@ -228,10 +223,22 @@ def record_of(cache: Transport, oid: str) -> ObjectRecord:
     if data is None:
         raise NotFound(f"{cache.url} has no object {oid}")
     rec = ObjectRecord.decode(oid, data)
-    chunking = cache_config(cache, create=False).chunking
-    rec.check_count(sum(count for _, count, _ in rec.lists), chunking)  # before anything is fetched
-    found = _chunk_lists(cache, sorted({lid for lid, _, _ in rec.lists}))[0]
-    return rec.resolve(found.get, chunking)
+    return _resolved(cache, [rec], cache_config(cache, create=False).chunking, CopyStats(), lambda ids: {})[0]
+
+
+def _resolved(cache: Transport, listed: list[ObjectRecord], chunking: ChunkParams, stats: CopyStats,
+              local: Callable[[set[str]], dict[str, bytes]]) -> list[ObjectRecord]:
+    """Format 3 records with their chunks: their counts checked before anything is fetched,
+    then each list chunk once, from local (the store's) or else the cache."""
+    for rec in listed:
+        rec.check_count(sum(count for _, count, _ in rec.lists), chunking)
+    ids = {lid for rec in listed for lid, _, _ in rec.lists}
+    found = local(ids)
+    fetched, n = _chunk_lists(cache, sorted(ids - set(found)))
+    found |= fetched
+    stats.bytes_on_wire += n
+    stats.lists += len(fetched)
+    return [rec.resolve(found.get, chunking) for rec in listed]
 
 
 def _chunk_lists(cache: Transport, ids: list[str]) -> tuple[dict[str, bytes], int]:
