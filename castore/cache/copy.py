@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, Generic, NamedTuple, TypeVar, cast
 
 import zstandard
 
@@ -49,6 +49,7 @@ from castore.fsutil import copy_range, pwrite_all, start_writeback
 from castore.hashing import hash_file
 from castore.store import LocalStore, store_os_error
 
+_T = TypeVar("_T")
 Progress = Callable[[str], None]
 Meter = Callable[[int, int], None]  # (bytes of chunk data fetched so far, bytes to fetch in all)
 
@@ -338,7 +339,7 @@ class _Assembly:
         self.fds: dict[str, int] = {}
         self.done = 0  # objects of self.order added to the store
         self.local = store.find_chunks(cid for oid in order for cid, _ in records[oid].chunks)
-        self.sources: dict[Path, int] = {}  # local blobs open for reading
+        self.runs: list[tuple[str, _Run]] = []  # (object, run of chunks to copy from a local blob)
         self.seeded: set[str] = set()  # objects with chunks copied from local blobs
         self.manifests = {oid for oid in order if records[oid].kind != "blob"}  # not yet checked
 
@@ -346,15 +347,25 @@ class _Assembly:
         try:
             for oid in self.order:
                 self._plan(oid)
-            self._finish_ready()
-            self._fetch()
+            if self.dests and self.runs:
+                # the kernel copies the seeded runs on the other core while this one fetches
+                copier = _Background(self._copy_runs)
+                try:
+                    self._fetch()
+                finally:
+                    copied = copier.result()
+            else:
+                copied = self._copy_runs()
+                self._fetch()
+            self._copied(copied)
+            self._fetch()  # what a local blob shorter than the index said did not give
             self._finish_ready()
         except OSError as exc:
             raise store_os_error(exc, self.store.root, retry="nothing unverified was added; free space "
                                  "(castore gc also removes partial pulls) and pull again: what was verified "
                                  "is kept") from exc
         finally:
-            for fd in [*self.fds.values(), *self.sources.values()]:
+            for fd in self.fds.values():
                 os.close(fd)
 
     def _fd(self, oid: str) -> int:
@@ -381,49 +392,75 @@ class _Assembly:
             if resumed and _ok(cid, os.pread(fd, length, offset)):
                 self.stats.chunks_seeded += 1
             elif (local := self.local.get(cid)) is not None and local[2] == length:
+                self.left[oid] += 1  # until copied
                 if not run.extend(local[0], local[1], offset, cid, length):
-                    self._copy(oid, fd, run)
+                    if run.chunks:
+                        self.runs.append((oid, run))
                     run = _Run(local[0], local[1], offset, [(cid, length)])
             else:
                 self._need(oid, cid, length, offset)
             offset += length
-        self._copy(oid, fd, run)
-        if oid in self.seeded:
-            start_writeback(fd)  # the copied bytes go to disk while the rest is fetched
+        if run.chunks:
+            self.runs.append((oid, run))
 
     def _need(self, oid: str, cid: str, length: int, offset: int) -> None:
         self.dests.setdefault(cid, []).append((oid, offset))
         self.lengths[cid] = length
         self.left[oid] += 1
 
-    def _copy(self, oid: str, fd: int, run: _Run) -> None:
-        """Copy a run of chunks that lie end to end in one local blob, in the kernel, with one call
-        for the lot. Store blobs were verified when they came in, so the chunks are not hashed
-        again here: the whole object is, before it is added."""
-        if not run.chunks:
-            return
-        src = self.sources.get(run.path)
-        if src is None:
-            if len(self.sources) >= 64:
-                os.close(self.sources.pop(next(iter(self.sources))))
-            src = self.sources[run.path] = os.open(run.path, os.O_RDONLY)
-        done = copy_range(src, fd, run.size, run.offset, run.at)  # short: the blob is shorter than
-        at = run.at  # the index says, and what is missing is fetched instead
-        for cid, length in run.chunks:
-            if at + length <= run.at + done:
-                self.stats.chunks_seeded += 1
+    def _copy_runs(self) -> list[tuple[str, list[tuple[str, int, int]]]]:
+        """Copy each run of chunks that lie end to end in one local blob, in the kernel, with one
+        call for the lot; return, per run, the chunks not copied (the blob is shorter than the
+        index says: they are fetched instead). Store blobs were verified when they came in, so the
+        chunks are not hashed again here: the whole object is, before it is added.
+        Runs in a thread of its own beside _fetch: it opens its own descriptors."""
+        missed: list[tuple[str, list[tuple[str, int, int]]]] = []
+        sources: dict[Path, int] = {}
+        dest: tuple[str, int] | None = None  # the runs of an object come one after another
+        try:
+            for oid, run in self.runs:
+                src = sources.get(run.path)
+                if src is None:
+                    if len(sources) >= 64:
+                        os.close(sources.pop(next(iter(sources))))
+                    src = sources[run.path] = os.open(run.path, os.O_RDONLY)
+                if dest is not None and dest[0] != oid:
+                    fd, dest = dest[1], None
+                    _written(fd)
+                if dest is None:
+                    dest = (oid, os.open(self.dir / oid, os.O_WRONLY))
+                done = copy_range(src, dest[1], run.size, run.offset, run.at)
+                at, lost = run.at, []
+                for cid, length in run.chunks:
+                    if at + length > run.at + done:
+                        lost.append((cid, length, at))
+                    at += length
+                missed.append((oid, lost))
+        finally:
+            for fd in sources.values():
+                os.close(fd)
+            if dest is not None:
+                _written(dest[1])
+        return missed
+
+    def _copied(self, missed: list[tuple[str, list[tuple[str, int, int]]]]) -> None:
+        for (oid, run), (_, lost) in zip(self.runs, missed, strict=True):
+            self.left[oid] -= len(run.chunks)
+            self.stats.chunks_seeded += len(run.chunks) - len(lost)
+            if len(lost) < len(run.chunks):
                 self.seeded.add(oid)
-            else:
+            for cid, length, at in lost:
                 self._need(oid, cid, length, at)
-            at += length
+        self.runs.clear()
 
     def _fetch(self) -> None:
         # manifests first: nothing is added before they are checked, so blobs would wait for them
-        first = [cid for cid, dests in self.dests.items() if any(oid in self.manifests for oid, _ in dests)]
+        first = [cid for cid, at in self.dests.items() if any(oid in self.manifests for oid, _ in at)]
         later = set(self.dests).difference(first)
         need = first + [cid for cid in self.dests if cid in later]
         if not need:
             return
+        dests, self.dests = self.dests, {}
         total = sum(self.lengths[c] for c in need)
         fetched = 0
         started = time.monotonic()
@@ -433,7 +470,7 @@ class _Assembly:
         for path, frame in self.cache.get_many([chunk_path(c) for c in need], limit):
             cid = path.rpartition("/")[2]
             data = _verified(self.cache, dctx, cid, self.lengths[cid], frame)
-            for oid, offset in self.dests[cid]:
+            for oid, offset in dests[cid]:
                 fd = self._fd(oid)
                 pwrite_all(fd, data, offset)
                 self.left[oid] -= 1
@@ -518,6 +555,38 @@ class _Assembly:
 
 
 _WRITEBACK = 8 << 20
+
+
+def _written(fd: int) -> None:
+    try:
+        start_writeback(fd)  # the copied bytes go to disk while the rest is fetched
+    finally:
+        os.close(fd)
+
+
+class _Background(Generic[_T]):
+    """fn called in a thread of its own; result() waits for it and returns what it returned or
+    raises what it raised."""
+
+    def __init__(self, fn: Callable[[], _T]) -> None:
+        import threading
+
+        self._value: _T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._call, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _call(self, fn: Callable[[], _T]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def result(self) -> _T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return cast(_T, self._value)
 
 
 def _frame_limit(length: int) -> int:
