@@ -593,6 +593,36 @@ def test_slow_and_surplus_connections_are_closed(tmp_path: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/castore-cache.json").status_code == 200
 
 
+def test_an_upload_that_stalls_is_closed_and_a_slow_one_is_not(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    token = add_token(root, ["write"], "t")
+    data = os.urandom(3000)
+    frame = zstandard.ZstdCompressor().compress(data)
+    cid = hash_bytes(data)
+    head = (f"PUT /{chunk_path(cid)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Length: {len(frame)}\r\n\r\n").encode()
+    with _serving(root, body_timeout=1.0) as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=6) as stalled, \
+            socket.create_connection(("127.0.0.1", port), timeout=6) as slow:
+        start = time.monotonic()
+        stalled.sendall(head + frame[:10])  # and no more
+        slow.sendall(head)
+        for i in range(0, len(frame), len(frame) // 5 + 1):  # a piece every 0.4 s: 2 s in all
+            time.sleep(0.4)
+            slow.sendall(frame[i:i + len(frame) // 5 + 1])
+        assert _answer(slow)[0] == 201  # slow, but never 1 s without a byte
+        assert _closed(stalled)
+        assert 1.0 <= time.monotonic() - start < 5
+        assert (root / chunk_path(cid)).exists()
+        stalled_too = socket.create_connection(("127.0.0.1", port), timeout=6)
+        other = os.urandom(3000)
+        stalled_too.sendall(head.replace(cid.encode(), hash_bytes(other).encode()) + frame[:10])
+        assert _closed(stalled_too)
+        stalled_too.close()
+        assert not (root / chunk_path(hash_bytes(other))).exists()
+        assert not [p for p in root.rglob("*") if p.is_file() and ".castore/tmp" in str(p)]
+
+
 def test_post_missing_takes_a_bounded_flat_list_of_paths(server: tuple[str, Path, str], tmp_path: Path) -> None:
     url, _, _ = server
     r = httpx.post(f"{url}/missing", content=b"[" * 100_000 + b"]" * 100_000)

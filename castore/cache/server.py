@@ -84,6 +84,7 @@ MAX_MISSING = 100_000  # paths in one POST /missing: 3 GB of chunks at the defau
 INLINE_READ = 1 << 20  # larger files are read in a thread (a chunk at the default chunking is at most 128 KiB)
 MAX_CONNECTIONS = 4096
 HEADER_TIMEOUT = 10.0  # seconds for a request head, as nginx's client_header_timeout (60 s by default)
+BODY_TIMEOUT = 30.0  # seconds between two reads of a request body, as nginx's client_body_timeout (60 s)
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open (uvicorn's default, written down)
 BACKLOG = 1024  # connections the kernel queues before accept; they hold none of our descriptors
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -524,13 +525,14 @@ def listen(host: str, port: int) -> list[socket.socket]:
 
 
 def serve(app: CacheApp, sockets: list[socket.socket], *, max_connections: int = MAX_CONNECTIONS,
-          header_timeout: float = HEADER_TIMEOUT) -> None:  # pragma: no cover - runs until stopped
+          header_timeout: float = HEADER_TIMEOUT,
+          body_timeout: float = BODY_TIMEOUT) -> None:  # pragma: no cover - runs until stopped
     import uvicorn
 
     max_connections = _descriptors_for(max_connections)
     logging.getLogger("uvicorn.error").addFilter(_quiet_when_the_reader_left)
     config = uvicorn.Config(app, log_level="warning", access_log=False, loop="uvloop", ws="none",
-                            http=_protocol(max_connections, header_timeout),
+                            http=_protocol(max_connections, header_timeout, body_timeout),
                             # uvicorn answers 503 once this many connections or running handlers are
                             # counted; connections are capped at accept, so this caps the handlers (one
                             # whose client left runs to its end)
@@ -558,16 +560,19 @@ def _quiet_when_the_reader_left(record: logging.LogRecord) -> bool:
     return record.getMessage() != "ASGI callable returned without completing response."
 
 
-def _protocol(max_connections: int, header_timeout: float) -> type[asyncio.Protocol]:
+def _protocol(max_connections: int, header_timeout: float, body_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol with what nginx does about slow or too many clients: a connection
     is closed when its request head is not whole header_timeout seconds after the connection
-    opened or the head began, and a connection past max_connections is closed once accepted.
+    opened or the head began, when body_timeout seconds pass between two reads of a request body
+    (an upload that stalls holds a handler and what it sent so far), and when it is past
+    max_connections once accepted.
 
     One sweep a second finds the late ones: a timer per request would cost every request more."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class Protocol(HttpToolsProtocol):
         head_since: float | None = None  # loop time the connection opened or its current request head began
+        body_since: float | None = None  # loop time a request body still coming last gave bytes
         sweeping: ClassVar[bool] = False
         warned: ClassVar[float] = 0.0  # when the log last said connections were refused
 
@@ -592,19 +597,32 @@ def _protocol(max_connections: int, header_timeout: float) -> type[asyncio.Proto
 
         def on_headers_complete(self) -> None:
             self.head_since = None
+            self.body_since = self.loop.time()  # until on_message_complete: a GET's comes at once
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            self.body_since = self.loop.time()
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self.body_since = None
+            super().on_message_complete()
 
         def _sweep(self) -> None:
             now = self.loop.time()
             for conn in list(self.connections):
-                if not isinstance(conn, Protocol) or conn.head_since is None or conn.transport.is_closing():
+                if not isinstance(conn, Protocol) or conn.transport.is_closing():
                     continue
-                if now - conn.head_since < header_timeout:
-                    continue
-                if (conn.cycle is not None and not conn.cycle.response_complete) or conn.pipeline:
-                    conn.head_since = now  # the server is busy with it and does not read the rest yet
-                else:
-                    conn.transport.close()
-            self.loop.call_later(min(1.0, header_timeout / 4), self._sweep)
+                if conn.head_since is not None and now - conn.head_since >= header_timeout:
+                    if (conn.cycle is not None and not conn.cycle.response_complete) or conn.pipeline:
+                        conn.head_since = now  # the server is busy with it and does not read the rest yet
+                    else:
+                        conn.transport.close()
+                elif conn.body_since is not None and now - conn.body_since >= body_timeout:
+                    if conn.flow.read_paused:
+                        conn.body_since = now  # the server stopped reading: the wait is not the client's
+                    else:
+                        conn.transport.close()
+            self.loop.call_later(min(1.0, header_timeout / 4, body_timeout / 4), self._sweep)
 
     return Protocol
