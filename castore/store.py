@@ -724,7 +724,10 @@ class LocalStore:
             strays = self.stray_files()
             kept = self.tmp / "pulls"  # partial objects of pulls that did not finish
             parts = list(kept.iterdir()) if kept.is_dir() else []
-            litter = sum(p.stat().st_size for p in strays) + sum(p.stat().st_blocks * 512 for p in parts)
+            gone = {oid for oid, _ in dead}
+            logs = [p for plan, oid in self._q("SELECT plan, object FROM realisations") if oid in gone
+                    and (p := self.logs / f"{plan}.log").exists()]  # a failed build's log stays
+            litter = sum(p.stat().st_size for p in [*strays, *logs]) + sum(p.stat().st_blocks * 512 for p in parts)
             if dry_run:
                 return [d for d, _ in dead], sum(s for _, s in dead) + litter
             # Rows go first: a crash then leaves stray files, never rows without files.
@@ -742,8 +745,12 @@ class LocalStore:
                 with contextlib.suppress(FileNotFoundError):
                     self.blob_path(oid).unlink()
                     freed += size
-            for p in [*strays, *parts]:
+            for p in [*strays, *parts, *logs]:
                 p.unlink(missing_ok=True)
+            # every plan lock is taken under a shared gc lock: none is held or about to be now
+            for p in self.locks.glob("*.lock"):
+                if is_id(p.stem):
+                    p.unlink(missing_ok=True)
             for p in self.tmp.glob("failed-*"):  # what realize --keep-failed kept
                 remove_tree(p)
             self.clean_stale_staging()

@@ -114,8 +114,15 @@ def test_keep_failed_keeps_the_build_directory_until_gc(tmp_path: Path) -> None:
     ok.write_text("from castore import recipe, tree\n\n@recipe\ndef default():\n    return tree().dirs('/b')\n")
     castore("realize", str(ok), store=store)  # another realize cleans stale staging: not this
     assert kept[0].is_dir()
-    castore("gc", store=store)
+    logs = {p.name for p in (store / "logs").iterdir()}
+    locks = {p.name for p in (store / "locks").iterdir()}
+    assert len(logs) == 2 and len([n for n in locks if len(n) == 64 + 5]) == 2  # one per plan built
+    castore("gc", store=store)  # no root: the built object goes, and its log with it
     assert not kept[0].exists()
+    left = list((store / "logs").iterdir())  # the failed build's log stays: how to see what went wrong
+    assert len(left) == 1 and left[0].name in logs and "\nerror: " in left[0].read_text()
+    assert {p.name for p in (store / "locks").iterdir()} == {n for n in locks if len(n) < 64}
+    assert castore("verify", store=store).returncode == 0
 
 
 def test_bad_recipes_leave_the_store_as_it_was(tmp_path: Path) -> None:
