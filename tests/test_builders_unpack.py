@@ -4,8 +4,11 @@ import contextlib
 import gzip
 import hashlib
 import io
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -13,7 +16,7 @@ import zstandard
 from castore.builders.unpack import unpack_archive
 from castore.errors import CastoreError, UnsafeArchive
 from castore.hashing import hash_bytes
-from tests.conftest import castore, snapshot
+from tests.conftest import REPO, castore, snapshot
 from tests.helpers import returns_within, tarball
 
 
@@ -172,3 +175,55 @@ def test_a_file_added_again_leaves_its_hard_links_the_old_content(tmp_path: Path
     rows = {e.path: (e.type, e.blob or e.target) for e in tree}
     assert rows == {"a": ("file", hash_bytes(b"new")), "b": ("file", hash_bytes(b"b")),
                     "c": ("file", hash_bytes(b"old")), "d": ("hardlink", "a")}
+
+
+def test_a_deb_member_of_negative_size_is_refused_not_looped_on(tmp_path: Path) -> None:
+    head = f"{'debian-binary':<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{-60:<10}`\n".encode()
+    archive = _write(tmp_path, b"!<arch>\n" + head, "loop.deb")
+    with returns_within(10), pytest.raises(CastoreError, match=r"loop.deb: corrupt .deb member header \(size -60\)"):
+        unpack_archive(archive, tmp_path / "scratch")
+
+
+def test_a_malformed_sparse_header_is_a_corrupt_archive(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("x")
+        info.size = 3
+        info.pax_headers = {"GNU.sparse.size": "12abc"}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    archive = _write(tmp_path, buf.getvalue())
+    with pytest.raises(CastoreError, match=r"a.tar: corrupt archive: invalid literal for int"):
+        unpack_archive(archive, tmp_path / "scratch")
+
+
+def test_members_are_streamed_not_held_in_memory(tmp_path: Path) -> None:
+    """A 33 KiB .tar.zst of 384 MiB of zeros, and the member itself, pass through in pieces."""
+    size = 384 << 20
+    archive = tmp_path / "zeros.tar.zst"
+    with open(archive, "wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as z, \
+            tarfile.open(fileobj=z, mode="w|") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = size
+        tar.addfile(info, _Zeros(size))
+    code = ("import resource, sys; from pathlib import Path; from castore.builders.unpack import unpack_archive; "
+            "r = unpack_archive(Path(sys.argv[1]), Path(sys.argv[2])); "
+            "print(r.tree.entries[0].size, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    (tmp_path / "scratch").mkdir()
+    out = subprocess.run([sys.executable, "-c", code, str(archive), str(tmp_path / "scratch")],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) == size
+    assert int(out[1]) < 150 << 10, f"peak RSS {int(out[1]) >> 10} MiB"  # KiB: far below the 384 MiB member
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self.left)
+        buf[:n] = bytes(n)
+        self.left -= n
+        return n

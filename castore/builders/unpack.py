@@ -21,7 +21,7 @@ from typing import IO, Any
 from castore.builders import BuildContext, Result, TreeResult
 from castore.builders.treeops import Entries
 from castore.errors import CastoreError, UnsafeArchive
-from castore.hashing import hash_bytes
+from castore.hashing import Hasher
 from castore.manifest import Entry, Tree, normalize_path
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -76,7 +76,7 @@ def _open_tar(f: IO[bytes], what: str) -> tarfile.TarFile:
         import zstandard
 
         reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        return tarfile.open(fileobj=io.BytesIO(reader.readall()), mode="r|", **_NAMES)
+        return tarfile.open(fileobj=reader, mode="r|", **_NAMES)  # streamed: never all of it in memory
     try:
         return tarfile.open(fileobj=f, mode="r|*", **_NAMES)
     except tarfile.TarError as exc:
@@ -103,6 +103,8 @@ def _deb_data(f: IO[bytes], what: str) -> IO[bytes]:
             size = int(header[48:58].decode("ascii").strip())
         except ValueError as exc:
             raise CastoreError(f"{what}: corrupt .deb member header") from exc
+        if size < 0:  # would seek back onto this header, for ever
+            raise CastoreError(f"{what}: corrupt .deb member header (size {size})")
         if name.startswith("data.tar"):
             return io.BytesIO(f.read(size))
         f.seek(size + (size & 1), io.SEEK_CUR)
@@ -122,7 +124,8 @@ def unpack_archive(archive: Path, scratch: Path) -> TreeResult:
                 for n, member in enumerate(tar):
                     _check_names(member, what)
                     _member(tar, member, n, entries, new_blobs, scratch)
-        except (tarfile.TarError, EOFError, OSError, _zstd_error()) as exc:
+        except (tarfile.TarError, EOFError, OSError, ValueError, _zstd_error()) as exc:
+            # ValueError: tarfile's int() of a malformed GNU sparse header
             raise CastoreError(f"{what}: corrupt archive: {exc}") from exc
     return TreeResult(Tree.build(entries.values()), new_blobs)
 
@@ -149,13 +152,18 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: Entries,
     elif m.isreg():
         src = tar.extractfile(m)
         assert src is not None
-        data = src.read()
-        oid = hash_bytes(data)
-        if oid not in new_blobs:
-            dest = scratch / f"f{n}"
-            dest.write_bytes(data)
+        dest = scratch / f"f{n}"
+        hasher = Hasher()
+        with open(dest, "wb") as out:  # piece by piece: a member's size is the archive's say, not memory's
+            while piece := src.read(1 << 20):
+                hasher.update(piece)
+                out.write(piece)
+        oid = hasher.hexdigest()
+        if oid in new_blobs:
+            dest.unlink()
+        else:
             new_blobs[oid] = dest
-        entries.set(Entry(path, "file", mode, blob=oid, size=len(data), **owner))
+        entries.set(Entry(path, "file", mode, blob=oid, size=hasher.size, **owner))
     elif m.issym():
         check_symlink(path, m.linkname)
         entries.set(Entry(path, "symlink", 0o777, target=m.linkname, **owner))
