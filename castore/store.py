@@ -34,7 +34,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,14 +456,14 @@ class LocalStore:
         if not os.path.isdir(base):
             raise NotFound(f"{base} is not a directory")
         self.clean_stale_staging()  # what a killed add left
-        entries, files = _scan(base, all_root)
+        entries: list[Entry] = []
         # One thread: on two cores a pool measured slower (GIL hand-offs), the kernel does the copying.
         # Small files are read and hashed in groups, then one query tells which the store lacks.
-        with self.batch():
+        with self.batch(), contextlib.closing(_walk(base, all_root, entries)) as walk:  # closed on errors too
             group: list[tuple[int, str, bytes]] = []
             held = 0
-            for index, full in files:
-                oid, data, size = self._read_or_stage(full)
+            for index, dir_fd, name, shown in walk:
+                oid, data, size = self._read_or_stage(dir_fd, name, shown)
                 if data is None:
                     self._set_blob(entries, index, oid, size)
                     continue
@@ -483,28 +483,35 @@ class LocalStore:
         e = entries[index]
         entries[index] = Entry(e.path, "file", e.mode, e.uid, e.gid, blob=oid, size=size)
 
-    def _read_or_stage(self, full: str) -> tuple[str, bytes | None, int]:
+    def _read_or_stage(self, dir_fd: int, name: str, shown: str) -> tuple[str, bytes | None, int]:
         """A small file's (id, bytes, size); a large one is copied in the kernel, hashed from
-        the copy and staged for the batch right away: (id, None, size)."""
+        the copy and staged for the batch right away: (id, None, size). The file is opened in
+        its directory (dir_fd) and never through a symlink, nor blocking on a FIFO: a name
+        swapped since the walk saw a regular file there must not bring in what it points at."""
         try:
-            fd = os.open(full, os.O_RDONLY)
             try:
-                size = os.fstat(fd).st_size
-                if size <= _SMALL:
-                    data = _read_all(fd, size)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+            except OSError as exc:
+                raise _source_error(exc, shown) from exc
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise _changed(shown, "it is no longer a regular file")
+                if st.st_size <= _SMALL:
+                    data = _read_all(fd, st.st_size)
                     return hash_bytes(data), data, len(data)
+                big = self._stage_path()
+                try:
+                    oid, size = _copy_hashing_fd(fd, st.st_size, big)
+                    self._publish(oid, big, "blob", size, ())
+                except BaseException:
+                    big.unlink(missing_ok=True)
+                    raise
+                return oid, None, size
             finally:
                 os.close(fd)
-            big = self._stage_path()
-            try:
-                oid, size = _copy_hashing(Path(full), big)
-                self._publish(oid, big, "blob", size, ())
-            except BaseException:
-                big.unlink(missing_ok=True)
-                raise
-            return oid, None, size
         except OSError as exc:
-            raise store_os_error(exc, self.root, Path(full)) from exc
+            raise store_os_error(exc, self.root, Path(shown)) from exc
 
     def _stage_group(self, group: list[tuple[int, str, bytes]], entries: list[Entry]) -> None:
         """Stage, for the batch, the files of a group that neither the store nor the batch has."""
@@ -815,44 +822,64 @@ class LocalStore:
         return problems, notes
 
 
-def _scan(base: str, all_root: bool) -> tuple[list[Entry], list[tuple[int, str]]]:
-    """Walk a directory without following links: entries (files without blob ids yet) and
-    the regular files to import, as (entry index, path)."""
-    entries: list[Entry] = []
-    files: list[tuple[int, str]] = []
+def _walk(base: str, all_root: bool, entries: list[Entry]) -> Generator[tuple[int, int, str, str], None, None]:
+    """Walk a directory without following links, appending an entry per name to entries (files
+    without blob ids yet), and yield each regular file to import as (entry index, descriptor of
+    its directory, name, path for messages) while that directory is open.
+
+    Each directory is opened in its parent's descriptor, never through a symlink: a directory
+    swapped for a link while the walk runs stops it with an error, where a walk by path would
+    read what the link points at (any file of the machine, when root adds a user's directory)."""
     inodes: dict[tuple[int, int], str] = {}
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        try:
-            found = sorted(os.scandir(os.path.join(base, rel) if rel else base), key=lambda d: d.name)
-        except OSError as exc:
-            raise StoreError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-        for d in found:
+    try:
+        top = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise _source_error(exc, base) from exc
+    stack = [(top, "", _listing(top, base))]
+    try:
+        while stack:
+            dir_fd, rel, names = stack[-1]
+            d = next(names, None)
+            if d is None:
+                stack.pop()
+                os.close(dir_fd)
+                continue
             path = f"{rel}/{d.name}" if rel else d.name
+            shown = f"{base}/{path}"
             if not d.name.isascii():
                 try:
                     d.name.encode()
                 except UnicodeEncodeError:
-                    raise StoreError(f"{os.fsencode(d.path)!r}: the name is not UTF-8, and tree paths are",
+                    raise StoreError(f"{os.fsencode(shown)!r}: the name is not UTF-8, and tree paths are",
                                      "rename it (convmv can), or leave it out") from None
-            st = d.stat(follow_symlinks=False)
+            try:
+                st = d.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise _source_error(exc, shown) from exc
             uid, gid = (0, 0) if all_root else (st.st_uid, st.st_gid)
             mode = stat.S_IMODE(st.st_mode)
             fmt = stat.S_IFMT(st.st_mode)
             if fmt == stat.S_IFDIR:
                 entries.append(Entry(path, "dir", mode, uid, gid))
-                stack.append(path)
+                try:
+                    fd = os.open(d.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                except OSError as exc:
+                    raise _source_error(exc, shown) from exc
+                stack.append((fd, path, _listing(fd, shown)))
             elif fmt == stat.S_IFREG:
                 key = (st.st_dev, st.st_ino)
                 if st.st_nlink > 1 and key in inodes:
                     entries.append(Entry(path, "hardlink", 0, uid, gid, target=inodes[key]))
                     continue
                 inodes[key] = path
-                files.append((len(entries), d.path))
                 entries.append(Entry(path, "file", mode, uid, gid, size=st.st_size))
+                yield len(entries) - 1, dir_fd, d.name, shown
             elif fmt == stat.S_IFLNK:
-                entries.append(Entry(path, "symlink", 0o777, uid, gid, target=os.readlink(d.path)))
+                try:
+                    target = os.readlink(d.name, dir_fd=dir_fd)
+                except OSError as exc:
+                    raise _source_error(exc, shown) from exc
+                entries.append(Entry(path, "symlink", 0o777, uid, gid, target=target))
             elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
                 t = "char" if fmt == stat.S_IFCHR else "block"
                 dev = st.st_rdev
@@ -860,7 +887,34 @@ def _scan(base: str, all_root: bool) -> tuple[list[Entry], list[tuple[int, str]]
             elif fmt == stat.S_IFIFO:
                 entries.append(Entry(path, "fifo", mode, uid, gid))
             # sockets are runtime state, not content: left out
-    return entries, files
+    finally:
+        for dir_fd, _, _ in stack:
+            os.close(dir_fd)
+
+
+def _listing(dir_fd: int, shown: str) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(dir_fd) as it:
+            return iter(sorted(it, key=lambda d: d.name))
+    except OSError as exc:
+        raise _source_error(exc, shown) from exc
+
+
+def _changed(shown: str, how: str = "") -> StoreError:
+    return StoreError(f"{shown} changed while it was being added{': ' + how if how else ''}",
+                      "add it again when nothing is changing it")
+
+
+def _source_error(exc: OSError, shown: str) -> StoreError:
+    """An error opening or listing what is being added, said as such (not as the store's)."""
+    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):  # gone, or swapped for a link, since the walk
+        return _changed(shown)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StoreError(f"cannot read {shown}: {exc.strerror}",
+                          "castore add reads every file of the directory: make it readable, or leave it out")
+    if exc.errno == errno.EMFILE:
+        return StoreError(f"cannot open {shown}: too many open files", "is the directory nested that deep?")
+    return StoreError(f"cannot read {shown}: {exc.strerror}")
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -895,28 +949,29 @@ def remove_tree(path: Path) -> None:
 
 
 def _copy_hashing(src: Path, dest: Path) -> tuple[str, int]:
-    """Copy src to a new read-only file dest; return the BLAKE3 id and size of what dest holds.
-
-    Small files are hashed from the bytes written; large ones are copied in the
-    kernel and hashed from the copy, so the id always describes the staged bytes.
-    """
+    """Copy src to a new read-only file dest; return the BLAKE3 id and size of what dest holds."""
     fd = os.open(src, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o444)
-        try:
-            if size <= _SMALL:
-                data = _read_all(fd, size)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out, view):]
-                start_writeback(out)
-                return hash_bytes(data), len(data)
-            return _copy_pieces(fd, out, size)
-        finally:
-            os.close(out)
+        return _copy_hashing_fd(fd, os.fstat(fd).st_size, dest)
     finally:
         os.close(fd)
+
+
+def _copy_hashing_fd(fd: int, size: int, dest: Path) -> tuple[str, int]:
+    """Small files are hashed from the bytes written; large ones are copied in the
+    kernel and hashed from the copy, so the id always describes the staged bytes."""
+    out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o444)
+    try:
+        if size <= _SMALL:
+            data = _read_all(fd, size)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+            start_writeback(out)
+            return hash_bytes(data), len(data)
+        return _copy_pieces(fd, out, size)
+    finally:
+        os.close(out)
 
 
 _PIECE = 4 << 20  # a multiple of the page size: each piece is mapped at its own offset

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import subprocess
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 from castore.errors import AmbiguousId, HashMismatch, NotFound, StoreError
 from castore.hashing import hash_bytes
 from castore.manifest import Entry, Image, Layer, Tree
-from castore.store import LocalStore
-from tests.helpers import NOT_ROOT, tiny_tmpfs
+from castore.store import LocalStore, _walk
+from tests.conftest import CASTORE, REPO, castore
+from tests.helpers import NOT_ROOT, returns_within, tiny_tmpfs
 
 
 def test_add_bytes_file_and_lookups(store: LocalStore, tmp_path: Path) -> None:
@@ -326,3 +328,54 @@ def test_an_out_link_keeps_what_it_points_at_when_gc_runs(store: LocalStore, tmp
     os.unlink(link)
     os.symlink("/etc/hostname", link)  # repointed out of the store: keeps nothing
     assert store.gc() == ([b], len(b"second build")) and store.roots() == []
+
+
+def test_add_dir_reads_each_file_in_the_directory_it_walked(store: LocalStore, tmp_path: Path) -> None:
+    """A name swapped for a symlink (or a FIFO) after the walk saw a regular file brings in nothing
+    but an error; a parent directory swapped for a link does not redirect the read."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "f").write_text("TOPSECRET")
+    d = tmp_path / "d"
+    (d / "a").mkdir(parents=True)
+    (d / "a" / "f").write_text("mine")
+    entries: list[Entry] = []
+    with contextlib.closing(_walk(str(d), False, entries)) as walk:
+        _, dir_fd, name, shown = next(walk)
+        assert shown == f"{d}/a/f"
+        (d / "a").rename(d / "a-old")
+        (d / "a").symlink_to(secret)
+        assert store._read_or_stage(dir_fd, name, shown)[1] == b"mine"  # from the directory walked, not secret/
+        (d / "a-old" / "f").unlink()
+        (d / "a-old" / "f").symlink_to(secret / "f")
+        with pytest.raises(StoreError, match=r"/d/a/f changed while it was being added"):
+            store._read_or_stage(dir_fd, name, shown)
+        (d / "a-old" / "f").unlink()
+        os.mkfifo(d / "a-old" / "f")
+        with returns_within(10), pytest.raises(StoreError, match=r"/d/a/f changed .*: it is no longer a regular file"):
+            store._read_or_stage(dir_fd, name, shown)
+    assert store.objects() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root reads every file: the test switches to nobody")
+def test_add_dir_names_the_file_it_cannot_read(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    for parent in [tmp_path, *tmp_path.parents]:  # let nobody reach tmp_path
+        if parent != Path("/"):
+            os.chmod(parent, os.stat(parent).st_mode | 0o005)
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "ok").write_text("ok")
+    (d / "sub" / "closed").write_text("closed")
+    (d / "sub" / "closed").chmod(0)
+    store = tmp_path / "store"
+    store.mkdir()
+    os.chown(store, nobody.pw_uid, nobody.pw_gid)
+    proc = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                           CASTORE, "--store", str(store), "add", str(d)],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"error: cannot read {d}/sub/closed: Permission denied",
+        "hint: castore add reads every file of the directory: make it readable, or leave it out"]
+    assert castore("verify", store=store).returncode == 0 and LocalStore(store).objects() == []
