@@ -12,6 +12,7 @@ shared gc lock keeps ``gc`` from deleting what a realize is using.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -261,7 +262,15 @@ class Realizer:
                     jobs=self.jobs,
                 )
                 try:
-                    result = build(ctx)
+                    try:
+                        result = build(ctx)
+                    except OSError as exc:
+                        if exc.errno in _STORE_FAULTS:
+                            raise
+                        # the builder's own, from what the recipe asked for: a size past what the
+                        # filesystem takes, a file:// URL naming a directory
+                        where = f": {exc.filename}" if exc.filename else ""
+                        raise CastoreError(f"{exc.strerror or exc}{where}") from exc
                     oid = self._import(ctx, result)
                 except StoreError:
                     raise
@@ -305,6 +314,9 @@ class Realizer:
         if isinstance(result, ImageResult):
             return self.store.add_image(result.image)
         raise BuildError(f"builder returned {result!r}")
+
+
+_STORE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # the store's disk, not the recipe
 
 
 @contextlib.contextmanager

@@ -197,6 +197,14 @@ def fetch(
     _str(url, "fetch URL", nul=False)
     if not url.startswith(("http://", "https://", "file://")):
         raise _fail(f"fetch URL {url!r} must start with http://, https:// or file://")
+    if url.startswith("file://"):
+        from urllib.parse import unquote_to_bytes, urlsplit
+
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise _fail(f"fetch URL {url!r} names no absolute path", "a file URL is file:///absolute/path")
+        if b"\0" in unquote_to_bytes(parts.path):
+            raise _fail(f"fetch URL {url!r} holds an encoded NUL (%00), which no file name can")
     if (sha256 is None) == (blake3 is None):
         raise _fail("fetch needs exactly one of sha256= or blake3=",
                     "run it once with a dummy hash to see the real one")
@@ -261,6 +269,8 @@ def ext4(size: int | str, *, label: str = "", name: str | None = None) -> Plan:
     _str(label, "ext4 label", nul=False)
     if len(label.encode()) > 16:
         raise _fail(f"ext4 label {label!r} is longer than 16 bytes")
+    if not label.isprintable():
+        raise _fail(f"ext4 label {label!r} holds a control character")
     return _plan("ext4", "blob", name or f"ext4({size})", params={"size": nbytes, "label": label})
 
 

@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 from castore.builders.ext4 import mkfs_ext4
-from tests.conftest import castore_json
+from tests.conftest import castore, castore_json
 from tests.helpers import context
 
 
@@ -36,3 +36,25 @@ def test_overlay_recipe_root_dir_is_root_owned(tmp_path: Path) -> None:
     res = castore_json("realize", "tests/recipes/small.py:overlay", store=tmp_path / "s")
     out = subprocess.run(["debugfs", "-R", "stat /", res["path"]], capture_output=True, text=True).stdout
     assert "User:     0   Group:     0" in out
+
+
+def test_a_size_the_filesystem_cannot_hold_fails_at_the_recipe_line(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.py"
+    recipe.write_text("from castore import ext4, recipe\n\n\n@recipe\ndef default():\n    return ext4('64TiB')\n")
+    store = tmp_path / "store"
+    proc = castore("realize", str(recipe), store=store, check=False)
+    assert proc.returncode == 1
+    assert f"{recipe}:6: building default (ext4) failed:" in proc.stderr, proc.stderr
+    assert "File too large" in proc.stderr and "dmesg" not in proc.stderr
+    log = next((store / "logs").iterdir()).read_text()
+    assert "\nerror: File too large" in log
+    assert castore("verify", store=store).returncode == 0
+
+
+def test_a_label_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.py"
+    recipe.write_text("from castore import ext4, recipe\n\n\n@recipe\ndef default():\n"
+                      "    return ext4('8MiB', label='a\\nb')\n")
+    proc = castore("realize", str(recipe), store=tmp_path / "store", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: {recipe}:6: ext4 label 'a\\nb' holds a control character"), proc.stderr

@@ -41,3 +41,27 @@ def test_hash_mismatch_through_realize_adds_nothing(tmp_path: Path) -> None:
     assert snapshot(store) == before
     assert list((store / "tmp").iterdir()) == []
     assert castore("verify", store=store).returncode == 0
+
+
+@pytest.mark.parametrize("url, message", [
+    ("file://f.txt", "fetch URL 'file://f.txt' names no absolute path"),
+    ("file://host/etc/passwd", "fetch URL 'file://host/etc/passwd' names no absolute path"),
+    ("file:///etc/pass%00wd", "fetch URL 'file:///etc/pass%00wd' holds an encoded NUL"),
+])
+def test_file_urls_that_name_no_file_are_refused_at_the_recipe_line(tmp_path: Path, url: str, message: str) -> None:
+    env = {"CASTORE_TEST_URL": url, "CASTORE_TEST_SHA256": "1" * 64}
+    proc = castore("realize", "tests/recipes/fetching.py:download", store=tmp_path / "s", env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: tests/recipes/fetching.py:10: {message}"), proc.stderr
+
+
+def test_a_file_url_naming_a_directory_is_the_recipe_s_error(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = {"CASTORE_TEST_URL": f"file://{tmp_path}", "CASTORE_TEST_SHA256": "1" * 64}
+    proc = castore("realize", "tests/recipes/fetching.py:download", store=store, env=env, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert "tests/recipes/fetching.py:10: building" in proc.stderr and "(fetch) failed:" in proc.stderr
+    assert f"fetch: cannot read {tmp_path}: Is a directory" in lines, lines
+    assert "dmesg" not in proc.stderr  # not the disk's fault
+    assert castore("verify", store=store).returncode == 0

@@ -6,9 +6,11 @@ the whole output matches the declared sha256 or blake3.
 
 from __future__ import annotations
 
+import os
 import shutil
 import urllib.parse
 from pathlib import Path
+from typing import BinaryIO
 
 from castore.builders import BlobResult, BuildContext, Result
 from castore.errors import CastoreError, HashMismatch, NotFound
@@ -29,18 +31,24 @@ def _fetch(ctx: BuildContext) -> Result:
     url: str = ctx.params["url"]
     h = Hasher(sha256=True)
     if url.startswith("file://"):
-        src = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
-        try:
-            with open(src, "rb") as f, open(ctx.out, "xb") as out:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    out.write(chunk)
-        except FileNotFoundError:
-            raise NotFound(f"fetch: {src} does not exist") from None
+        src = Path(os.fsdecode(urllib.parse.unquote_to_bytes(urllib.parse.urlsplit(url).path)))  # any bytes
+        with _opened(src) as f, open(ctx.out, "xb") as out:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
     else:
         download(url, ctx.out, h, ctx.status)
     check_digest(ctx, h, url)
     return BlobResult()
+
+
+def _opened(src: Path) -> BinaryIO:
+    try:
+        return open(src, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"fetch: {src} does not exist") from None
+    except OSError as exc:  # a directory, a file not readable: the recipe's, not the store's
+        raise CastoreError(f"fetch: cannot read {src}: {exc.strerror}") from None
 
 
 def download(url: str, dest: Path, h: Hasher, status: object = None) -> None:
