@@ -67,6 +67,8 @@ def _fail(message: str, hint: str | None = None) -> RecipeError:
 def _source(path: str | os.PathLike[str], what: str) -> Source:
     if not isinstance(path, str | os.PathLike):
         raise _fail(f"{what} must be a path (a str), got {type(path).__name__} {brief(path)}")
+    if "\0" in os.fspath(path):
+        raise _fail(f"{what} {brief(os.fspath(path))} holds a NUL character, which no file name can")
     _, base = _origin()
     full = (base / path).resolve()
     try:
@@ -550,11 +552,18 @@ _EXIT_HINT = "a recipe returns a plan; to stop with an error, raise an exception
 
 
 def _where(exc: BaseException, recipe: Recipe) -> str:
-    """file:line of the innermost frame of the traceback that lies outside castore."""
+    """file:line of the innermost frame of the traceback in the user's code (a recipe file or a
+    module beside it): not castore's, Python's own library's or an installed package's."""
+    import sysconfig
+
+    library = tuple({os.path.join(os.path.realpath(sysconfig.get_path(k)), "")
+                     for k in ("stdlib", "platstdlib", "purelib", "platlib")})
     best = f"{_display(recipe.file)}:{recipe.line}"
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         filename = frame.f_code.co_filename
-        if not filename.startswith(_PACKAGE_DIR):
+        if filename.startswith(("<", os.path.join(_PACKAGE_DIR, ""))):  # "<frozen posixpath>", castore
+            continue
+        if not os.path.realpath(filename).startswith(library):
             best = f"{_display(filename)}:{lineno}"
     return best
 

@@ -137,6 +137,9 @@ _K = "ext4('1MiB')"  # any blob plan stands in for a kernel and a layer here
     ("ext4(2**70)", "is too large"),
     ("fetch(5, sha256='0' * 64)", "fetch URL must be a str"),
     ("fetch('https://x/y', sha256=5)", "sha256 5 must be 64 lowercase hex digits"),
+    ('tree().file("/a", source="f\\0.txt")', "file 'f\\x00.txt' holds a NUL character"),
+    ('__import__("castore").local_file("x\\0")', "holds a NUL character"),
+    ("__import__('json').loads('{bad')", "raised JSONDecodeError"),  # the line, not json/decoder.py's
 ])
 def test_bad_arguments_are_reported_at_the_recipe_line(tmp_path: Path, call: str, message: str) -> None:
     """Wrong types and out-of-range values fail at evaluation, naming the line that passed them."""
@@ -147,6 +150,15 @@ def test_bad_arguments_are_reported_at_the_recipe_line(tmp_path: Path, call: str
     assert err.value.message.split(": ", 1)[0].endswith("r.py:6"), err.value.message
     assert message in err.value.message
     err.value.message.encode()  # printable: a lone surrogate is shown escaped, never raw
+
+
+def test_a_recipe_called_with_wrong_arguments_names_the_call(tmp_path: Path) -> None:
+    f = tmp_path / "r.py"
+    f.write_text(f"{_IMPORTS}\n\n@recipe\ndef other():\n    return ext4('1MiB')\n\n\n"
+                 "@recipe\ndef default():\n    return other(1, 2)\n")
+    with pytest.raises(RecipeError) as err:
+        evaluate_target(str(f))
+    assert err.value.message.split(": ", 1)[0].endswith("r.py:11"), err.value.message  # not inspect.py's line
 
 
 def test_edge_values_are_accepted(tmp_path: Path) -> None:
