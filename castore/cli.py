@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -842,8 +842,11 @@ def main() -> None:
             _err(f"hint: {exc.hint}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        _err("interrupted; the store is unchanged by the step that was running")
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as exc:  # typer turns Ctrl-C into a silent exit 130
+        if exc.code == 130 and _caused_by(exc, KeyboardInterrupt):
+            _interrupted()
+        raise
     except OSError as exc:  # one the command did not expect: still one line, not a traceback
         if _state["debug"]:
             raise
@@ -852,6 +855,22 @@ def main() -> None:
         sys.exit(1)
     finally:
         app.registered_commands, app.registered_groups = every
+
+
+def _interrupted() -> NoReturn:
+    _err("interrupted; the store is unchanged by the step that was running")
+    sys.exit(130)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, kind):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 if __name__ == "__main__":

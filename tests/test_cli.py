@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import castore, castore_json
+from tests.conftest import CASTORE, REPO, castore, castore_json
 from tests.helpers import NOT_ROOT, tiny_tmpfs
 
 
@@ -262,3 +265,19 @@ def test_arguments_are_checked(tmp_path: Path) -> None:
                       (["serve", str(tmp_path), "--bind", "127.0.0.1:99999"], "a port from 1 to 65535")):
         proc = castore(*args, store=store, check=False, timeout=30)
         assert proc.returncode == 1 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_says_what_it_left(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env = {**os.environ, "CASTORE_CONFIG": os.devnull, "CASTORE_TEST_SHA256": "1" * 64,
+               "CASTORE_TEST_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/x"}
+        argv = [CASTORE, "--store", str(tmp_path / "s"), "realize", "tests/recipes/fetching.py:download"]
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)  # fetching, waiting for an answer
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.rstrip().endswith("interrupted; the store is unchanged by the step that was running"), err
+    assert castore("verify", store=tmp_path / "s").returncode == 0
