@@ -143,6 +143,7 @@ def test_implicit_parents_are_entries_that_later_ops_see(tmp_path: Path, store: 
     ('.remove("/missing")', "remove: /missing is not in the tree"),
     ('.remove("etc//gone/")', "remove: etc//gone/ is not in the tree"),
     ('.chmod("/nope", 0o700)', "chmod: /nope is not in the tree"),
+    ('.symlink("/l", "a").chmod("/l", 0o600)', "chmod: /l is a symlink, whose mode is always 0777"),
     ('.chown("/nope", 1, 1, recursive=True)', "chown: /nope is not in the tree"),
     ('.merge(tree().text("/x", "x"), only=["/y"])', "merge: /y is not in the merged tree"),
     ('.merge(tree().text("/b", "x"), prefix="/a")', "cannot add /a/b: /a is a file, not a directory"),

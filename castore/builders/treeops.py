@@ -193,6 +193,8 @@ def _apply(ctx: BuildContext, entries: Entries, new_blobs: dict[str, Path], n: i
         entries.drop(path)
     elif kind == "chmod":
         _need(entries, path, kind, shown)
+        if (e := entries.get(path)) is not None and e.type == "symlink":  # a link's mode is 0777 on Linux
+            raise CastoreError(f"chmod: {shown} is a symlink, whose mode is always 0777")
         entries.update(entries.inode(path), mode=op["mode"])  # through a hard link: its file's mode
     elif kind == "chown":
         _need(entries, path, kind, shown)
