@@ -535,7 +535,9 @@ class Recipe:
         except SystemExit as exc:  # not an Exception, but no recipe may end the program
             raise RecipeError(f"{_where(exc, self)}: recipe {self.name} called sys.exit({exc.code!r})",
                               _EXIT_HINT) from exc
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             raise RecipeError(f"{_where(exc, self)}: recipe {self.name} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(result, TreeExpr):
             result = result.plan()
@@ -607,9 +609,9 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
     try:
         with _importable(p):
             exec(code, namespace)
-    except CastoreError:
+    except (CastoreError, KeyboardInterrupt):
         raise
-    except (Exception, SystemExit) as exc:
+    except BaseException as exc:  # SystemExit, GeneratorExit too: nothing a recipe file does ends castore
         where = _at(shown, next((ln for fr, ln in traceback.walk_tb(exc.__traceback__)
                                  if fr.f_code.co_filename == filename), None))
         if isinstance(exc, SystemExit):

@@ -140,6 +140,7 @@ _K = "ext4('1MiB')"  # any blob plan stands in for a kernel and a layer here
     ('tree().file("/a", source="f\\0.txt")', "file 'f\\x00.txt' holds a NUL character"),
     ('__import__("castore").local_file("x\\0")', "holds a NUL character"),
     ("__import__('json').loads('{bad')", "raised JSONDecodeError"),  # the line, not json/decoder.py's
+    ("(_ for _ in ()).throw(GeneratorExit)", "raised GeneratorExit"),  # a BaseException, not an Exception
 ])
 def test_bad_arguments_are_reported_at_the_recipe_line(tmp_path: Path, call: str, message: str) -> None:
     """Wrong types and out-of-range values fail at evaluation, naming the line that passed them."""
