@@ -311,8 +311,14 @@ def export(
             raise CastoreError(f"{dest} already exists", "export writes only new paths")
         # written beside dest, renamed into place when whole: a failed export leaves nothing
         part = dest.parent / f".{dest.name}.{os.getpid()}.part"
+        made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
+        done = False
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CastoreError(f"cannot make the directory {dest.parent}: {exc.strerror}",
+                                   "export makes missing parent directories, but not in place of a file") from exc
             if kind == "blob":
                 copy_sparse(store.blob_path(oid), part)
                 os.chmod(part, 0o644)
@@ -328,12 +334,16 @@ def export(
             if dest.exists() or dest.is_symlink():
                 raise CastoreError(f"{dest} appeared while exporting", "export writes only new paths")
             os.rename(part, dest)
+            done = True
         except OSError as exc:
             raise CastoreError(f"cannot export {oid[:12]} to {dest}: {exc.strerror}",
                                f"nothing was left at {dest}") from exc
         finally:
             if part.exists() or part.is_symlink():
                 remove_tree(part)
+            for d in made if not done else ():  # the directories made for it, if still empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
         if as_json:
             _emit({"id": oid, "kind": kind, "dest": str(dest.absolute())})
         else:
