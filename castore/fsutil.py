@@ -102,10 +102,10 @@ def materialize(tree: Tree, dest: Path, blob_path: Callable[[str], Path], *,
         os.chmod(p, mode)
 
 
-def check_free(path: Path, need: int) -> None:
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """What an unprivileged writer may still write on path's filesystem."""
     st = os.statvfs(path)
-    if st.f_bavail * st.f_frsize < need:
-        raise CastoreError(f"not enough free space in {path}: {need >> 20} MiB needed")
+    return st.f_bavail * st.f_frsize
 
 
 _libc: Any = None

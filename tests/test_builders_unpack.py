@@ -227,3 +227,17 @@ class _Zeros(io.RawIOBase):
         buf[:n] = bytes(n)
         self.left -= n
         return n
+
+
+def test_an_entry_larger_than_the_free_space_is_refused_before_it_is_written(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:  # a sparse entry of 2**62
+        info = tarfile.TarInfo("huge")  # bytes: a few of data, the rest a hole, in 10 KiB of archive
+        info.size = 4
+        info.pax_headers = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.name": "huge",
+                            "GNU.sparse.realsize": str(2**62), "GNU.sparse.map": "0,4"}
+        tar.addfile(info, io.BytesIO(b"data"))
+    archive = _write(tmp_path, buf.getvalue())
+    with returns_within(10), pytest.raises(CastoreError, match=r"archive entry 'huge' is 4,611,686,018,427,387,904 "
+                                                                r"bytes, more than the [0-9,]+ free"):
+        unpack_archive(archive, tmp_path / "scratch")

@@ -21,6 +21,7 @@ from typing import IO, Any
 from castore.builders import BuildContext, Result, TreeResult
 from castore.builders.treeops import Entries
 from castore.errors import CastoreError, UnsafeArchive
+from castore.fsutil import free_bytes
 from castore.hashing import Hasher
 from castore.manifest import Entry, Tree, normalize_path
 
@@ -150,6 +151,10 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: Entries,
     if m.isdir():
         entries.set(Entry(path, "dir", mode, **owner))
     elif m.isreg():
+        # an entry's size is the archive's word, and a sparse entry costs it nothing to say
+        if m.size > 64 << 20 and m.size > (free := free_bytes(scratch)):
+            raise CastoreError(f"archive entry {m.name!r} is {m.size:,} bytes, more than the {free:,} free "
+                               "where it would be unpacked")
         src = tar.extractfile(m)
         assert src is not None
         dest = scratch / f"f{n}"
