@@ -633,3 +633,32 @@ def test_a_directory_or_url_that_is_no_castore_cache_is_named(tmp_path: Path) ->
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: file://{tmp_path / 'site'}/castore-cache.json is not JSON" in proc.stderr
     assert "hint: is this the URL or directory of a castore cache?" in proc.stderr
+
+
+def test_a_corrupt_chunk_in_a_seeded_pull_adds_nothing_and_the_rerun_completes(tmp_path: Path) -> None:
+    rng = random.Random(13)
+    v1 = rng.randbytes(3 << 20)
+    v2 = v1[:2_000_000] + rng.randbytes(300_000) + v1[2_000_000:]
+    a = LocalStore(tmp_path / "a")
+    id1, id2 = (a.add_file(blob_file(tmp_path, n, d)) for n, d in (("v1", v1), ("v2", v2)))
+    (tmp_path / "cache").mkdir()
+    cache = Counting(tmp_path / "cache")
+    push(a, cache, [id1, id2])
+    sent = {c for c, _ in record_of(cache, id2).chunks} - {c for c, _ in record_of(cache, id1).chunks}
+    b = LocalStore(tmp_path / "b")
+    pull(b, cache, [id1])
+    bad = cache.root / chunk_path(max(sent))
+    good = bad.read_bytes()
+    bad.write_bytes(zstandard.ZstdCompressor().compress(b"not this chunk"))
+    with pytest.raises(CastoreError, match=r"chunk [0-9a-f]{64} from .* is 14 bytes, its record says"):
+        pull(b, cache, [id2])  # while the seeded runs are being copied beside the fetch
+    assert not b.has(id2) and b.verify()[0] == []
+    bad.write_bytes(good)
+    cache.gets.clear()
+    s = pull(b, cache, [id2])
+    assert b.blob_path(id2).read_bytes() == v2 and s.chunks_seeded > 0
+    lists = {lid for lid, _, _ in ObjectRecord.decode(id2, cache.get(object_path(id2)) or b"").lists}
+    fetched = {g.rpartition("/")[2] for g in cache.gets if g.startswith("chunks/")} - lists
+    assert fetched and fetched <= sent  # none of v1's chunks: those were copied from the local blob
+    a.close()
+    b.close()

@@ -352,13 +352,14 @@ class _Assembly:
                 copier = _Background(self._copy_runs)
                 try:
                     self._fetch()
-                finally:
-                    copied = copier.result()
+                except BaseException:
+                    copier.wait()  # its own error, if any, matters less than this one
+                    raise
+                missed = copier.result()
             else:
-                copied = self._copy_runs()
-                self._fetch()
-            self._copied(copied)
-            self._fetch()  # what a local blob shorter than the index said did not give
+                missed = self._copy_runs()
+            self._copied(missed)
+            self._fetch()  # all of it, or what a local blob shorter than the index said did not give
             self._finish_ready()
         except OSError as exc:
             raise store_os_error(exc, self.store.root, retry="nothing unverified was added; free space "
@@ -581,6 +582,9 @@ class _Background(Generic[_T]):
             self._value = fn()
         except BaseException as exc:  # handed to result()
             self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
 
     def result(self) -> _T:
         self._thread.join()
