@@ -104,7 +104,11 @@ class LocalStore:
             self.db = sqlite3.connect(self.root / "db.sqlite", timeout=60, isolation_level=None,
                                       check_same_thread=False)
             if self.db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
-                self._init_db()
+                try:
+                    self._init_db()
+                except StoreError:
+                    self.db.close()
+                    raise
             self.db.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             if _full(self.root):
@@ -135,6 +139,10 @@ class LocalStore:
                                  f"holds {held} files: the database was lost or emptied",
                                  "restore db.sqlite from a backup; castore will not take this for a new "
                                  "store, whose gc would delete every blob")
+            if version > _SCHEMA_VERSION:  # what a newer castore added would be lost, or misread
+                raise StoreError(f"the store at {self.root} has schema version {version}; this castore "
+                                 f"knows versions up to {_SCHEMA_VERSION}",
+                                 "use the castore that made the store, or a newer one")
             if version != _SCHEMA_VERSION:
                 self.db.execute("PRAGMA journal_mode=WAL")  # kept in the file: set once
                 self.db.executescript(_SCHEMA)

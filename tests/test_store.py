@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -379,3 +380,15 @@ def test_add_dir_names_the_file_it_cannot_read(tmp_path: Path) -> None:
         f"error: cannot read {d}/sub/closed: Permission denied",
         "hint: castore add reads every file of the directory: make it readable, or leave it out"]
     assert castore("verify", store=store).returncode == 0 and LocalStore(store).objects() == []
+
+
+def test_a_store_of_a_newer_schema_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    LocalStore(tmp_path / "s").close()
+    db = sqlite3.connect(tmp_path / "s" / "db.sqlite")
+    db.execute("PRAGMA user_version = 99")  # what a later castore may write
+    db.close()
+    with pytest.raises(StoreError, match=r"has schema version 99; this castore knows versions up to \d+"):
+        LocalStore(tmp_path / "s")
+    db = sqlite3.connect(tmp_path / "s" / "db.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 99
+    db.close()
