@@ -26,7 +26,7 @@ from typing import Any
 
 from castore.errors import CastoreError, RecipeError
 from castore.hashing import hash_file
-from castore.manifest import MAX_ID32, MAX_SIZE, brief, normalize_path
+from castore.manifest import MAX_ID32, MAX_SIZE, brief, normalize_path, path_key
 from castore.plan import Plan, Source
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +38,7 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule overlay_root=
 
 def _caller() -> FrameType | None:
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(os.path.join(_PACKAGE_DIR, "")):
         frame = frame.f_back  # type: ignore[assignment]
     return frame
 
@@ -404,9 +404,11 @@ class TreeExpr:
             if isinstance(only, str | bytes) or not isinstance(only, Iterable):
                 raise _fail(f"merge's only= must be a list of paths, got {brief(only)}",
                             f"write only=[{only!r}]" if isinstance(only, str) else None)
-            raw = list(only)
-            op["only"] = [self._path(p) for p in raw]
-            written = dict(zip(op["only"], raw, strict=True))
+            for p in only:
+                written.setdefault(self._path(p), p)
+            # sorted: the result does not depend on the order, so neither may the plan hash (a set's
+            # order changes from one run to the next)
+            op["only"] = sorted(written, key=path_key)
         op["input"] = self._input(plan)
         return self._add(op, written)
 
@@ -623,13 +625,19 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Recipe]:
 
 @contextlib.contextmanager
 def _importable(recipe_file: Path) -> Iterator[None]:
-    """The recipe file's directory first on sys.path, so that it can import its neighbours."""
+    """The recipe file's directory first on sys.path, so that it can import its neighbours; from
+    their source, always: a __pycache__ beside them is trusted by size and mtime in whole seconds,
+    so a helper rewritten within the second at the same size would evaluate as its old self (and
+    evaluating writes nothing into the recipe folder)."""
     directory = str(recipe_file.resolve().parent)
+    saved = sys.path[:], sys.dont_write_bytecode, sys.pycache_prefix
     sys.path.insert(0, directory)
+    sys.dont_write_bytecode = True
+    sys.pycache_prefix = f"{os.devnull}/pycache"  # beneath a device: every .pyc lookup fails, as not found
     try:
         yield
     finally:
-        sys.path.remove(directory)
+        sys.path[:], sys.dont_write_bytecode, sys.pycache_prefix = saved
 
 
 def select(recipes: dict[str, Recipe], name: str | None, shown: str) -> Recipe:

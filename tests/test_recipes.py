@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 from castore.errors import RecipeError
 from castore.plan import walk
 from castore.recipes import evaluate_target, load_file, parse_size, select
-from tests.conftest import RECIPES, REPO, castore
+from tests.conftest import RECIPES, REPO, castore, castore_json
 
 
 def test_callpackage_style_defaults_and_selection() -> None:
@@ -218,3 +220,47 @@ def test_recipe_files_are_modules_that_import_their_neighbours(tmp_path: Path) -
     with pytest.raises(RecipeError, match="has no recipe 'nope'"):
         evaluate_target(f"{d / 'r.py'}:nope")
     assert str(d) not in sys.path  # only while loading and evaluating
+
+
+def test_helper_modules_are_read_from_their_source_never_from_a_stale_pycache(tmp_path: Path) -> None:
+    import py_compile
+
+    (tmp_path / "r.py").write_text("import helper\nfrom castore import ext4, recipe\n\n\n"
+                                   "@recipe\ndef default():\n    return ext4(helper.SIZE)\n")
+    helper = tmp_path / "helper.py"
+    helper.write_text('SIZE = "64MiB"\n')
+    py_compile.compile(str(helper))  # what an earlier evaluation by a Python that writes bytecode left
+    stamp = helper.stat()
+    helper.write_text('SIZE = "32MiB"\n')  # same size, and (as within one second) the same mtime
+    os.utime(helper, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from castore.recipes import evaluate_target; "
+                           "print(evaluate_target(sys.argv[1])[1].params['size'])", str(tmp_path / "r.py")],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == [str(32 << 20)]
+    shutil.rmtree(tmp_path / "__pycache__")
+    subprocess.run([sys.executable, "-c", "import sys; from castore.recipes import evaluate_target; "
+                    "evaluate_target(sys.argv[1])", str(tmp_path / "r.py")], cwd=REPO, env=env, check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["helper.py", "r.py"]  # evaluation wrote nothing
+
+
+def test_merge_only_is_a_set_of_paths_whatever_its_order(tmp_path: Path) -> None:
+    f = tmp_path / "r.py"
+    hashes = set()
+    for only in ('["etc/b", "/etc/a", "c"]', '{"c", "etc/a", "etc/b"}', '["c", "etc/a", "etc//b", "c"]'):
+        f.write_text(f"{_IMPORTS}\n\n@recipe\ndef default():\n"
+                     f"    return tree().merge(tree().dirs('/etc/a', '/etc/b', '/c', '/d'), only={only})\n")
+        for seed in ("1", "2"):
+            plans = castore_json("realize", str(f), "--dry-run", store=tmp_path / "s",
+                                 env={"PYTHONHASHSEED": seed})["plans"]
+            hashes.add(plans[-1]["plan"])
+    assert len(hashes) == 1
+
+
+def test_a_recipe_folder_named_like_the_package_is_the_recipe_s() -> None:
+    from castore import recipes
+
+    beside = os.path.join(os.path.dirname(recipes.__file__) + "_images", "r.py")  # .../castore_images/r.py
+    scope: dict[str, object] = {"caller": recipes._caller}
+    exec(compile("found = caller()", beside, "exec"), scope)
+    assert scope["found"].f_code.co_filename == beside  # type: ignore[attr-defined]
