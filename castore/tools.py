@@ -130,6 +130,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent(),
+            umask=0o022,  # as DESIGN.md says builds run: a tool that writes modes as the umask leaves them
         )
     except FileNotFoundError as exc:
         raise ToolMissing(f"{args[0]} could not be started: {exc.strerror}") from exc
@@ -175,7 +176,8 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
     """The first line a tool prints about its version, cached by its binary's identity."""
     path = which(tool)
     st = os.stat(path)
-    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    # the inode and its change time too: a tool replaced in place may keep its size and mtime
+    key = f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
     if cache is not None and key in cache:
         return cache[key]
     info = TOOLS.get(tool, ToolInfo(tool))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 
@@ -44,3 +45,11 @@ def test_tool_version_cached() -> None:
     assert "1." in v and list(cache.values()) == [v]
     assert tool_version("gensquashfs", cache) == v
     assert tool_version("mke2fs").startswith("mke2fs 1.")
+
+
+def test_tools_run_with_umask_022_whatever_the_caller_s() -> None:
+    old = os.umask(0o077)
+    try:
+        assert run(["sh", "-c", "umask"]).output.strip() == b"0022"
+    finally:
+        os.umask(old)
