@@ -15,7 +15,11 @@ Grammar of the hashed plan record (canonical msgpack)::
      "params": {param name: value, ...}}
 
 What is not hashed: the display name, where in a recipe file the plan was
-made, and local file paths (only their content ids are).
+made, local file paths (only their content ids are), and the *hints* of a
+fixed-output plan: what its builder needs but its output cannot depend on,
+since the declared hash names the output (a fetch's URL, as a Nix
+fixed-output derivation's). A mirror that moves rebuilds nothing, and a
+realisation found under another URL is the same one.
 """
 
 from __future__ import annotations
@@ -49,13 +53,14 @@ class Plan:
     inputs: dict[str, Plan | Source] = field(default_factory=dict)
     name: str = ""
     origin: str = ""
+    hints: dict[str, Any] = field(default_factory=dict)  # given to the builder with params; not hashed
 
     def __post_init__(self) -> None:
         assert self.output in OUTPUT_KINDS, self.output
         # Validate eagerly so a bad parameter is reported at its recipe line. The recipe DSL checks
         # types first; this is the backstop for what msgpack itself cannot take.
         try:
-            canonical.encode(self.params)
+            canonical.encode([self.params, self.hints])
         except UnicodeEncodeError as exc:
             raise EncodingError(f"a parameter of {self.label} is not valid UTF-8 text: "
                                 f"{exc.object[exc.start:exc.end]!r} ({exc.reason})") from None

@@ -253,7 +253,7 @@ class Realizer:
                 ctx = BuildContext(
                     scratch=scratch,
                     out=scratch / "out",
-                    params=plan.params,
+                    params={**plan.params, **plan.hints},
                     inputs=inputs,
                     plan_hash=step.hash,
                     blob_path=self.store.blob_path,

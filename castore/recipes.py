@@ -214,9 +214,8 @@ def fetch(
     assert digest is not None
     if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
         raise _fail(f"{algo} {brief(digest)} must be 64 lowercase hex digits")
-    return _plan(
-        "fetch", "blob", name or url.rsplit("/", 1)[-1], params={"url": url, algo: digest}
-    )
+    # fixed-output: the URL is a hint, not a parameter (see castore.plan)
+    return _plan("fetch", "blob", name or url.rsplit("/", 1)[-1], params={algo: digest}, hints={"url": url})
 
 
 def debian_package(name: str, version: str, *, sha256: str, arch: str = "amd64") -> Plan:

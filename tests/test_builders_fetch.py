@@ -8,7 +8,7 @@ import pytest
 from castore.builders.fetch import BUILD
 from castore.errors import CastoreError, HashMismatch
 from castore.hashing import hash_bytes
-from tests.conftest import castore, snapshot
+from tests.conftest import castore, castore_json, snapshot
 from tests.helpers import context, http_server
 
 
@@ -65,3 +65,23 @@ def test_a_file_url_naming_a_directory_is_the_recipe_s_error(tmp_path: Path) -> 
     assert f"fetch: cannot read {tmp_path}: Is a directory" in lines, lines
     assert "dmesg" not in proc.stderr  # not the disk's fault
     assert castore("verify", store=store).returncode == 0
+
+
+def test_a_fetch_is_named_by_its_declared_hash_not_its_url(tmp_path: Path) -> None:
+    """Fixed-output: the same bytes from another mirror are the same plan, so nothing downstream
+    rebuilds, and a URL that no longer answers is never asked once the plan is realised."""
+    data = b"the same bytes on two mirrors"
+    for mirror in ("a", "b"):
+        (tmp_path / mirror).mkdir()
+        (tmp_path / mirror / "src.tar").write_bytes(data)
+    store = tmp_path / "store"
+    sha = hashlib.sha256(data).hexdigest()
+    first = castore_json("realize", "tests/recipes/fetching.py:download", store=store,
+                         env={"CASTORE_TEST_URL": f"file://{tmp_path}/a/src.tar", "CASTORE_TEST_SHA256": sha})
+    (tmp_path / "b" / "src.tar").unlink()  # the second mirror is down
+    again = castore_json("realize", "tests/recipes/fetching.py:download", store=store,
+                         env={"CASTORE_TEST_URL": f"file://{tmp_path}/b/src.tar", "CASTORE_TEST_SHA256": sha})
+    assert again["id"] == first["id"] and again["built"] == []
+    other = castore("realize", "tests/recipes/fetching.py:download", store=tmp_path / "fresh", check=False,
+                    env={"CASTORE_TEST_URL": f"file://{tmp_path}/b/src.tar", "CASTORE_TEST_SHA256": sha})
+    assert other.returncode == 1 and f"{tmp_path}/b/src.tar does not exist" in other.stderr  # a new store fetches
