@@ -173,11 +173,21 @@ def run(
 
 
 def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> str:
-    """The first line a tool prints about its version, cached by its binary's identity."""
-    path = which(tool)
-    st = os.stat(path)
-    # the inode and its change time too: a tool replaced in place may keep its size and mtime
-    key = f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    """The first line a tool prints about its version, then the file names of the shared libraries
+    it loads, which carry their versions (``libzstd.so.1.5.4``): gensquashfs compresses with
+    libzstd, liblzma and zlib, which are upgraded apart from it and can change its output.
+
+    Cached by the identity of the binary and of each library (inode, size, times): a tool or a
+    library replaced, even in place, is asked again."""
+    path = os.path.realpath(which(tool))
+    libs_key = f"libs:{_identity(path)}"
+    libs = cache.get(libs_key) if cache is not None else None
+    if libs is None or not all(map(os.path.exists, libs.split("\n") if libs else ())):
+        libs = "\n".join(_libraries(path))
+        if cache is not None:
+            cache[libs_key] = libs
+    loaded = libs.split("\n") if libs else []
+    key = " ".join([_identity(path), *map(_identity, loaded)])
     if cache is not None and key in cache:
         return cache[key]
     info = TOOLS.get(tool, ToolInfo(tool))
@@ -186,6 +196,26 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
     if not lines:
         raise ToolError(f"{tool} printed no version")
     version = lines[0]
+    if loaded:
+        version += f" [{' '.join(sorted({os.path.basename(os.path.realpath(lib)) for lib in loaded}))}]"
     if cache is not None:
         cache[key] = version
     return version
+
+
+def _identity(path: str) -> str:
+    st = os.stat(path)  # the file a library's soname link points at now
+    return f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _libraries(path: str) -> list[str]:
+    """The shared libraries the dynamic loader finds for a binary, as it names them (soname links);
+    none for a script or a static binary."""
+    res = run(["ldd", path], check=False)
+    found = []
+    for line in res.output.decode(errors="replace").splitlines():
+        _, arrow, rest = line.strip().partition(" => ")
+        lib = rest.split(" (", 1)[0] if arrow else ""
+        if lib.startswith("/"):
+            found.append(lib)
+    return sorted(found)
