@@ -52,6 +52,8 @@ TOOLS: dict[str, ToolInfo] = {
     "bison": ToolInfo("bison"),
     "bc": ToolInfo("bc"),
     "perl": ToolInfo("perl"),
+    "awk": ToolInfo("mawk", ("-W", "version")),  # Debian's awk; gawk takes -W version too
+    "sed": ToolInfo("sed"),
     "tar": ToolInfo("tar"),
     "xz": ToolInfo("xz-utils"),
     "bwrap": ToolInfo("bubblewrap"),
@@ -179,7 +181,8 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
 
     Cached by the identity of the binary and of each library (inode, size, times): a tool or a
     library replaced, even in place, is asked again."""
-    path = os.path.realpath(which(tool))
+    found = which(tool)
+    path = os.path.realpath(found)
     libs_key = f"libs:{_identity(path)}"
     libs = cache.get(libs_key) if cache is not None else None
     if libs is None or not all(map(os.path.exists, libs.split("\n") if libs else ())):
@@ -191,7 +194,7 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
     if cache is not None and key in cache:
         return cache[key]
     info = TOOLS.get(tool, ToolInfo(tool))
-    res = run([path, *info.version_args], check=False)
+    res = run([found, *info.version_args], check=False)  # by its PATH name: some print it (sed, gcc)
     lines = [ln.strip() for ln in res.output.decode(errors="replace").splitlines() if ln.strip()]
     if not lines:
         raise ToolError(f"{tool} printed no version")

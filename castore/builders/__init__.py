@@ -107,7 +107,7 @@ SPECS: dict[str, Spec] = {
     "source": Spec("treeops", 1),
     "squashfs": Spec("squashfs", 2, ("gensquashfs",)),  # 2: link targets raw, devices in range
     "ext4": Spec("ext4", 1, ("mke2fs",)),
-    "kernel": Spec("kernel", 1, ("make", "gcc", "ld", "flex", "bison", "bc", "perl", "tar", "bwrap")),
+    "kernel": Spec("kernel", 1, ("make", "gcc", "ld", "flex", "bison", "bc", "perl", "awk", "sed", "tar", "bwrap")),
     "image": Spec("image", 2),  # 2: kernel and layers checked
 }
 
