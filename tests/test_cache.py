@@ -225,10 +225,13 @@ def test_dedup_push_and_seeded_pull(tmp_path: Path) -> None:
     b.close()
 
 
-def test_seeding_copies_runs_and_fetches_what_a_short_blob_lacks(tmp_path: Path) -> None:
-    rng = random.Random(12)
-    v1 = rng.randbytes(2 << 20)
-    v2 = v1[:1_000_000] + rng.randbytes(50_000) + v1[1_000_000:]
+def _v1_pulled(tmp_path: Path, seed: int, size: int, at: int, added: int) -> tuple[
+        LocalStore, Counting, LocalStore, str, str, bytes]:
+    """Store a with v1 and v2 (v1 with `added` random bytes inserted at `at`), both pushed to a
+    counting cache, and store b holding v1 pulled from it: (a, cache, b, id1, id2, v2)."""
+    rng = random.Random(seed)  # fixed bytes: fixed cut points
+    v1 = rng.randbytes(size)
+    v2 = v1[:at] + rng.randbytes(added) + v1[at:]
     a = LocalStore(tmp_path / "a")
     id1, id2 = (a.add_file(blob_file(tmp_path, n, d)) for n, d in (("v1", v1), ("v2", v2)))
     (tmp_path / "cache").mkdir()
@@ -236,6 +239,11 @@ def test_seeding_copies_runs_and_fetches_what_a_short_blob_lacks(tmp_path: Path)
     push(a, cache, [id1, id2])
     b = LocalStore(tmp_path / "b")
     pull(b, cache, [id1])
+    return a, cache, b, id1, id2, v2
+
+
+def test_seeding_copies_runs_and_fetches_what_a_short_blob_lacks(tmp_path: Path) -> None:
+    a, cache, b, id1, id2, v2 = _v1_pulled(tmp_path, 12, 2 << 20, 1_000_000, 50_000)
     # v1 lost its tail on disk after it was indexed: the chunks past the new end are fetched
     b.blob_path(id1).chmod(0o644)
     os.truncate(b.blob_path(id1), 1_500_000)
@@ -636,17 +644,8 @@ def test_a_directory_or_url_that_is_no_castore_cache_is_named(tmp_path: Path) ->
 
 
 def test_a_corrupt_chunk_in_a_seeded_pull_adds_nothing_and_the_rerun_completes(tmp_path: Path) -> None:
-    rng = random.Random(13)
-    v1 = rng.randbytes(3 << 20)
-    v2 = v1[:2_000_000] + rng.randbytes(300_000) + v1[2_000_000:]
-    a = LocalStore(tmp_path / "a")
-    id1, id2 = (a.add_file(blob_file(tmp_path, n, d)) for n, d in (("v1", v1), ("v2", v2)))
-    (tmp_path / "cache").mkdir()
-    cache = Counting(tmp_path / "cache")
-    push(a, cache, [id1, id2])
+    a, cache, b, id1, id2, v2 = _v1_pulled(tmp_path, 13, 3 << 20, 2_000_000, 300_000)
     sent = {c for c, _ in record_of(cache, id2).chunks} - {c for c, _ in record_of(cache, id1).chunks}
-    b = LocalStore(tmp_path / "b")
-    pull(b, cache, [id1])
     bad = cache.root / chunk_path(max(sent))
     good = bad.read_bytes()
     bad.write_bytes(zstandard.ZstdCompressor().compress(b"not this chunk"))
