@@ -4,6 +4,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -240,4 +241,14 @@ def test_an_entry_larger_than_the_free_space_is_refused_before_it_is_written(tmp
     archive = _write(tmp_path, buf.getvalue())
     with returns_within(10), pytest.raises(CastoreError, match=r"archive entry 'huge' is 4,611,686,018,427,387,904 "
                                                                 r"bytes, more than the [0-9,]+ free"):
+        unpack_archive(archive, tmp_path / "scratch")
+
+
+@pytest.mark.parametrize("suffix, compress", [
+    ("tar.bz2", lambda b: __import__("bz2").compress(b)), ("tar.gz", gzip.compress),
+    ("tar.xz", lambda b: __import__("lzma").compress(b)), ("tar.zst", zstandard.ZstdCompressor().compress)])
+def test_an_archive_cut_short_is_corrupt_not_empty(tmp_path: Path, suffix: str, compress: Any) -> None:
+    whole = compress(tarball([("a", "file", os.urandom(100_000)), ("b", "file", b"y" * 100_000)], mode="w"))
+    archive = _write(tmp_path, whole[: len(whole) // 2], f"a.{suffix}")
+    with pytest.raises(CastoreError, match=rf"a\.{suffix}: corrupt archive: "):
         unpack_archive(archive, tmp_path / "scratch")

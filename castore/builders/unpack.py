@@ -81,6 +81,8 @@ def _open_tar(f: IO[bytes], what: str) -> tarfile.TarFile:
     try:
         return tarfile.open(fileobj=f, mode="r|*", **_NAMES)
     except tarfile.TarError as exc:
+        if str(exc) == "empty file" and f.seek(0, io.SEEK_END) > 0:  # a compressed stream cut short
+            raise CastoreError(f"{what}: corrupt archive: it ends before its first entry") from exc
         raise CastoreError(f"{what} is not a tar archive (plain, gz, bz2, xz or zst): {exc}") from exc
     except TypeError as exc:  # tarfile's gzip header reader does ord(b"") on a header cut short
         raise CastoreError(f"{what}: corrupt archive: the gzip header is cut short") from exc
