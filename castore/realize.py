@@ -236,7 +236,8 @@ class Realizer:
             if info.kind == "tree":
                 inputs[name] = TreeInput(oid, self.store.read_tree(oid))
             else:
-                inputs[name] = BlobInput(oid, self.store.blob_path(oid), info.size)
+                label = value.label if isinstance(value, Plan) else value.path
+                inputs[name] = BlobInput(oid, self.store.blob_path(oid), info.size, label)
         return inputs
 
     def _build(self, step: Step, results: dict[int, str]) -> str:

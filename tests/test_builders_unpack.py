@@ -252,3 +252,14 @@ def test_an_archive_cut_short_is_corrupt_not_empty(tmp_path: Path, suffix: str, 
     archive = _write(tmp_path, whole[: len(whole) // 2], f"a.{suffix}")
     with pytest.raises(CastoreError, match=rf"a\.{suffix}: corrupt archive: "):
         unpack_archive(archive, tmp_path / "scratch")
+
+
+def test_a_bad_archive_is_named_as_the_recipe_names_it(tmp_path: Path) -> None:
+    archive = tmp_path / "garbage.tar.gz"
+    archive.write_bytes(b"garbage-garbage")
+    sha = hashlib.sha256(b"garbage-garbage").hexdigest()
+    env = {"CASTORE_TEST_URL": f"file://{archive}", "CASTORE_TEST_SHA256": sha}
+    proc = castore("realize", "tests/recipes/fetching.py:unpacked", store=tmp_path / "s", env=env, check=False)
+    assert proc.returncode == 1
+    oid = hash_bytes(b"garbage-garbage")
+    assert f"\ndownload ({oid[:12]}) is not a tar archive" in proc.stderr, proc.stderr  # the recipe's name for it

@@ -26,6 +26,7 @@ class BlobInput:
     id: str
     path: Path
     size: int
+    label: str = ""  # what the recipe calls it (the input plan's name, or the local file's path)
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,10 @@ def _deb_data(f: IO[bytes], what: str) -> IO[bytes]:
         f.seek(size + (size & 1), io.SEEK_CUR)
 
 
-def unpack_archive(archive: Path, scratch: Path) -> TreeResult:
+def unpack_archive(archive: Path, scratch: Path, what: str = "") -> TreeResult:
+    """what: the archive's name in messages (its file name if not given)."""
     with open(archive, "rb") as raw:
-        what = archive.name
+        what = what or archive.name
         f: IO[bytes] = raw
         if raw.read(8) == _AR_MAGIC:
             f = _deb_data(raw, what)
@@ -196,7 +197,8 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, n: int, entries: Entries,
 
 
 def _unpack(ctx: BuildContext) -> Result:
-    return unpack_archive(ctx.blob("archive").path, ctx.scratch)
+    archive = ctx.blob("archive")
+    return unpack_archive(archive.path, ctx.scratch, f"{archive.label} ({archive.id[:12]})" if archive.label else "")
 
 
 BUILD = {"unpack": _unpack}
