@@ -6,7 +6,6 @@ import contextlib
 import errno
 import os
 import re
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -226,4 +225,4 @@ def host_id() -> str:
         ns = os.readlink("/proc/self/ns/pid").rpartition("[")[2].rstrip("]")
     except OSError:
         ns = "0"
-    return re.sub(r"[^A-Za-z0-9.]", "_", f"{socket.gethostname()}.{ns}")
+    return re.sub(r"[^A-Za-z0-9.]", "_", f"{os.uname().nodename}.{ns}")
