@@ -103,7 +103,7 @@ SPECS: dict[str, Spec] = {
     "fetch": Spec("fetch", 1),
     "debian_package": Spec("debian", 1),  # fixed-output: the sha256 decides, apt's version stays out
     "unpack": Spec("unpack", 2),  # 2: a name added again keeps its hard links' old content
-    "tree": Spec("treeops", 2),  # 2: hard links and implicit parents as on a filesystem
+    "tree": Spec("treeops", 3),  # 2: hard links and implicit parents as on a filesystem; 3: no chmod of a symlink
     "tree_get": Spec("treeops", 1),
     "source": Spec("treeops", 1),
     "squashfs": Spec("squashfs", 2, ("gensquashfs",)),  # 2: link targets raw, devices in range
