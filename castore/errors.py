@@ -9,6 +9,11 @@ exits non-zero, with a traceback only under ``--debug``.
 
 from __future__ import annotations
 
+import errno
+
+# OSErrors that are the disk's (the store's, a build's scratch), whoever met them: never blamed on an
+# input such as an archive or a recipe
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 class CastoreError(Exception):
     """Base of every error castore raises on purpose."""

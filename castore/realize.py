@@ -12,7 +12,6 @@ shared gc lock keeps ``gc`` from deleting what a realize is using.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from castore.builders import (
     TreeResult,
     load,
 )
-from castore.errors import BuildError, CastoreError, HashMismatch, StoreError
+from castore.errors import DISK_ERRNOS, BuildError, CastoreError, HashMismatch, StoreError
 from castore.plan import Plan, hash_graph
 from castore.store import LocalStore, remove_tree, store_os_error
 from castore.tools import tool_version
@@ -266,7 +265,7 @@ class Realizer:
                     try:
                         result = build(ctx)
                     except OSError as exc:
-                        if exc.errno in _STORE_FAULTS:
+                        if exc.errno in DISK_ERRNOS:
                             raise
                         # the builder's own, from what the recipe asked for: a size past what the
                         # filesystem takes, a file:// URL naming a directory
@@ -315,9 +314,6 @@ class Realizer:
         if isinstance(result, ImageResult):
             return self.store.add_image(result.image)
         raise BuildError(f"builder returned {result!r}")
-
-
-_STORE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # the store's disk, not the recipe
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -18,7 +19,7 @@ from castore.builders.unpack import unpack_archive
 from castore.errors import CastoreError, UnsafeArchive
 from castore.hashing import hash_bytes
 from tests.conftest import REPO, castore, snapshot
-from tests.helpers import returns_within, tarball
+from tests.helpers import NOT_ROOT, returns_within, tarball, tiny_tmpfs
 
 
 def _write(tmp_path: Path, data: bytes, name: str = "a.tar") -> Path:
@@ -263,3 +264,11 @@ def test_a_bad_archive_is_named_as_the_recipe_names_it(tmp_path: Path) -> None:
     assert proc.returncode == 1
     oid = hash_bytes(b"garbage-garbage")
     assert f"\ndownload ({oid[:12]}) is not a tar archive" in proc.stderr, proc.stderr  # the recipe's name for it
+
+
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
+def test_a_full_disk_while_unpacking_is_the_disk_s_error_not_the_archive_s(tmp_path: Path) -> None:
+    archive = _write(tmp_path, tarball([(f"m{i}", "file", os.urandom(2 << 20)) for i in range(3)], mode="w"))
+    with tiny_tmpfs(tmp_path / "small") as scratch, pytest.raises(OSError) as err:
+        unpack_archive(archive, scratch)
+    assert err.value.errno == errno.ENOSPC

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from castore.builders import BuildContext, Result, TreeResult
 from castore.builders.treeops import Entries
-from castore.errors import CastoreError, UnsafeArchive
+from castore.errors import DISK_ERRNOS, CastoreError, UnsafeArchive
 from castore.fsutil import free_bytes
 from castore.hashing import Hasher
 from castore.manifest import Entry, Tree, normalize_path
@@ -130,6 +130,8 @@ def unpack_archive(archive: Path, scratch: Path, what: str = "") -> TreeResult:
                     _member(tar, member, n, entries, new_blobs, scratch)
         except (tarfile.TarError, EOFError, OSError, ValueError, _zstd_error()) as exc:
             # ValueError: tarfile's int() of a malformed GNU sparse header
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise  # writing the members out: the disk's fault, not the archive's
             raise CastoreError(f"{what}: corrupt archive: {exc}") from exc
     return TreeResult(Tree.build(entries.values()), new_blobs)
 
