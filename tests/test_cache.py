@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from castore.cache.layout import CacheConfig, ObjectRecord, RealisationRecord, c
 from castore.cache.transport import DirTransport, HttpTransport, check_path, open_cache
 from castore.chunking import ChunkParams
 from castore.errors import CastoreError, EncodingError, NotFound
+from castore.fsutil import copy_range
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import castore, castore_json, golden, snapshot
@@ -659,5 +661,36 @@ def test_a_corrupt_chunk_in_a_seeded_pull_adds_nothing_and_the_rerun_completes(t
     lists = {lid for lid, _, _ in ObjectRecord.decode(id2, cache.get(object_path(id2)) or b"").lists}
     fetched = {g.rpartition("/")[2] for g in cache.gets if g.startswith("chunks/")} - lists
     assert fetched and fetched <= sent  # none of v1's chunks: those were copied from the local blob
+    a.close()
+    b.close()
+
+
+def test_a_failed_fetch_stops_the_copy_of_seeded_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(14)
+    v1 = rng.randbytes(3 << 20)
+    v2 = v1[:700_000] + rng.randbytes(100_000) + v1[700_000:1_600_000] + rng.randbytes(100_000) + v1[1_600_000:]
+    a = LocalStore(tmp_path / "a")
+    id1, id2 = (a.add_file(blob_file(tmp_path, n, d)) for n, d in (("v1", v1), ("v2", v2)))
+    (tmp_path / "cache").mkdir()
+    cache = Counting(tmp_path / "cache")
+    push(a, cache, [id1, id2])
+    b = LocalStore(tmp_path / "b")
+    pull(b, cache, [id1])
+    new = {c for c, _ in record_of(cache, id2).chunks} - {c for c, _ in record_of(cache, id1).chunks}
+    for cid in new:  # every chunk v1 lacks is corrupt: the fetch fails at once
+        (cache.root / chunk_path(cid)).write_bytes(zstandard.ZstdCompressor().compress(b"not this chunk"))
+    calls = []
+
+    def slow_copy(*args: int) -> int:
+        calls.append(args)
+        time.sleep(0.5)
+        return copy_range(*args)
+
+    monkeypatch.setattr("castore.cache.copy.copy_range", slow_copy)
+    begun = time.monotonic()
+    with pytest.raises(CastoreError, match=r"its record says"):
+        pull(b, cache, [id2])
+    assert len(calls) == 1 and time.monotonic() - begun < 1.5  # three runs to copy; the first was under way
+    assert not b.has(id2)
     a.close()
     b.close()

@@ -340,6 +340,7 @@ class _Assembly:
         self.done = 0  # objects of self.order added to the store
         self.local = store.find_chunks(cid for oid in order for cid, _ in records[oid].chunks)
         self.runs: list[tuple[str, _Run]] = []  # (object, run of chunks to copy from a local blob)
+        self.stopping = False  # set when the fetch failed: _copy_runs, in its thread, stops
         self.seeded: set[str] = set()  # objects with chunks copied from local blobs
         self.manifests = {oid for oid in order if records[oid].kind != "blob"}  # not yet checked
 
@@ -353,6 +354,7 @@ class _Assembly:
                 try:
                     self._fetch()
                 except BaseException:
+                    self.stopping = True  # the copier stops at its next piece
                     copier.wait()  # its own error, if any, matters less than this one
                     raise
                 missed = copier.result()
@@ -430,7 +432,15 @@ class _Assembly:
                     _written(fd)
                 if dest is None:
                     dest = (oid, os.open(self.dir / oid, os.O_WRONLY))
-                done = copy_range(src, dest[1], run.size, run.offset, run.at)
+                done = 0
+                while done < run.size and not self.stopping:  # in pieces, to stop soon when told
+                    want = min(run.size - done, _COPY_PIECE)
+                    got = copy_range(src, dest[1], want, run.offset + done, run.at + done)
+                    done += got
+                    if got < want:
+                        break  # the blob is shorter than the index says
+                if self.stopping:
+                    break  # the pull failed: what this returns is not used
                 at, lost = run.at, []
                 for cid, length in run.chunks:
                     if at + length > run.at + done:
@@ -556,6 +566,7 @@ class _Assembly:
 
 
 _WRITEBACK = 8 << 20
+_COPY_PIECE = 64 << 20
 
 
 def _written(fd: int) -> None:
