@@ -101,6 +101,20 @@ def materialize(tree: Tree, dest: Path, blob_path: Callable[[str], Path], *,
         os.chmod(p, mode)
 
 
+def more_descriptors(want: int) -> int | None:
+    """Raise this process's soft limit on open files to want, or as near as the hard limit lets
+    (as Go does at start); return the soft limit now, None for no limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    if soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
 def free_bytes(path: str | os.PathLike[str]) -> int:
     """What an unprivileged writer may still write on path's filesystem."""
     st = os.statvfs(path)

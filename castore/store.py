@@ -41,7 +41,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
-from castore.fsutil import copy_range, stale_entries, start_writeback, syncfs
+from castore.fsutil import copy_range, more_descriptors, stale_entries, start_writeback, syncfs
 from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree
 
@@ -839,11 +839,12 @@ def _walk(base: str, all_root: bool, entries: list[Entry]) -> Generator[tuple[in
     swapped for a link while the walk runs stops it with an error, where a walk by path would
     read what the link points at (any file of the machine, when root adds a user's directory)."""
     inodes: dict[tuple[int, int], str] = {}
+    more_descriptors(4096)  # one per level of depth: as deep as paths of PATH_MAX go
     try:
         top = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise _source_error(exc, base) from exc
-    stack = [(top, "", _listing(top, base))]
+    stack = [(top, "", _listing(top, base))]  # _listing closes the descriptor if it fails
     try:
         while stack:
             dir_fd, rel, names = stack[-1]
@@ -853,7 +854,7 @@ def _walk(base: str, all_root: bool, entries: list[Entry]) -> Generator[tuple[in
                 os.close(dir_fd)
                 continue
             path = f"{rel}/{d.name}" if rel else d.name
-            shown = f"{base}/{path}"
+            shown = os.path.join(base, path)
             if not d.name.isascii():
                 try:
                     d.name.encode()
@@ -901,10 +902,12 @@ def _walk(base: str, all_root: bool, entries: list[Entry]) -> Generator[tuple[in
 
 
 def _listing(dir_fd: int, shown: str) -> Iterator[os.DirEntry[str]]:
+    """The entries of an open directory, by name; the directory is closed if they cannot be read."""
     try:
         with os.scandir(dir_fd) as it:
             return iter(sorted(it, key=lambda d: d.name))
     except OSError as exc:
+        os.close(dir_fd)
         raise _source_error(exc, shown) from exc
 
 

@@ -5,6 +5,7 @@ import os
 import pwd
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,15 @@ def test_a_store_of_a_newer_schema_is_refused_and_left_as_it_is(tmp_path: Path) 
     db = sqlite3.connect(tmp_path / "s" / "db.sqlite")
     assert db.execute("PRAGMA user_version").fetchone()[0] == 99
     db.close()
+
+
+def test_add_dir_walks_deeper_than_the_soft_descriptor_limit(tmp_path: Path) -> None:
+    deep = tmp_path / "d" / "/".join(["d"] * 600)  # one open directory per level while walking
+    os.makedirs(deep)
+    (deep / "f").write_text("at the bottom")
+    code = ("import resource, sys; from castore.store import LocalStore; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+            "s = LocalStore(sys.argv[1]); t = s.read_tree(s.add_dir(sys.argv[2])); print(len(list(t)))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s"), str(tmp_path / "d")], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["601"]  # 600 directories and the file

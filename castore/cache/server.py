@@ -73,7 +73,7 @@ from castore.cache.layout import (
 )
 from castore.cache.transport import cache_staging, check_path
 from castore.errors import CastoreError, EncodingError
-from castore.fsutil import atomic_write, syncfs
+from castore.fsutil import atomic_write, more_descriptors, syncfs
 from castore.hashing import Hasher, hash_bytes
 
 Scope = dict[str, Any]
@@ -543,16 +543,10 @@ def serve(app: CacheApp, sockets: list[socket.socket], *, max_connections: int =
 
 
 def _descriptors_for(connections: int) -> int:
-    """Raise the soft descriptor limit to fit the connections (up to the hard one, as Go does at
-    start); fewer connections when even that is too low. 256 spare: files, threads, listeners."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = connections + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return connections if soft == resource.RLIM_INFINITY else max(1, min(connections, soft - 256))
+    """The connections the descriptor limit fits, raised as far as it goes; 256 spare: files,
+    threads, listeners."""
+    soft = more_descriptors(connections + 256)
+    return connections if soft is None else max(1, min(connections, soft - 256))
 
 
 def _quiet_when_the_reader_left(record: logging.LogRecord) -> bool:
