@@ -176,23 +176,26 @@ def run(
 
 def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> str:
     """The first line a tool prints about its version, then the file names of the shared libraries
-    it loads, which carry their versions (``libzstd.so.1.5.4``): gensquashfs compresses with
-    libzstd, liblzma and zlib, which are upgraded apart from it and can change its output.
+    it loads, which carry their versions for most (``libzstd.so.1.5.4``; not glibc's ``libc.so.6``):
+    gensquashfs compresses with libzstd, liblzma and zlib, upgraded apart from it, and they can
+    change its output.
 
-    Cached by the identity of the binary and of each library (inode, size, times): a tool or a
-    library replaced, even in place, is asked again."""
+    Cached by the identity of the binary and of each library (inode, size, times): when any of
+    them changed, even in place, the loader and the tool are asked again."""
     found = which(tool)
     path = os.path.realpath(found)
     libs_key = f"libs:{_identity(path)}"
-    libs = cache.get(libs_key) if cache is not None else None
-    if libs is None or not all(map(os.path.exists, libs.split("\n") if libs else ())):
-        libs = "\n".join(_libraries(path))
-        if cache is not None:
-            cache[libs_key] = libs
-    loaded = libs.split("\n") if libs else []
-    key = " ".join([_identity(path), *map(_identity, loaded)])
-    if cache is not None and key in cache:
-        return cache[key]
+    known = cache.get(libs_key) if cache is not None else None
+    if known is not None and cache is not None:
+        loaded = known.split("\n") if known else []
+        if all(map(os.path.exists, loaded)) and (key := _key(path, loaded)) in cache:
+            return cache[key]
+    loaded = _libraries(path)  # a library's own dependencies may have changed too
+    key = _key(path, loaded)
+    if cache is not None:
+        cache[libs_key] = "\n".join(loaded)
+        if key in cache:
+            return cache[key]
     info = TOOLS.get(tool, ToolInfo(tool))
     res = run([found, *info.version_args], check=False)  # by its PATH name: some print it (sed, gcc)
     lines = [ln.strip() for ln in res.output.decode(errors="replace").splitlines() if ln.strip()]
@@ -206,6 +209,10 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
     return version
 
 
+def _key(path: str, libraries: list[str]) -> str:
+    return " ".join([_identity(path), *map(_identity, libraries)])
+
+
 def _identity(path: str) -> str:
     st = os.stat(path)  # the file a library's soname link points at now
     return f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
@@ -214,7 +221,10 @@ def _identity(path: str) -> str:
 def _libraries(path: str) -> list[str]:
     """The shared libraries the dynamic loader finds for a binary, as it names them (soname links);
     none for a script or a static binary."""
-    res = run(["ldd", path], check=False)
+    try:
+        res = run(["ldd", path], check=False)
+    except ToolMissing:  # libc-bin is essential on Debian; elsewhere, versions without libraries
+        return []
     found = []
     for line in res.output.decode(errors="replace").splitlines():
         _, arrow, rest = line.strip().partition(" => ")
