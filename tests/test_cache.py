@@ -687,10 +687,9 @@ def test_a_failed_fetch_stops_the_copy_of_seeded_runs(tmp_path: Path, monkeypatc
         return copy_range(*args)
 
     monkeypatch.setattr("castore.cache.copy.copy_range", slow_copy)
-    begun = time.monotonic()
     with pytest.raises(CastoreError, match=r"its record says"):
         pull(b, cache, [id2])
-    assert len(calls) == 1 and time.monotonic() - begun < 1.5  # three runs to copy; the first was under way
+    assert len(calls) <= 1  # three runs to copy: at most the first began
     assert not b.has(id2)
     a.close()
     b.close()

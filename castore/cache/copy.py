@@ -473,12 +473,12 @@ class _Assembly:
             return
         dests, self.dests = self.dests, {}
         total = sum(self.lengths[c] for c in need)
-        fetched = 0
+        fetched = 0  # of this call: a second one fetches what a short local blob lacked
         started = time.monotonic()
         dctx = zstandard.ZstdDecompressor()
         stats = self.stats
         limit = _frame_limit(max(self.lengths.values()))
-        for path, frame in self.cache.get_many([chunk_path(c) for c in need], limit):
+        for count, (path, frame) in enumerate(self.cache.get_many([chunk_path(c) for c in need], limit), 1):
             cid = path.rpartition("/")[2]
             data = _verified(self.cache, dctx, cid, self.lengths[cid], frame)
             for oid, offset in dests[cid]:
@@ -492,9 +492,9 @@ class _Assembly:
             fetched += len(data)
             if self.meter is not None:
                 self.meter(fetched, total)
-            elif stats.chunks_fetched % 256 == 0 or stats.chunks_fetched == len(need):
-                rate = stats.bytes_on_wire / max(time.monotonic() - started, 1e-6)
-                self.progress(f"fetched {stats.chunks_fetched}/{len(need)} chunks, {fetched / 2**20:.1f} MiB "
+            elif count % 256 == 0 or count == len(need):
+                rate = fetched / max(time.monotonic() - started, 1e-6)
+                self.progress(f"fetched {count}/{len(need)} chunks, {fetched / 2**20:.1f} MiB "
                               f"of {total / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s")
             self._finish_ready()
 
