@@ -227,13 +227,17 @@ def test_dedup_push_and_seeded_pull(tmp_path: Path) -> None:
     b.close()
 
 
-def _v1_pulled(tmp_path: Path, seed: int, size: int, at: int, added: int) -> tuple[
+def _v1_pulled(tmp_path: Path, seed: int, size: int, *inserts: tuple[int, int]) -> tuple[
         LocalStore, Counting, LocalStore, str, str, bytes]:
-    """Store a with v1 and v2 (v1 with `added` random bytes inserted at `at`), both pushed to a
-    counting cache, and store b holding v1 pulled from it: (a, cache, b, id1, id2, v2)."""
+    """Store a with v1 and v2 (v1 with random bytes inserted: (offset in v1, how many) each),
+    both pushed to a counting cache, and store b holding v1 pulled from it: (a, cache, b, id1,
+    id2, v2)."""
     rng = random.Random(seed)  # fixed bytes: fixed cut points
     v1 = rng.randbytes(size)
-    v2 = v1[:at] + rng.randbytes(added) + v1[at:]
+    v2, last = b"", 0
+    for at, added in sorted(inserts):
+        v2, last = v2 + v1[last:at] + rng.randbytes(added), at
+    v2 += v1[last:]
     a = LocalStore(tmp_path / "a")
     id1, id2 = (a.add_file(blob_file(tmp_path, n, d)) for n, d in (("v1", v1), ("v2", v2)))
     (tmp_path / "cache").mkdir()
@@ -245,7 +249,7 @@ def _v1_pulled(tmp_path: Path, seed: int, size: int, at: int, added: int) -> tup
 
 
 def test_seeding_copies_runs_and_fetches_what_a_short_blob_lacks(tmp_path: Path) -> None:
-    a, cache, b, id1, id2, v2 = _v1_pulled(tmp_path, 12, 2 << 20, 1_000_000, 50_000)
+    a, cache, b, id1, id2, v2 = _v1_pulled(tmp_path, 12, 2 << 20, (1_000_000, 50_000))
     # v1 lost its tail on disk after it was indexed: the chunks past the new end are fetched
     b.blob_path(id1).chmod(0o644)
     os.truncate(b.blob_path(id1), 1_500_000)
@@ -646,7 +650,7 @@ def test_a_directory_or_url_that_is_no_castore_cache_is_named(tmp_path: Path) ->
 
 
 def test_a_corrupt_chunk_in_a_seeded_pull_adds_nothing_and_the_rerun_completes(tmp_path: Path) -> None:
-    a, cache, b, id1, id2, v2 = _v1_pulled(tmp_path, 13, 3 << 20, 2_000_000, 300_000)
+    a, cache, b, id1, id2, v2 = _v1_pulled(tmp_path, 13, 3 << 20, (2_000_000, 300_000))
     sent = {c for c, _ in record_of(cache, id2).chunks} - {c for c, _ in record_of(cache, id1).chunks}
     bad = cache.root / chunk_path(max(sent))
     good = bad.read_bytes()
@@ -666,16 +670,7 @@ def test_a_corrupt_chunk_in_a_seeded_pull_adds_nothing_and_the_rerun_completes(t
 
 
 def test_a_failed_fetch_stops_the_copy_of_seeded_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = random.Random(14)
-    v1 = rng.randbytes(3 << 20)
-    v2 = v1[:700_000] + rng.randbytes(100_000) + v1[700_000:1_600_000] + rng.randbytes(100_000) + v1[1_600_000:]
-    a = LocalStore(tmp_path / "a")
-    id1, id2 = (a.add_file(blob_file(tmp_path, n, d)) for n, d in (("v1", v1), ("v2", v2)))
-    (tmp_path / "cache").mkdir()
-    cache = Counting(tmp_path / "cache")
-    push(a, cache, [id1, id2])
-    b = LocalStore(tmp_path / "b")
-    pull(b, cache, [id1])
+    a, cache, b, id1, id2, _ = _v1_pulled(tmp_path, 14, 3 << 20, (700_000, 100_000), (1_600_000, 100_000))
     new = {c for c, _ in record_of(cache, id2).chunks} - {c for c, _ in record_of(cache, id1).chunks}
     for cid in new:  # every chunk v1 lacks is corrupt: the fetch fails at once
         (cache.root / chunk_path(cid)).write_bytes(zstandard.ZstdCompressor().compress(b"not this chunk"))
