@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from castore.errors import ToolError, ToolMissing
+from castore.hashing import hash_file
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # 2000-01-01T00:00:00Z: every timestamp a builder writes, unless a plan says otherwise.
@@ -34,7 +35,10 @@ SOURCE_DATE_EPOCH = 946684800
 @dataclass(frozen=True)
 class ToolInfo:
     package: str
-    version_args: tuple[str, ...] = ("--version",)
+    version_args: tuple[str, ...] = ("--version",)  # (): it prints none; its bytes' hash stands in
+
+
+_BINUTILS, _COREUTILS = ToolInfo("binutils"), ToolInfo("coreutils")
 
 
 TOOLS: dict[str, ToolInfo] = {
@@ -58,6 +62,18 @@ TOOLS: dict[str, ToolInfo] = {
     "xz": ToolInfo("xz-utils"),
     "bwrap": ToolInfo("bubblewrap"),
     "apt-get": ToolInfo("apt"),
+    # what a kernel build runs besides its compilers (traced with strace -f -e execve)
+    "sh": ToolInfo("dash", ()),  # dash has no version option
+    **dict.fromkeys(("as", "ar", "nm", "objcopy", "objdump"), _BINUTILS),
+    "m4": ToolInfo("m4"),
+    "grep": ToolInfo("grep"),
+    "find": ToolInfo("findutils"),
+    "xargs": ToolInfo("findutils"),
+    "diff": ToolInfo("diffutils"),
+    "cmp": ToolInfo("diffutils"),
+    "getconf": ToolInfo("libc-bin"),
+    **dict.fromkeys(("basename", "cat", "cp", "cut", "dirname", "env", "expr", "head", "mkdir", "mktemp", "mv",
+                     "rm", "sha1sum", "sort", "tail", "touch", "tr", "uname", "uniq", "wc"), _COREUTILS),
     "qemu-system-x86_64": ToolInfo("qemu-system-x86"),
     "nginx": ToolInfo("nginx", ("-v",)),
 }
@@ -125,7 +141,8 @@ def run(
     chunks: list[bytes] = []
     try:
         proc = subprocess.Popen(
-            [exe, *args[1:]],
+            args,
+            executable=exe,  # argv[0] as given: sed --version prints it
             cwd=cwd,
             env=base_env(env),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -196,12 +213,7 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
         cache[libs_key] = "\n".join(loaded)
         if key in cache:
             return cache[key]
-    info = TOOLS.get(tool, ToolInfo(tool))
-    res = run([found, *info.version_args], check=False)  # by its PATH name: some print it (sed, gcc)
-    lines = [ln.strip() for ln in res.output.decode(errors="replace").splitlines() if ln.strip()]
-    if not lines:
-        raise ToolError(f"{tool} printed no version")
-    version = lines[0]
+    version = _version_line(tool, path)
     if loaded:
         version += f" [{' '.join(sorted({os.path.basename(os.path.realpath(lib)) for lib in loaded}))}]"
     if cache is not None:
@@ -209,8 +221,22 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
     return version
 
 
+def _version_line(tool: str, path: str) -> str:
+    info = TOOLS.get(tool, ToolInfo(tool))
+    if not info.version_args:
+        return f"{os.path.basename(path)} blake3:{hash_file(path)}"
+    res = run([tool, *info.version_args], check=False)  # by name: sed prints the path it was run by
+    lines = [ln.strip() for ln in res.output.decode(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        raise ToolError(f"{tool} printed no version")
+    return lines[0]
+
+
+_LINE_FORMAT = "2"  # 2: run by name (sed printed its path), a hash for tools without a version
+
+
 def _key(path: str, libraries: list[str]) -> str:
-    return " ".join([_identity(path), *map(_identity, libraries)])
+    return " ".join([_LINE_FORMAT, _identity(path), *map(_identity, libraries)])
 
 
 def _identity(path: str) -> str:

@@ -4,7 +4,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from castore.builders.kernel import missing_options, parse_fragment
+from castore.builders import SPECS
+from castore.builders.kernel import TOOLS_DIR, _sandboxed, missing_options, parse_fragment
+from castore.tools import SYSTEM_PATH, run
 from tests.conftest import REPO, castore
 
 
@@ -21,6 +23,20 @@ def test_demo_fragment_asks_for_what_boot_needs() -> None:
     for option in ("PVH", "VIRTIO_MMIO", "VIRTIO_BLK", "SQUASHFS", "SQUASHFS_ZSTD", "EXT4_FS", "OVERLAY_FS",
                    "SERIAL_8250_CONSOLE", "DEVTMPFS"):
         assert wanted[f"CONFIG_{option}"] == "y"
+
+
+def test_the_build_sees_only_the_tools_whose_versions_are_in_its_plan(tmp_path: Path) -> None:
+    """The kernel's scripts probe for python3, git and pahole, and must find what a machine without
+    them finds (this one has python3, maybe git). The declared tools run from TOOLS_DIR."""
+    assert shutil.which("python3", path=SYSTEM_PATH)
+    probe = "for t in gcc sort python3 git pahole; do command -v $t || echo no $t; done; echo $PATH"
+    out = run(_sandboxed(tmp_path, ["sh", "-c", probe])).output.decode().split("\n")
+    assert out[:6] == [f"{TOOLS_DIR}/gcc", f"{TOOLS_DIR}/sort", "no python3", "no git", "no pahole", TOOLS_DIR]
+    assert "gcc" in SPECS["kernel"].tools and "python3" not in SPECS["kernel"].tools
+    # what a kernel build runs through PATH works there: the compiler finds its assembler
+    (tmp_path / "t.c").write_text("int f(void) { return 1; }\n")
+    run(_sandboxed(tmp_path, ["gcc", "-c", "t.c", "-o", "t.o"]))
+    assert (tmp_path / "t.o").read_bytes()[:4] == b"\x7fELF"
 
 
 def test_an_option_olddefconfig_drops_fails_the_build(demo: dict[str, Any], tmp_path: Path) -> None:

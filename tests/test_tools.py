@@ -9,6 +9,7 @@ import pytest
 
 from castore import tools
 from castore.errors import ToolError, ToolMissing
+from castore.hashing import hash_file
 from castore.tools import base_env, run, tool_version
 
 
@@ -48,6 +49,22 @@ def test_tool_version_cached() -> None:
     assert "1." in v and [x for k, x in cache.items() if not k.startswith("libs:")] == [v]
     assert tool_version("gensquashfs", cache) == v
     assert tool_version("mke2fs").startswith("mke2fs 1.")
+    assert tool_version("sed").startswith("sed (GNU sed)")  # not the path it ran by
+
+
+def test_a_tool_that_prints_no_version_is_known_by_its_bytes() -> None:
+    """dash answers --version with "Illegal option", the same line for every release."""
+    dash = os.path.realpath(tools.which("sh"))
+    assert tool_version("sh").startswith(f"{os.path.basename(dash)} blake3:{hash_file(dash)}")
+
+
+def test_every_tool_a_builder_declares_has_a_version() -> None:
+    from castore.builders import SPECS
+
+    for spec in SPECS.values():
+        for tool in spec.tools:
+            version = tool_version(tool)
+            assert version and "illegal option" not in version.lower() and "usage" not in version.lower(), tool
 
 
 def test_tools_run_with_umask_022_whatever_the_caller_s() -> None:

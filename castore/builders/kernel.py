@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from castore.builders import BlobResult, BuildContext, Result
+from castore.builders import SPECS, BlobResult, BuildContext, Result
 from castore.errors import BuildError
-from castore.tools import run
+from castore.tools import run, which
 
 _OPTION = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
@@ -46,14 +46,24 @@ def missing_options(wanted: dict[str, str], config_text: str) -> list[str]:
 
 
 BUILD_DIR = "/tmp/build"  # on the sandbox's own tmpfs, so it exists whatever the host has
+TOOLS_DIR = "/tmp/tools"  # the sandbox's PATH: the declared tools, and nothing else
 
 
 def _sandboxed(work: Path, argv: list[str]) -> list[str]:
+    """bwrap argv for a step of the build. Only the tools in the builder's Spec, whose versions are
+    in the plan hash, are on PATH: a host that also has pahole, python3 or git builds what a host
+    without them builds (the kernel's scripts probe for them), and a tool the build starts to need
+    fails it by name instead of changing it unseen."""
+    tools = [arg for tool in SPECS["kernel"].tools
+             for arg in ("--symlink", which(tool), f"{TOOLS_DIR}/{tool}")]
     return [
-        "bwrap",
+        which("bwrap"),
         "--ro-bind", "/", "/",  # the host's toolchain, read-only
         "--tmpfs", "/tmp",
         "--bind", str(work), BUILD_DIR,  # same source path on every machine
+        "--dir", TOOLS_DIR,
+        *tools,
+        "--setenv", "PATH", TOOLS_DIR,
         "--dev", "/dev",
         "--proc", "/proc",
         "--unshare-all",  # no network, own pid/ipc/uts namespaces
