@@ -35,7 +35,7 @@ from castore.builders import (
 from castore.errors import DISK_ERRNOS, BuildError, CastoreError, HashMismatch, StoreError
 from castore.plan import Plan, hash_graph
 from castore.store import LocalStore, remove_tree, store_os_error
-from castore.tools import tool_version
+from castore.tools import library_version, tool_version
 
 if TYPE_CHECKING:  # imported when a substituter is asked: a realize that needs none stays fast
     from castore.cache.transport import Transport
@@ -116,6 +116,7 @@ class Realizer:
             self._tool_cache = self.store.kv_get("tool:")
         before = len(self._tool_cache)
         tools = {t: tool_version(t, self._tool_cache) for t in b.tools}
+        tools.update((lib, library_version(lib, self._tool_cache)) for lib in b.libraries)
         if len(self._tool_cache) != before:
             self._tool_cache_dirty = True
         return b.version, tools

@@ -36,6 +36,7 @@ SOURCE_DATE_EPOCH = 946684800
 class ToolInfo:
     package: str
     version_args: tuple[str, ...] = ("--version",)  # (): it prints none; its bytes' hash stands in
+    helpers: tuple[str, ...] = ()  # programs it runs from its own directories (gcc: cc1)
 
 
 _BINUTILS, _COREUTILS = ToolInfo("binutils"), ToolInfo("coreutils")
@@ -50,7 +51,7 @@ TOOLS: dict[str, ToolInfo] = {
     "debugfs": ToolInfo("e2fsprogs", ("-V",)),
     "e2fsck": ToolInfo("e2fsprogs", ("-V",)),
     "make": ToolInfo("make"),
-    "gcc": ToolInfo("gcc"),
+    "gcc": ToolInfo("gcc", helpers=("cc1", "collect2")),  # cc1 loads libisl, libmpc, libmpfr, libgmp
     "ld": ToolInfo("binutils"),
     "flex": ToolInfo("flex"),
     "bison": ToolInfo("bison"),
@@ -208,6 +209,11 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
         if all(map(os.path.exists, loaded)) and (key := _key(path, loaded)) in cache:
             return cache[key]
     loaded = _libraries(path)  # a library's own dependencies may have changed too
+    for helper in TOOLS.get(tool, ToolInfo(tool)).helpers:
+        found_helper = run([tool, f"-print-prog-name={helper}"]).output.decode().strip()
+        if found_helper.startswith("/"):  # else the tool does not have it
+            loaded += [os.path.realpath(found_helper), *_libraries(found_helper)]
+    loaded = sorted(set(loaded))
     key = _key(path, loaded)
     if cache is not None:
         cache[libs_key] = "\n".join(loaded)
@@ -219,6 +225,34 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
     if cache is not None:
         cache[key] = version
     return version
+
+
+LIBRARIES = {"libelf.so.1": "libelf-dev"}  # soname -> the Debian package that builds against it
+
+
+def library_version(soname: str, cache: MutableMapping[str, str] | None = None) -> str:
+    """The file a shared library's soname resolves to, which names its version (libelf.so.1 ->
+    libelf-0.188.so): for a library that programs a build compiles and runs will load (the
+    kernel's objtool rewrites every object file through libelf). Cached until ldconfig runs."""
+    key = f"lib:{soname}:{_identity('/etc/ld.so.cache') if os.path.exists('/etc/ld.so.cache') else ''}"
+    path = cache.get(key) if cache is not None else None
+    if path is None or not os.path.exists(path):
+        path = _find_library(soname)
+        if cache is not None:
+            cache[key] = path
+    return os.path.basename(os.path.realpath(path))
+
+
+def _find_library(soname: str) -> str:
+    """Where the dynamic loader finds soname for this machine's own architecture."""
+    word = {"x86_64": "x86-64", "aarch64": "AArch64"}.get(os.uname().machine, "")  # not i386's copy
+    for line in run(["ldconfig", "-p"]).output.decode(errors="replace").splitlines():
+        name, _, rest = line.strip().partition(" (")
+        flags, arrow, where = rest.partition(") => ")
+        if name == soname and arrow and word in flags:
+            return where.strip()
+    hint = f"install it: apt-get install {LIBRARIES[soname]}" if soname in LIBRARIES else None
+    raise ToolMissing(f"the shared library {soname} is not installed", hint)
 
 
 def _version_line(tool: str, path: str) -> str:

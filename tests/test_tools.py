@@ -10,7 +10,7 @@ import pytest
 from castore import tools
 from castore.errors import ToolError, ToolMissing
 from castore.hashing import hash_file
-from castore.tools import base_env, run, tool_version
+from castore.tools import base_env, library_version, run, tool_version
 
 
 def test_run_fixed_environment_and_log() -> None:
@@ -65,6 +65,29 @@ def test_every_tool_a_builder_declares_has_a_version() -> None:
         for tool in spec.tools:
             version = tool_version(tool)
             assert version and "illegal option" not in version.lower() and "usage" not in version.lower(), tool
+        for lib in spec.libraries:
+            assert re.fullmatch(r"lib[\w+-]+[-.]\d+(\.\d+)*\.so(\.[\d.]+)?", library_version(lib)), lib
+
+
+def test_gcc_s_version_names_the_libraries_its_compiler_proper_loads() -> None:
+    """cc1, not gcc, loads isl, mpc, mpfr and gmp, upgraded apart from gcc."""
+    version = tool_version("gcc")
+    assert re.search(r"\[cc1 collect2 .*libisl\.so\.\d+.*libmpfr\.so\.\d+", version), version
+
+
+def test_a_library_is_known_by_the_file_its_soname_resolves_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.path.realpath(tools._find_library("libelf.so.1"))
+    cache: dict[str, str] = {}
+    assert library_version("libelf.so.1", cache) == os.path.basename(real)
+    asked: list[str] = []
+    monkeypatch.setattr(tools, "_find_library", lambda soname: asked.append(soname) or real)
+    assert library_version("libelf.so.1", cache) == os.path.basename(real) and asked == []  # cached
+    monkeypatch.undo()
+    monkeypatch.setitem(tools.LIBRARIES, "libcastore-none.so.9", "castore-dev")
+    with pytest.raises(ToolMissing) as err:
+        library_version("libcastore-none.so.9")
+    assert "libcastore-none.so.9 is not installed" in err.value.message
+    assert err.value.hint == "install it: apt-get install castore-dev"
 
 
 def test_tools_run_with_umask_022_whatever_the_caller_s() -> None:

@@ -97,6 +97,7 @@ class Spec:
     module: str
     version: int  # bump whenever the builder's output for the same plan could change
     tools: tuple[str, ...] = ()  # external programs it runs; their version lines enter the hash
+    libraries: tuple[str, ...] = ()  # sonames of what programs it compiles load; their file names too
 
 
 SPECS: dict[str, Spec] = {
@@ -115,7 +116,7 @@ SPECS: dict[str, Spec] = {
         "make", "sh", "gcc", "as", "ld", "ar", "nm", "objcopy", "objdump", "flex", "bison", "m4", "bc", "perl",
         "awk", "sed", "grep", "find", "xargs", "diff", "cmp", "getconf", "basename", "cat", "cp", "cut", "dirname",
         "env", "expr", "head", "mkdir", "mktemp", "mv", "rm", "sha1sum", "sort", "tail", "touch", "tr", "uname",
-        "uniq", "wc", "tar", "xz", "bwrap")),
+        "uniq", "wc", "tar", "xz", "bwrap"), ("libelf.so.1",)),
     "image": Spec("image", 2),  # 2: kernel and layers checked
 }
 
