@@ -35,7 +35,7 @@ from castore.builders import (
 from castore.errors import DISK_ERRNOS, BuildError, CastoreError, HashMismatch, StoreError
 from castore.plan import Plan, hash_graph
 from castore.store import LocalStore, remove_tree, store_os_error
-from castore.tools import library_version, tool_version
+from castore.tools import library_version, prune_versions, tool_version
 
 if TYPE_CHECKING:  # imported when a substituter is asked: a realize that needs none stays fast
     from castore.cache.transport import Transport
@@ -124,7 +124,8 @@ class Realizer:
     def steps(self, root: Plan) -> list[Step]:
         order, hashes = hash_graph(root, self._describe)
         if self._tool_cache_dirty and self._tool_cache is not None:
-            self.store.kv_put("tool:", self._tool_cache)
+            stale = prune_versions(self._tool_cache)  # something changed: what it replaced is stale
+            self.store.kv_put("tool:", self._tool_cache, drop=stale)
             self._tool_cache_dirty = False
         steps = []
         for plan in order:

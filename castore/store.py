@@ -34,7 +34,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,10 +210,11 @@ class LocalStore:
         return {k[len(prefix):]: v for k, v in self._q(
             "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (prefix, prefix + "\uffff"))}
 
-    def kv_put(self, prefix: str, values: dict[str, str]) -> None:
+    def kv_put(self, prefix: str, values: dict[str, str], *, drop: Sequence[str] = ()) -> None:
         with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)",
                            [(prefix + k, v) for k, v in values.items()])
+            db.executemany("DELETE FROM kv WHERE key = ?", [(prefix + k,) for k in drop])
 
     # -- lookups ----------------------------------------------------------
 

@@ -227,6 +227,37 @@ def tool_version(tool: str, cache: MutableMapping[str, str] | None = None) -> st
     return version
 
 
+def prune_versions(cache: MutableMapping[str, str]) -> list[str]:
+    """Drop the entries of tool_version's and library_version's cache that no longer describe this
+    machine: of an older format, or of a binary, library or loader cache changed since. Without
+    this every upgrade would leave its entries behind for good. Returns the keys dropped."""
+    ld_cache, dropped = _ld_cache_identity(), []
+    for key in list(cache):
+        if key.startswith("libs:"):
+            keep = _holds(key.removeprefix("libs:"))
+        elif key.startswith("lib:"):
+            keep = key.partition(":")[2].partition(":")[2] == ld_cache
+        else:
+            fmt, *identities = key.split(" ")
+            keep = fmt == _LINE_FORMAT and all(map(_holds, identities))
+        if not keep:
+            del cache[key]
+            dropped.append(key)
+    return dropped
+
+
+def _holds(identity: str) -> bool:
+    path = identity.rsplit(":", 5)[0]
+    try:
+        return _identity(path) == identity
+    except OSError:
+        return False
+
+
+def _ld_cache_identity() -> str:
+    return _identity("/etc/ld.so.cache") if os.path.exists("/etc/ld.so.cache") else ""
+
+
 LIBRARIES = {"libelf.so.1": "libelf-dev"}  # soname -> the Debian package that builds against it
 
 
@@ -234,7 +265,7 @@ def library_version(soname: str, cache: MutableMapping[str, str] | None = None) 
     """The file a shared library's soname resolves to, which names its version (libelf.so.1 ->
     libelf-0.188.so): for a library that programs a build compiles and runs will load (the
     kernel's objtool rewrites every object file through libelf). Cached until ldconfig runs."""
-    key = f"lib:{soname}:{_identity('/etc/ld.so.cache') if os.path.exists('/etc/ld.so.cache') else ''}"
+    key = f"lib:{soname}:{_ld_cache_identity()}"
     path = cache.get(key) if cache is not None else None
     if path is None or not os.path.exists(path):
         path = _find_library(soname)

@@ -35,6 +35,13 @@ def test_add_bytes_file_and_lookups(store: LocalStore, tmp_path: Path) -> None:
         store.resolve("xyz")
 
 
+def test_key_values_under_a_prefix(store: LocalStore) -> None:
+    store.kv_put("t:", {"a": "1", "b": "2"})
+    store.kv_put("u:", {"a": "other"})
+    store.kv_put("t:", {"c": "3"}, drop=["a", "missing"])
+    assert store.kv_get("t:") == {"b": "2", "c": "3"} and store.kv_get("u:") == {"a": "other"}
+
+
 def test_ambiguous_prefix(store: LocalStore) -> None:
     a, b = "abcdef01" + "0" * 56, "abcdef01" + "1" * 56
     store._insert({a: ("blob", 0, ()), b: ("blob", 0, ())})

@@ -90,6 +90,23 @@ def test_a_library_is_known_by_the_file_its_soname_resolves_to(monkeypatch: pyte
     assert err.value.hint == "install it: apt-get install castore-dev"
 
 
+def test_versions_of_what_changed_or_of_an_older_format_are_pruned(tmp_path: Path) -> None:
+    cache: dict[str, str] = {}
+    tool_version("gcc", cache)
+    library_version("libelf.so.1", cache)
+    current = dict(cache)
+    tool = tmp_path / "tool"
+    tool.write_bytes(b"1")
+    identity = tools._identity(str(tool))
+    stale = {f"{tools._LINE_FORMAT} {identity}": "tool 1", f"libs:{identity}": "",
+             f"{identity}": "tool 1 (an older castore's key)", "lib:libelf.so.1:/etc/ld.so.cache:1:2:3:4:5": "/x",
+             f"{tools._LINE_FORMAT} /no/such/tool:1:2:3:4:5": "gone 1"}
+    cache.update(stale)
+    tool.write_bytes(b"22")  # upgraded in place
+    assert sorted(tools.prune_versions(cache)) == sorted(stale) and cache == current
+    assert tools.prune_versions(cache) == []  # what holds stays
+
+
 def test_tools_run_with_umask_022_whatever_the_caller_s() -> None:
     old = os.umask(0o077)
     try:
