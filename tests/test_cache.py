@@ -16,8 +16,8 @@ from castore.cache.copy import pull, push, record_of
 from castore.cache.layout import CacheConfig, ObjectRecord, RealisationRecord, chunk_path, object_path
 from castore.cache.transport import DirTransport, HttpTransport, check_path, open_cache
 from castore.chunking import ChunkParams
-from castore.errors import CastoreError, EncodingError, NotFound
-from castore.fsutil import copy_range
+from castore.errors import CastoreError, EncodingError, NotFound, StoreError
+from castore.fsutil import copy_range, free_bytes
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import castore, castore_json, golden, snapshot
@@ -361,19 +361,52 @@ def test_a_pull_onto_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> Non
     push(a, DirTransport(tmp_path / "cache", create=True), [oid])
     a.close()
     with tiny_tmpfs(tmp_path / "small") as small:
+        # what the records say does not fit: refused before any chunk is fetched
         proc = castore("pull", oid, "--from", str(tmp_path / "cache"), store=small / "store", check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert "error: no space left on the device" in proc.stderr and "pull again" in proc.stderr
-        # with two substituters, the store's own trouble is not a reason to try the next one
-        two = f"{tmp_path / 'cache'} {tmp_path / 'cache'}"
-        proc = castore("pull", oid, store=small / "store", check=False, env={"CASTORE_SUBSTITUTERS": two})
-        assert proc.returncode == 1 and "no space left" in proc.stderr and "next substituter" not in proc.stderr
-        with LocalStore(small / "store") as b:
+        assert re.search(r"take at least 4\.0 MiB and the store's filesystem has [\d.]+ MiB free", proc.stderr)
+        # what fits by the count, but not once written (the disk filled meanwhile): stopped midway
+        with LocalStore(small / "store") as b, pytest.MonkeyPatch.context() as mp:
+            mp.setattr("castore.cache.copy.free_bytes", lambda path: 1 << 40)
+            with pytest.raises(StoreError, match="no space left on the device") as err:
+                pull(b, DirTransport(tmp_path / "cache"), [oid])
+            assert err.value.hint and "pull again" in err.value.hint
             assert b.objects() == []
             problems, notes = b.verify()
             assert problems == [] and any("partial" in n for n in notes)
             b.gc()
             assert os.listdir(b.tmp / "pulls") == []
+
+
+def test_a_record_claiming_more_than_the_disk_holds_is_refused_before_its_lists_are_read(tmp_path: Path) -> None:
+    """A few hundred KB of record naming one list chunk over and over: planning it would take
+    gigabytes of memory, and the pull would write verified chunks until the disk was full."""
+    _, cache, _, _ = _pushed(tmp_path)
+    z = zstandard.ZstdCompressor()
+
+    def put(data: bytes) -> str:
+        cid = hash_bytes(data)
+        (cache.root / chunk_path(cid)).parent.mkdir(parents=True, exist_ok=True)
+        (cache.root / chunk_path(cid)).write_bytes(z.compress(data))
+        return cid
+
+    cid = put(os.urandom(8192))
+    lid = put(canonical.encode([[bytes.fromhex(cid), 8192]] * 256))
+    b = LocalStore(tmp_path / "b")
+    n = free_bytes(b.tmp) // (256 * 8192) + 8
+    oid = hash_bytes(b"claimed")
+    (cache.root / object_path(oid)).write_bytes(canonical.encode({
+        "format": 3, "kind": "blob", "size": n * 256 * 8192, "refs": [],
+        "lists": [[bytes.fromhex(lid), 256, 256 * 8192]] * n}))
+    reads: list[str] = []
+    real_get_many = cache.get_many
+    cache.get_many = lambda paths, *a: reads.extend(paths) or real_get_many(paths, *a)  # type: ignore[method-assign]
+    with pytest.raises(CastoreError, match=r"take at least [\d,.]+ MiB and the store's filesystem has") as err:
+        pull(b, cache, [oid])
+    assert "as the cache records it" in err.value.message and err.value.hint and "nothing was added" in err.value.hint
+    assert reads == [object_path(oid)]  # no list chunk was read
+    assert b.objects() == [] and not (b.tmp / "pulls").exists()
+    assert pull(b, cache, [oid], dry_run=True).bytes_on_wire == 8192  # a dry run still says what it is
 
 
 def test_cache_paths_are_checked(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ a tree's file sizes must be those of its blobs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,7 +46,7 @@ from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
 from castore.chunking import Chunk, ChunkParams, cut_file
 from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound, StoreError
-from castore.fsutil import copy_range, pwrite_all, start_writeback
+from castore.fsutil import copy_range, free_bytes, pwrite_all, start_writeback
 from castore.hashing import hash_file
 from castore.store import LocalStore, store_os_error
 
@@ -187,9 +188,13 @@ def _frames(f: BinaryIO, chunks: list[Chunk], cctx: zstandard.ZstdCompressor,
 
 
 def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats: CopyStats,
-                  chunking: ChunkParams) -> dict[str, ObjectRecord]:
+                  chunking: ChunkParams, *, check_room: bool = True) -> dict[str, ObjectRecord]:
     """The records of every object of the closures that the store lacks, with their chunk
     lists (their bytes on the wire, and the list chunks fetched, are added to stats).
+
+    With check_room, the objects must fit in the space the store has left before their chunk
+    lists are read: a record's size is the cache's word, and a small record naming one list chunk
+    again and again would otherwise plan, and write, far more than any disk holds.
 
     One batch of requests per level of references: a tree's thousands of blobs in one pipeline,
     then one for the list chunks of the level's large objects. A record at odds with the cache's
@@ -197,6 +202,7 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
     """
     records: dict[str, ObjectRecord] = {}
     level = sorted({oid for oid in ids if not store.has(oid)})
+    room = _room(store) if check_room else None
     while level:
         refs: set[str] = set()
         listed: list[ObjectRecord] = []
@@ -206,6 +212,8 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
                 raise NotFound(f"{cache.url} has no object {oid}")
             rec = records[oid] = ObjectRecord.decode(oid, data)
             stats.bytes_on_wire += len(data)
+            if room is not None:
+                room.need(rec)
             refs.update(rec.refs)
             if not rec.complete:
                 listed.append(rec)
@@ -216,6 +224,29 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
             records[oid].check_chunks(chunking)
         level = sorted(r for r in refs if r not in records and not store.has(r))
     return records
+
+
+class _Room:
+    """What the objects of a pull need against what the store's filesystem has left, counting the
+    partial objects of an earlier pull as room: they are overwritten in place."""
+
+    def __init__(self, free: int, pulls: Path) -> None:
+        self.free, self.pulls, self.needed = free, pulls, 0
+
+    def need(self, rec: ObjectRecord) -> None:
+        self.needed += rec.size
+        with contextlib.suppress(OSError):
+            self.free += (self.pulls / rec.id).stat().st_blocks * 512
+        if self.needed > self.free:
+            raise CastoreError(  # not the store's failure: another cache may record a size that fits
+                f"the objects of this pull take at least {self.needed / 2**20:,.1f} MiB and the store's "
+                f"filesystem has {self.free / 2**20:,.1f} MiB free ({rec.kind} {rec.id} alone: "
+                f"{rec.size / 2**20:,.1f} MiB, as the cache records it)",
+                "free space (castore gc) or pull into a store on a larger filesystem; nothing was added")
+
+
+def _room(store: LocalStore) -> _Room:
+    return _Room(free_bytes(store.tmp), store.tmp / "pulls")
 
 
 def record_of(cache: Transport, oid: str) -> ObjectRecord:
@@ -273,7 +304,7 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
           meter: Meter | None, kinds: dict[str, str]) -> CopyStats:
     config = cache_config(cache, create=False)
     stats = CopyStats(present=len([o for o in wanted if store.has(o)]))
-    records = fetch_records(store, cache, wanted, stats, config.chunking)
+    records = fetch_records(store, cache, wanted, stats, config.chunking, check_room=not dry_run)
     for oid, kind in kinds.items():  # a record's kind is the cache's word: its content may say otherwise
         said = records[oid].kind if oid in records else store.kinds_and_sizes([oid]).get(oid, (kind, 0))[0]
         if said != kind:
