@@ -21,7 +21,7 @@ from castore.fsutil import copy_range, free_bytes
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import castore, castore_json, golden, snapshot
-from tests.helpers import NOT_ROOT, tiny_tmpfs
+from tests.helpers import NOT_ROOT, returns_within, tiny_tmpfs
 
 
 class Counting(DirTransport):
@@ -407,6 +407,41 @@ def test_a_record_claiming_more_than_the_disk_holds_is_refused_before_its_lists_
     assert reads == [object_path(oid)]  # no list chunk was read
     assert b.objects() == [] and not (b.tmp / "pulls").exists()
     assert pull(b, cache, [oid], dry_run=True).bytes_on_wire == 8192  # a dry run still says what it is
+
+
+def test_a_damaged_cache_directory_is_the_cache_s_fault_and_the_next_one_is_tried(tmp_path: Path) -> None:
+    """Not "I/O error … see dmesg" about the store, nor a hang on a FIFO: the cache is damaged."""
+    a, cache, oid, data = _pushed(tmp_path)
+    push(a, DirTransport(tmp_path / "good", create=True), [oid])
+    first = _chunk_files(cache, oid)[0]
+    first.unlink()
+    first.mkdir()
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(CastoreError, match=f"{first} of the cache is not a regular file") as err:
+        pull(b, cache, [oid])
+    assert not isinstance(err.value, StoreError) and b.objects() == []
+    (cache.root / "castore-cache.json").unlink()
+    os.mkfifo(cache.root / "castore-cache.json")
+    with returns_within(10), pytest.raises(CastoreError, match=r"castore-cache\.json of the cache is not a regular"):
+        pull(b, cache, [oid])
+    proc = castore("pull", oid, store=tmp_path / "b",
+                   env={"CASTORE_SUBSTITUTERS": f"{cache.root} {tmp_path / 'good'}"})
+    assert "is not a regular file; trying the next substituter" in proc.stderr
+    assert b.blob_path(oid).read_bytes() == data
+
+
+def test_json_nested_thousands_deep_is_bad_json_not_a_traceback(tmp_path: Path) -> None:
+    from castore.cache.server import load_tokens, tokens_file
+    from castore.cache.transport import _server_message
+
+    deep = b"[" * 100_000
+    with pytest.raises(EncodingError, match="is not JSON"):
+        CacheConfig.decode(deep)
+    tokens_file(tmp_path).parent.mkdir(parents=True)
+    tokens_file(tmp_path).write_bytes(deep)
+    with pytest.raises(CastoreError, match="is not JSON"):
+        load_tokens(tmp_path)
+    assert _server_message(deep).startswith(": [[[")  # an error page's first bytes, as they are
 
 
 def test_cache_paths_are_checked(tmp_path: Path) -> None:

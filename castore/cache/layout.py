@@ -59,7 +59,7 @@ class CacheConfig:
     def decode(cls, data: bytes) -> CacheConfig:
         try:
             rec = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise EncodingError(f"{CONFIG} is not JSON: {exc}") from exc
         if not isinstance(rec, dict) or rec.get("format") not in READ_FORMATS or type(rec["format"]) is not int:
             raise EncodingError(f"{CONFIG}: cache format {rec.get('format') if isinstance(rec, dict) else rec!r} "

@@ -107,7 +107,7 @@ def load_tokens(root: Path) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         raise CastoreError(f"cannot read {path}: {exc.strerror}",
                            "castore serve and castore token need to read the cache's token file") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CastoreError(f"{path} is not JSON: {exc}", _TOKENS_HINT) from exc
     if not isinstance(known, dict) or not all(
             isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("scopes"), list)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from castore.fsutil import atomic_write, host_id, stale_entries, syncfs
 if TYPE_CHECKING:
     import httpx
 
+UNREADABLE = "the cache directory is damaged; nothing was added"
 MAX_BODY = 1 << 30  # no cache file is bigger: the largest is the record of a blob of ~700 GiB
 _ANSWER = 1 << 20  # to an upload: a status, at most an error message
 _ERROR_PAGE = 64 << 10  # of an error page, its start says enough
@@ -93,15 +95,34 @@ class DirTransport:
         elif not self.root.is_dir():
             raise NotFound(f"no cache at {self.root}", "push to it first, or check the path")
 
-    def get(self, path: str) -> bytes | None:
+    def get(self, path: str, limit: int = MAX_BODY) -> bytes | None:
+        """A cache file's bytes, or None where there is none. What is there but no regular file
+        (a FIFO would block for ever), too large or unreadable is the cache's fault, not the store's:
+        a pull then tries the next substituter, and realize builds."""
+        where = self.root / check_path(path)
         try:
-            return (self.root / check_path(path)).read_bytes()
+            fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise CastoreError(f"cannot read {where} of the cache: {exc.strerror}", UNREADABLE) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CastoreError(f"{where} of the cache is not a regular file", UNREADABLE)
+            if st.st_size > limit:
+                raise CastoreError(f"{where} of the cache holds {st.st_size} bytes, more than such a file "
+                                   f"ever does ({limit})", UNREADABLE)
+            with open(fd, "rb", closefd=False) as f:
+                return f.read(limit + 1)
+        except OSError as exc:
+            raise CastoreError(f"cannot read {where} of the cache: {exc.strerror}", UNREADABLE) from exc
+        finally:
+            os.close(fd)
 
     def get_many(self, paths: Sequence[str], limit: int = MAX_BODY) -> Iterator[tuple[str, bytes | None]]:
         for path in paths:
-            yield path, self.get(path)
+            yield path, self.get(path, limit)
 
     def exists(self, path: str) -> bool:
         return (self.root / check_path(path)).exists()
@@ -472,7 +493,7 @@ def _server_message(body: bytes) -> str:
     try:
         rec = json.loads(body)
         text = str(rec["message"]) if isinstance(rec, dict) else body[:200].decode(errors="replace")
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, RecursionError):  # RecursionError: JSON nested thousands deep
         text = body[:200].decode(errors="replace")
     text = " ".join(text.split())[:300]
     return f": {text}" if text else ""
