@@ -746,7 +746,13 @@ class LocalStore:
             litter = sum(p.stat().st_size for p in [*strays, *logs]) + sum(p.stat().st_blocks * 512 for p in parts)
             if dry_run:
                 return [d for d, _ in dead], sum(s for _, s in dead) + litter
-            # Rows go first: a crash then leaves stray files, never rows without files.
+            # What has no rows goes first: on a full disk the transaction needs the room it frees.
+            for p in [*strays, *parts]:
+                p.unlink(missing_ok=True)
+            for p in self.tmp.glob("failed-*"):  # what realize --keep-failed kept
+                remove_tree(p)
+            self.clean_stale_staging()
+            # Rows go before their files: a crash then leaves stray files, never rows without files.
             with self._transaction() as db:
                 for oid, _ in dead:
                     db.execute("DELETE FROM objects WHERE id = ?", (oid,))
@@ -761,15 +767,12 @@ class LocalStore:
                 with contextlib.suppress(FileNotFoundError):
                     self.blob_path(oid).unlink()
                     freed += size
-            for p in [*strays, *parts, *logs]:
+            for p in logs:
                 p.unlink(missing_ok=True)
             # every plan lock is taken under a shared gc lock: none is held or about to be now
             for p in self.locks.glob("*.lock"):
                 if is_id(p.stem):
                     p.unlink(missing_ok=True)
-            for p in self.tmp.glob("failed-*"):  # what realize --keep-failed kept
-                remove_tree(p)
-            self.clean_stale_staging()
             return [d for d, _ in dead], freed
 
     def stray_files(self) -> list[Path]:

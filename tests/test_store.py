@@ -175,6 +175,21 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> No
             assert len(s.objects()) == 8 and s.verify()[0] == []
 
 
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
+def test_gc_frees_a_full_disk(tmp_path: Path) -> None:
+    """The pull's hint on a full disk is "castore gc": gc must work there, dead objects and all."""
+    with tiny_tmpfs(tmp_path / "small") as small, LocalStore(small / "store") as store:
+        dead = store.add_bytes(os.urandom(1 << 20))
+        (store.tmp / "pulls").mkdir()
+        with open(store.tmp / "pulls" / ("a" * 64), "wb") as f, contextlib.suppress(OSError):
+            while True:  # a pull that stopped when the disk was full
+                f.write(os.urandom(1 << 16))
+                f.flush()
+        gone, freed = store.gc()
+        assert gone == [dead] and freed > 1 << 20
+        assert os.listdir(store.tmp / "pulls") == [] and store.objects() == []
+
+
 def test_gc_waits_for_objects_being_published(tmp_path: Path) -> None:
     """Renamed into blobs/ but not yet recorded, a file looks like a stray to gc: gc must wait."""
     import sys
