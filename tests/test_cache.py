@@ -417,16 +417,16 @@ def test_a_damaged_cache_directory_is_the_cache_s_fault_and_the_next_one_is_trie
     first.unlink()
     first.mkdir()
     b = LocalStore(tmp_path / "b")
-    with pytest.raises(CastoreError, match=f"{first} of the cache is not a regular file") as err:
+    with pytest.raises(CastoreError, match=f"cannot read {first} of the cache: not a regular file") as err:
         pull(b, cache, [oid])
     assert not isinstance(err.value, StoreError) and b.objects() == []
     (cache.root / "castore-cache.json").unlink()
     os.mkfifo(cache.root / "castore-cache.json")
-    with returns_within(10), pytest.raises(CastoreError, match=r"castore-cache\.json of the cache is not a regular"):
+    with returns_within(10), pytest.raises(CastoreError, match=r"castore-cache\.json of the cache: not a regular file"):
         pull(b, cache, [oid])
     proc = castore("pull", oid, store=tmp_path / "b",
                    env={"CASTORE_SUBSTITUTERS": f"{cache.root} {tmp_path / 'good'}"})
-    assert "is not a regular file; trying the next substituter" in proc.stderr
+    assert "of the cache: not a regular file; trying the next substituter" in proc.stderr
     assert b.blob_path(oid).read_bytes() == data
 
 

@@ -537,6 +537,45 @@ def _log_lines(tmp_path: Path) -> list[str]:
     return [line for line in (tmp_path / "serve.log").read_text().splitlines() if not line.startswith("serving ")]
 
 
+@pytest.mark.parametrize("damage", ["empty", "garbage", "other-bytes", "fifo"])
+def test_a_chunk_damaged_in_the_cache_is_removed_and_the_next_push_repairs_it(tmp_path: Path, damage: str) -> None:
+    """Not a 500 with a traceback for ever (a chunk there is never uploaded again), nor a server
+    blocked on a FIFO: the damaged file goes, the upload is told to push again, and that works."""
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    data = random.Random(5).randbytes(100_000)
+    cid = hash_bytes(data)
+    frame = zstandard.ZstdCompressor().compress(data)
+    assert asgi(app, "PUT", f"/{chunk_path(cid)}", frame, token=writer).status_code == 201
+    here = tmp_path / "cache" / chunk_path(cid)
+    here.unlink()
+    if damage == "fifo":
+        os.mkfifo(here)
+    else:
+        here.write_bytes({"empty": b"", "garbage": b"\x28\xb5\x2f\xfd" + b"x" * 100,
+                          "other-bytes": zstandard.ZstdCompressor().compress(b"y" * len(data))}[damage])
+    record = ObjectRecord(cid, "blob", len(data), (), ((cid, len(data)),)).encode()
+    r = asgi(app, "PUT", f"/{object_path(cid)}", record, token=writer)
+    assert r.status_code == 409 and r.json()["error"] == "damaged" and "push again" in r.json()["message"], r.text
+    assert not here.exists() and not here.is_symlink()
+    assert asgi(app, "POST", "/missing", json.dumps([chunk_path(cid)]).encode()).json() == [chunk_path(cid)]
+    assert asgi(app, "PUT", f"/{chunk_path(cid)}", frame, token=writer).status_code == 201
+    assert asgi(app, "PUT", f"/{object_path(cid)}", record, token=writer).status_code == 201
+
+
+def test_uploads_are_not_written_through_a_link_out_of_the_cache(tmp_path: Path) -> None:
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    data = random.Random(6).randbytes(1000)
+    cid = hash_bytes(data)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "cache" / "chunks").mkdir(exist_ok=True)
+    (tmp_path / "cache" / "chunks" / cid[:2]).symlink_to(tmp_path / "outside")
+    r = asgi(app, "PUT", f"/{chunk_path(cid)}", zstandard.ZstdCompressor().compress(data), token=writer)
+    assert r.status_code == 500 and "nothing was written" in r.json()["message"]
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
 def test_a_chunk_is_one_frame_and_one_already_there_stays(server: tuple[str, Path, str]) -> None:
     url, root, token = server
     auth = {"Authorization": f"Bearer {token}"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from castore.errors import CastoreError
-from castore.fsutil import atomic_write, copy_range, copy_sparse, materialize, start_writeback, syncfs
+from castore.fsutil import atomic_write, copy_range, copy_sparse, materialize, read_regular, start_writeback, syncfs
 from castore.store import LocalStore
 from tests.helpers import sparse_file
 
@@ -111,3 +112,17 @@ def test_atomic_write_remakes_its_staging_and_crosses_filesystems(tmp_path: Path
         atomic_write(tmp_path / "b" / "y", b"two", staging=Path(shm))
         assert (tmp_path / "b" / "y").read_bytes() == b"two" and os.listdir(shm) == []
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["y"]
+
+
+def test_read_regular_reads_files_and_refuses_the_rest_without_blocking(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"12345")
+    assert read_regular(tmp_path / "f", 5) == b"12345"
+    assert read_regular(tmp_path / "none", 5) is None and read_regular(tmp_path / "f" / "x", 5) is None
+    with pytest.raises(OSError, match="more than such a file ever holds") as err:
+        read_regular(tmp_path / "f", 4)
+    assert err.value.errno == errno.EFBIG
+    os.mkfifo(tmp_path / "fifo")  # nobody writes it: a plain open would wait for ever
+    for odd in (tmp_path / "fifo", tmp_path):
+        with pytest.raises(OSError, match="not a regular file") as err:
+            read_regular(odd, 5)
+        assert err.value.errno == errno.EINVAL

@@ -73,7 +73,7 @@ from castore.cache.layout import (
 )
 from castore.cache.transport import cache_staging, check_path
 from castore.errors import CastoreError, EncodingError
-from castore.fsutil import atomic_write, more_descriptors, syncfs
+from castore.fsutil import atomic_write, more_descriptors, read_regular, syncfs
 from castore.hashing import Hasher, hash_bytes
 
 Scope = dict[str, Any]
@@ -162,6 +162,7 @@ class CacheApp:
             atomic_write(self.root / CONFIG, CacheConfig(ChunkParams()).encode())
         self.config = CacheConfig.decode((self.root / CONFIG).read_bytes())
         self.max_chunk = self.config.chunking.max
+        self._real_root = os.path.realpath(self.root)
         load_tokens(self.root)  # a broken token file stops the server here, not on each upload
         self.staging = cache_staging(self.root)  # a killed server's are removed when the next starts
 
@@ -333,19 +334,47 @@ class CacheApp:
         return True
 
     def _list_chunk(self, lid: str) -> bytes:
-        """A list chunk here, decompressed (ObjectRecord.resolve checks its id)."""
+        """A list chunk here, decompressed and checked against its id."""
+        return self._chunk_here(lid, LIST_BYTES)
+
+    def _chunk_here(self, cid: str, most: int, dctx: zstandard.ZstdDecompressor | None = None, *,
+                    verify: bool = True) -> bytes:
+        """A chunk this cache holds, decompressed (and checked against its id, with verify). Each
+        was checked when it came; one that no longer checks (a disk's fault, a hand's, or something
+        not a file at all put there) is removed, and the upload that needs it is told to send it
+        again."""
+        path = self.root / chunk_path(cid)
         try:
-            return unframe((self.root / chunk_path(lid)).read_bytes(), LIST_BYTES)
-        except EncodingError as exc:
-            raise HttpError(400, "invalid", f"list chunk {lid}: {exc.message}") from None
+            frame = read_regular(path, MAX_BODY)
+            data = None if frame is None else unframe(frame, most, dctx)
+        except (OSError, EncodingError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else exc.message
+        else:
+            if data is None:
+                raise HttpError(409, "incomplete", f"chunk {cid} is not here")  # gone since it was asked for
+            if not verify or hash_bytes(data) == cid:
+                return data
+            why = "its bytes hash to another id"
+        _log(f"chunk {cid} is damaged ({why}): removed")
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        raise HttpError(409, "damaged", f"chunk {cid} was damaged in this cache and is removed; "
+                        "push again to upload it")
 
     def _merge_realisation(self, path: str, body: bytes) -> bytes:
         """In a thread, under the realisation lock: the record to write, with the signatures of both."""
         rrec = RealisationRecord.decode(path.split("/")[-1], body)
         if not (self.root / object_path(rrec.object)).exists():
             raise HttpError(409, "incomplete", f"realisation names object {rrec.object}, which is not here")
-        here = self.root / path
-        return merged_realisation(rrec.plan, here.read_bytes() if here.exists() else None, body)
+        try:
+            here = read_regular(self.root / path, MAX_BODY)
+        except OSError as exc:
+            _log(f"cannot read {path}: {exc.strerror}")
+            raise HttpError(500, "server-error", f"{path} in this cache is damaged (its log says how)") from None
+        return merged_realisation(rrec.plan, here, body)
 
     def _check_reassembly(self, rec: ObjectRecord) -> None:
         """The chunks a record lists must make up the object it is named after, and a tree or an
@@ -353,14 +382,18 @@ class CacheApp:
         h = Hasher()
         dctx = zstandard.ZstdDecompressor()
         manifest = bytearray()
+        most = max(self.max_chunk, LIST_BYTES)
         for cid, length in rec.chunks:
-            data = dctx.decompress((self.root / chunk_path(cid)).read_bytes(), max_output_size=length)
+            data = self._chunk_here(cid, most, dctx, verify=False)  # the whole hash checks them all
             if len(data) != length:
+                self._chunk_here(cid, most, dctx)  # damaged here, or the record is wrong
                 raise HttpError(400, "invalid", f"chunk {cid} is {len(data)} bytes, the record says {length}")
             h.update(data)
             if rec.kind != "blob":
                 manifest += data
         if h.hexdigest() != rec.id:
+            for cid, _ in rec.chunks:  # a chunk damaged here is not the upload's fault
+                self._chunk_here(cid, most, dctx)
             raise HttpError(400, "invalid", f"the chunks of object {rec.id} hash to {h.hexdigest()}")
         if rec.kind != "blob":
             try:
@@ -373,7 +406,10 @@ class CacheApp:
         known = {}
         for oid in oids:
             try:
-                ref = ObjectRecord.decode(oid, (self.root / object_path(oid)).read_bytes())
+                data = read_regular(self.root / object_path(oid), MAX_BODY)
+                if data is None:
+                    continue
+                ref = ObjectRecord.decode(oid, data)
             except (OSError, EncodingError):
                 continue
             known[oid] = (ref.kind, ref.size)
@@ -383,10 +419,20 @@ class CacheApp:
         """On the event loop, without an fsync: a syncfs precedes the next record, which may name it.
         Synchronous on purpose: a chunk counted as written is on disk before any syncfs can start."""
         try:
-            atomic_write(self.root / path, data, fsync=False, staging=self.staging)
+            atomic_write(self._inside(path), data, fsync=False, staging=self.staging)
         except CastoreError as exc:
             raise _store_failed(path, exc) from None
         self._chunks_written += 1
+
+    def _inside(self, path: str) -> Path:
+        """Where to write path: its directories must be this cache's own, not links out of it."""
+        target = self.root / path
+        parent = os.path.realpath(target.parent)
+        if not parent.startswith(self._real_root + os.sep):
+            _log(f"refusing to write {path}: {target.parent} leads out of the cache, to {parent}")
+            raise HttpError(500, "server-error", f"the server could not store {path} (its log says why); "
+                            "nothing was written")
+        return target
 
     async def _publish(self, path: str, data: bytes) -> None:
         """Write a record, in a thread, once every chunk written so far is durable (its own are among
@@ -403,7 +449,7 @@ class CacheApp:
                         raise _store_failed(path, exc) from None
                     self._chunks_synced = max(self._chunks_synced, began)
         try:
-            await asyncio.to_thread(functools.partial(atomic_write, self.root / path, data, staging=self.staging))
+            await asyncio.to_thread(functools.partial(atomic_write, self._inside(path), data, staging=self.staging))
         except CastoreError as exc:
             raise _store_failed(path, exc) from None
 

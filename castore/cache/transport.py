@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 
 from castore.cache.pipeline import UNTRUSTED, Broken, Deadline, Malformed, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
-from castore.fsutil import atomic_write, host_id, stale_entries, syncfs
+from castore.fsutil import atomic_write, host_id, read_regular, stale_entries, syncfs
 
 if TYPE_CHECKING:
     import httpx
@@ -95,34 +94,19 @@ class DirTransport:
         elif not self.root.is_dir():
             raise NotFound(f"no cache at {self.root}", "push to it first, or check the path")
 
-    def get(self, path: str, limit: int = MAX_BODY) -> bytes | None:
+    def get(self, path: str) -> bytes | None:
         """A cache file's bytes, or None where there is none. What is there but no regular file
         (a FIFO would block for ever), too large or unreadable is the cache's fault, not the store's:
         a pull then tries the next substituter, and realize builds."""
         where = self.root / check_path(path)
         try:
-            fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
+            return read_regular(where, MAX_BODY)
         except OSError as exc:
             raise CastoreError(f"cannot read {where} of the cache: {exc.strerror}", UNREADABLE) from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CastoreError(f"{where} of the cache is not a regular file", UNREADABLE)
-            if st.st_size > limit:
-                raise CastoreError(f"{where} of the cache holds {st.st_size} bytes, more than such a file "
-                                   f"ever does ({limit})", UNREADABLE)
-            with open(fd, "rb", closefd=False) as f:
-                return f.read(limit + 1)
-        except OSError as exc:
-            raise CastoreError(f"cannot read {where} of the cache: {exc.strerror}", UNREADABLE) from exc
-        finally:
-            os.close(fd)
 
     def get_many(self, paths: Sequence[str], limit: int = MAX_BODY) -> Iterator[tuple[str, bytes | None]]:
         for path in paths:
-            yield path, self.get(path, limit)
+            yield path, self.get(path)
 
     def exists(self, path: str) -> bool:
         return (self.root / check_path(path)).exists()
