@@ -42,10 +42,11 @@ def pwrite_all(fd: int, data: bytes, at: int) -> None:
         view, at = view[k:], at + k
 
 
-def read_regular(path: str | os.PathLike[str], limit: int) -> bytes | None:
-    """A whole file's bytes, or None where there is none. Anything there but a regular file (a
-    FIFO would block the reader for ever: opened O_NONBLOCK, it cannot) raises OSError EINVAL,
-    and a file of more than limit bytes EFBIG, before a byte is read."""
+def read_regular(path: str | os.PathLike[str], limit: int, *, whole: bool = True) -> bytes | None:
+    """A whole file's bytes (or its first limit bytes, not whole), or None where there is none.
+    Anything there but a regular file (a FIFO would block the reader for ever: opened O_NONBLOCK,
+    it cannot) raises OSError EINVAL, and a whole file of more than limit bytes EFBIG, before a
+    byte is read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
@@ -54,11 +55,11 @@ def read_regular(path: str | os.PathLike[str], limit: int) -> bytes | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        if st.st_size > limit:
+        if whole and st.st_size > limit:
             raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than such a file ever holds ({limit})",
                           os.fspath(path))
         parts, done = [], 0
-        while done <= limit and (part := os.pread(fd, min(limit + 1 - done, 1 << 30), done)):
+        while done < limit + whole and (part := os.pread(fd, min(limit + whole - done, 1 << 30), done)):
             parts.append(part)
             done += len(part)
         return b"".join(parts)

@@ -444,6 +444,25 @@ def test_json_nested_thousands_deep_is_bad_json_not_a_traceback(tmp_path: Path) 
     assert _server_message(deep).startswith(": [[[")  # an error page's first bytes, as they are
 
 
+@pytest.mark.parametrize("bad", [b"", b"garbage, not a zstd frame"])
+def test_a_push_writes_again_a_chunk_file_that_is_no_frame(tmp_path: Path, bad: bytes) -> None:
+    """An empty or garbage file where a chunk should be was built on: every pull failed, and pushing
+    again did not mend it."""
+    data = os.urandom(300_000)
+    a = LocalStore(tmp_path / "a")
+    oid = a.add_file(blob_file(tmp_path, "x", data))
+    cache = DirTransport(tmp_path / "cache", create=True)
+    push(a, cache, [oid])
+    victim = _chunk_files(cache, oid)[0]
+    (tmp_path / "cache" / object_path(oid)).unlink()  # as if the first push had stopped before its record
+    victim.write_bytes(bad)
+    stats = push(a, cache, [oid])
+    assert stats.chunks_sent == 1 and victim.read_bytes() != bad
+    b = LocalStore(tmp_path / "b")
+    pull(b, cache, [oid])
+    assert b.blob_path(oid).read_bytes() == data
+
+
 def test_cache_paths_are_checked(tmp_path: Path) -> None:
     for bad in ("../etc/passwd", "objects/../../x", "chunks/ab/" + "c" * 64, "objects/" + "A" * 64, "/abs"):
         with pytest.raises(CastoreError, match="refusing"):

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+import zstandard
+
 from castore.cache.pipeline import UNTRUSTED, Broken, Deadline, Malformed, Pipeline, Unsupported
 from castore.errors import CastoreError, NotFound
 from castore.fsutil import atomic_write, host_id, read_regular, stale_entries, syncfs
@@ -112,7 +114,17 @@ class DirTransport:
         return (self.root / check_path(path)).exists()
 
     def missing(self, paths: Iterable[str]) -> set[str]:
-        return {p for p in paths if not self.exists(p)}
+        """What is not there to build on: a chunk file must at least begin as a zstd frame of some
+        bytes, or a push writes it again (an empty or garbage one, a disk's or a hand's doing, made
+        every pull fail, and pushing again did not mend it). Cheap: a few bytes of each."""
+        return {p for p in paths if not (self._frame_starts(p) if p.startswith("chunks/") else self.exists(p))}
+
+    def _frame_starts(self, path: str) -> bool:
+        try:
+            head = read_regular(self.root / check_path(path), 18, whole=False)  # a frame header's most
+            return head is not None and zstandard.get_frame_parameters(head).content_size > 0
+        except (OSError, zstandard.ZstdError):
+            return False
 
     def close(self) -> None:
         if self._staging is not None:
