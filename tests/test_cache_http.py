@@ -305,11 +305,12 @@ class _Redirecting(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: list[tuple[str, str | None]] = []
     loop = False
+    to = ""  # redirect to this URL instead
 
     def do_GET(self) -> None:
         self.seen.append((self.path, self.headers.get("Authorization")))
         if self.path.startswith("/lab/"):
-            where = self.path if self.loop else "/other/" + self.path.removeprefix("/lab/")
+            where = self.to or (self.path if self.loop else "/other/" + self.path.removeprefix("/lab/"))
             self.send_response(302)
             self.send_header("Location", where)
             self.send_header("Content-Length", "0")
@@ -340,6 +341,11 @@ def test_a_token_does_not_follow_a_redirect_out_of_its_path() -> None:
             pytest.raises(CastoreError, match="redirects") as err:
         http._request("GET", "castore-cache.json")
     assert "attempts" not in str(err.value) and len(looping.seen) <= 25  # one round of 20 redirects, not 4
+    elsewhere = type("E", (_Redirecting,), {"seen": [], "to": "file:///etc/passwd"})
+    with _serving(elsewhere) as (url, _), HttpTransport(f"{url}/lab", attempts=4) as http, \
+            pytest.raises(CastoreError, match="redirects to a URL castore does not fetch") as err:
+        http._request("GET", "castore-cache.json")
+    assert "attempts" not in str(err.value) and len(elsewhere.seen) == 1 and "http://" in (err.value.hint or "")
 
 
 class _Hostile(http.server.BaseHTTPRequestHandler):

@@ -279,6 +279,9 @@ class HttpTransport:
                 raise CastoreError(f"{url} is not a valid URL: {exc}") from exc
             except httpx.TooManyRedirects as exc:  # not transient: no retry
                 raise CastoreError(f"{url}: {exc}", "the server redirects in a loop: its setup is wrong") from exc
+            except httpx.UnsupportedProtocol as exc:  # a redirect to file:// or ftp://: not transient either
+                raise CastoreError(f"{url}: the server redirects to a URL castore does not fetch ({exc})",
+                                   "a cache server may redirect to http:// or https:// URLs only") from exc
             except httpx.HTTPError as exc:
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # not transient: no retry
                     raise CastoreError(f"{url}: {exc}", UNTRUSTED) from exc
