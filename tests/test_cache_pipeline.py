@@ -50,6 +50,10 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
         if self.mode == "bad-status":
             self.wfile.write(b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n")
             return
+        if self.mode == "two-lengths":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Length: 3\r\n\r\n%s"
+                             % (len(body), body))
+            return
         if self.mode == "dribble":
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
@@ -69,7 +73,7 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
             return
         self.send_header("Content-Length", str(len(body) * (1000 if self.mode == "huge" else 1)))
         self.end_headers()
-        self.wfile.write(body + (b"GARBAGE\r\n\r\n" if self.mode == "garbage-after" else b""))
+        self.wfile.write(body + {"garbage-after": b"GARBAGE\r\n\r\n", "glued": b"GARBAGE"}.get(self.mode, b""))
 
     def do_PUT(self) -> None:
         path = self.path.lstrip("/")
@@ -150,6 +154,21 @@ def test_bytes_after_a_body_cost_a_reconnection_not_the_pull() -> None:
     with _server(mode="garbage-after") as (url, handler), HttpTransport(url) as http:
         assert dict(http.get_many(paths)) == {p: CHUNKS[p] for p in paths}
     assert len(handler.connections) == len(paths)
+
+
+def test_bytes_glued_to_the_next_status_line_are_out_of_step_too() -> None:
+    """"GARBAGEHTTP/1.1 200 OK" was read as an answer: the link is out of step, so it is dropped."""
+    paths = list(CHUNKS)[:5]
+    with _server(mode="glued") as (url, handler), HttpTransport(url) as http:
+        assert dict(http.get_many(paths)) == {p: CHUNKS[p] for p in paths}
+    assert len(handler.connections) == len(paths)
+
+
+def test_two_different_content_lengths_are_not_http() -> None:
+    with _server(mode="two-lengths") as (url, _), HttpTransport(url, attempts=3) as http, \
+            pytest.raises(CastoreError, match="two different Content-Length headers") as err:
+        list(http.get_many(list(CHUNKS)[:3]))
+    assert "attempts" not in str(err.value)
 
 
 def test_interim_answers_are_skipped() -> None:

@@ -238,6 +238,8 @@ class Pipeline:
                     raise Broken("the server closed the connection")
                 version, _, rest = line.partition(b" ")
                 try:
+                    if not version.startswith(b"HTTP/1."):  # bytes a body left over, say: out of step
+                        raise ValueError(version)
                     status = int(rest[:3])
                 except ValueError:
                     if not line.endswith(b"\n") and len(line) < MAX_HEADER:
@@ -260,6 +262,8 @@ class Pipeline:
                     if name not in _READ:  # one lookup, cheaper than failing the four tests below
                         continue
                     if name == b"content-length":
+                        if length is not None and length != int(value):  # which one frames the body?
+                            raise Malformed("two different Content-Length headers")
                         length = int(value)
                     elif name == b"transfer-encoding":
                         raise Unsupported("chunked transfer encoding")
