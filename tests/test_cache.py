@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from castore import canonical
-from castore.cache.copy import pull, push, record_of
+from castore.cache.copy import CopyStats, pull, push, record_of
 from castore.cache.layout import CacheConfig, ObjectRecord, RealisationRecord, chunk_path, object_path
 from castore.cache.transport import DirTransport, HttpTransport, check_path, open_cache
 from castore.chunking import ChunkParams
@@ -461,6 +461,22 @@ def test_a_push_writes_again_a_chunk_file_that_is_no_frame(tmp_path: Path, bad: 
     b = LocalStore(tmp_path / "b")
     pull(b, cache, [oid])
     assert b.blob_path(oid).read_bytes() == data
+
+
+def test_a_pull_that_waited_for_another_counts_what_that_one_added(tmp_path: Path) -> None:
+    """It said "pulled 0 objects (0 already there)"."""
+    import threading
+
+    _, cache, oid, data = _pushed(tmp_path)
+    other = LocalStore(tmp_path / "b")
+    with other.lock("pull"):  # another pull, holding the store's pull lock
+        result: list[CopyStats] = []
+        waiting = threading.Thread(target=lambda: result.append(pull(LocalStore(tmp_path / "b"), cache, [oid])))
+        waiting.start()
+        time.sleep(0.5)
+        other.add_file(blob_file(tmp_path, "same", data))  # what it was pulling
+    waiting.join(timeout=30)
+    assert result and result[0].present == 1 and result[0].objects == 0
 
 
 def test_cache_paths_are_checked(tmp_path: Path) -> None:

@@ -323,6 +323,7 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
         return stats
     with store.lock("pull"):  # one pull at a time writes the partial objects
         order = [oid for oid in order if not store.has(oid)]  # a pull we waited for may have added some
+        stats.present = len([o for o in wanted if store.has(o)])
         _Assembly(store, cache, records, order, stats, progress, meter).run()
     return stats
 
