@@ -81,7 +81,8 @@ def decode(data: bytes, what: str = "record") -> Value:
     try:
         value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise EncodingError(f"{what} is not valid msgpack: {exc}") from exc
+        why = str(exc) or type(exc).__name__  # FormatError (a reserved byte such as 0xc1) says nothing
+        raise EncodingError(f"{what} is not valid msgpack: {why}") from exc
     except TypeError as exc:
         raise EncodingError(f"{what} has a non-str map key") from exc
     if encode(value) != data:

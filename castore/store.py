@@ -114,6 +114,10 @@ class LocalStore:
             if _full(self.root):
                 raise no_space(self.root, "free space on that device: even reading the store needs a little, "
                                "for SQLite's shared-memory file") from exc
+            if _read_only(self.root):
+                raise StoreError(f"the store at {self.root} is on a read-only filesystem",
+                                 "castore writes even to read a store (SQLite's shared-memory file): "
+                                 "remount it read-write, or use --store DIR elsewhere") from exc
             raise StoreError(f"cannot open the store database in {self.root}: {exc}") from exc
         except PermissionError as exc:
             raise StoreError(f"cannot write to the store at {self.root}: {exc.strerror}",
@@ -1010,6 +1014,13 @@ def _copy_pieces(fd: int, out: int, size: int) -> tuple[str, int]:
 
 
 _SQLITE_FULL = 13
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _full(path: Path) -> bool:

@@ -176,6 +176,17 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> No
 
 
 @pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
+def test_a_store_on_a_read_only_filesystem_says_so(tmp_path: Path) -> None:
+    with tiny_tmpfs(tmp_path / "small") as small:
+        LocalStore(small / "store").close()
+        subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
+        proc = castore("ls", store=small / "store", check=False)
+        assert proc.returncode == 1 and "is on a read-only filesystem" in proc.stderr, proc.stderr
+        assert "remount it read-write" in proc.stderr
+        subprocess.run(["mount", "-o", "remount,rw", str(small)], check=True)
+
+
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
 def test_gc_frees_a_full_disk(tmp_path: Path) -> None:
     """The pull's hint on a full disk is "castore gc": gc must work there, dead objects and all."""
     with tiny_tmpfs(tmp_path / "small") as small, LocalStore(small / "store") as store:
