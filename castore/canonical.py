@@ -77,11 +77,15 @@ def encode(value: Value) -> bytes:
     return data
 
 
+# msgpack's errors that have no text of their own
+_SILENT = {"FormatError": "a byte that starts no msgpack value", "StackError": "nested too deeply"}
+
+
 def decode(data: bytes, what: str = "record") -> Value:
     try:
         value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        why = str(exc) or type(exc).__name__  # FormatError (a reserved byte such as 0xc1) says nothing
+        why = str(exc) or _SILENT.get(type(exc).__name__, type(exc).__name__)
         raise EncodingError(f"{what} is not valid msgpack: {why}") from exc
     except TypeError as exc:
         raise EncodingError(f"{what} has a non-str map key") from exc

@@ -294,7 +294,7 @@ class CacheApp:
             elif kind == CONFIG and CacheConfig.decode(body) != CacheConfig.decode((self.root / CONFIG).read_bytes()):
                 raise HttpError(409, "config", "this cache's chunking parameters are fixed")
         except CastoreError as exc:
-            raise HttpError(400, "invalid", _said(exc)) from None
+            raise HttpError(400, "invalid", exc.message) from None
 
     def _check_chunk(self, cid: str, body: bytes) -> None:
         """One zstd frame and nothing after it, of bytes that hash to cid: a second frame or padding
@@ -463,15 +463,6 @@ def _store_failed(path: str, exc: CastoreError | OSError) -> HttpError:
                          "nothing partial was kept")
     return HttpError(500, "server-error", f"the server could not store {path} (its log says why); "
                      "nothing partial was kept")
-
-
-def _said(exc: CastoreError) -> str:
-    """The message, with something after its colon when the foreign error it ends with said nothing
-    (msgpack's FormatError() and StackError() have no text)."""
-    if not exc.message.endswith(": ") or exc.__cause__ is None or str(exc.__cause__):
-        return exc.message
-    what = {"FormatError": "a byte that starts no msgpack value", "StackError": "nested too deeply"}
-    return exc.message + what.get(type(exc.__cause__).__name__, type(exc.__cause__).__name__)
 
 
 def _read_all(fd: int, size: int) -> bytes:
