@@ -564,16 +564,49 @@ def test_a_chunk_damaged_in_the_cache_is_removed_and_the_next_push_repairs_it(tm
 
 
 def test_uploads_are_not_written_through_a_link_out_of_the_cache(tmp_path: Path) -> None:
+    """chunks/ itself may lead to a bigger disk; chunks/ab may not lead anywhere else."""
+    (tmp_path / "bigger-disk").mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "chunks").symlink_to(tmp_path / "bigger-disk")
     app = CacheApp(tmp_path / "cache")
     writer = add_token(tmp_path / "cache", ["write"], "ci")
     data = random.Random(6).randbytes(1000)
     cid = hash_bytes(data)
     (tmp_path / "outside").mkdir()
-    (tmp_path / "cache" / "chunks").mkdir(exist_ok=True)
-    (tmp_path / "cache" / "chunks" / cid[:2]).symlink_to(tmp_path / "outside")
+    (tmp_path / "bigger-disk" / cid[:2]).symlink_to(tmp_path / "outside")
     r = asgi(app, "PUT", f"/{chunk_path(cid)}", zstandard.ZstdCompressor().compress(data), token=writer)
     assert r.status_code == 500 and "nothing was written" in r.json()["message"]
     assert list((tmp_path / "outside").iterdir()) == []
+    (tmp_path / "bigger-disk" / cid[:2]).unlink()
+    r = asgi(app, "PUT", f"/{chunk_path(cid)}", zstandard.ZstdCompressor().compress(data), token=writer)
+    assert r.status_code == 201 and (tmp_path / "bigger-disk" / cid[:2] / cid).is_file()
+
+
+def test_a_chunk_the_server_cannot_read_or_that_was_replaced_is_not_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors, or EIO, is the server's trouble, not the chunk's; and a good chunk an
+    upload renamed in after a damaged one was read stays."""
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    data = random.Random(7).randbytes(50_000)
+    cid = hash_bytes(data)
+    frame = zstandard.ZstdCompressor().compress(data)
+    assert asgi(app, "PUT", f"/{chunk_path(cid)}", frame, token=writer).status_code == 201
+    here = tmp_path / "cache" / chunk_path(cid)
+    good = here.read_bytes()
+    record = ObjectRecord(cid, "blob", len(data), (), ((cid, len(data)),)).encode()
+
+    def no_descriptors(path: Any, limit: int, **kw: Any) -> bytes:
+        raise OSError(24, "Too many open files")
+
+    with monkeypatch.context() as mp:
+        mp.setattr("castore.cache.server.read_regular", no_descriptors)
+        r = asgi(app, "PUT", f"/{object_path(cid)}", record, token=writer)
+    assert r.status_code == 500 and here.read_bytes() == good
+    with pytest.raises(Exception, match="damaged"):  # a damaged one was read, and a good one is there now
+        app._damaged(cid, here, 1 << 20, "a test")
+    assert here.read_bytes() == good
+    assert asgi(app, "PUT", f"/{object_path(cid)}", record, token=writer).status_code == 201
 
 
 def test_a_chunk_is_one_frame_and_one_already_there_stays(server: tuple[str, Path, str]) -> None:

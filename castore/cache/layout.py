@@ -321,6 +321,11 @@ def merged_realisation(plan_hash: str, old: bytes | None, new: bytes) -> bytes:
     return RealisationRecord(rec.plan, rec.object, rec.record, tuple(sorted(sigs.items()))).encode()
 
 
+def frame_limit(length: int) -> int:
+    """The most bytes a zstd frame of length bytes takes: zstd's worst case, incompressible data, with room."""
+    return length + length // 64 + 4096
+
+
 def unframe(frame: bytes, limit: int, dctx: zstandard.ZstdDecompressor | None = None, *,
             whole: bool = False, most: str = "") -> bytes:
     """The bytes of one zstd frame, never more than limit. A frame whose header claims more is

@@ -50,10 +50,11 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import zstandard
 
@@ -65,6 +66,7 @@ from castore.cache.layout import (
     RealisationRecord,
     check_chunk,
     chunk_path,
+    frame_limit,
     kind_check,
     list_entries,
     merged_realisation,
@@ -162,7 +164,9 @@ class CacheApp:
             atomic_write(self.root / CONFIG, CacheConfig(ChunkParams()).encode())
         self.config = CacheConfig.decode((self.root / CONFIG).read_bytes())
         self.max_chunk = self.config.chunking.max
-        self._real_root = os.path.realpath(self.root)
+        self._homes = tuple({os.path.realpath(self.root / d) + os.sep
+                             for d in ("", "chunks", "objects", "realisations")})
+        self._chunk_lock = threading.Lock()  # a damaged chunk is not removed while a good one is renamed in
         load_tokens(self.root)  # a broken token file stops the server here, not on each upload
         self.staging = cache_staging(self.root)  # a killed server's are removed when the next starts
 
@@ -342,25 +346,41 @@ class CacheApp:
         """A chunk this cache holds, decompressed (and checked against its id, with verify). Each
         was checked when it came; one that no longer checks (a disk's fault, a hand's, or something
         not a file at all put there) is removed, and the upload that needs it is told to send it
-        again."""
-        path = self.root / chunk_path(cid)
+        again. The server's own trouble reading it (no descriptors left, EIO) removes nothing."""
+        path = self._inside(chunk_path(cid))
         try:
-            frame = read_regular(path, MAX_BODY)
-            data = None if frame is None else unframe(frame, most, dctx)
-        except (OSError, EncodingError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else exc.message
-        else:
-            if data is None:
-                raise HttpError(409, "incomplete", f"chunk {cid} is not here")  # gone since it was asked for
-            if not verify or hash_bytes(data) == cid:
-                return data
-            why = "its bytes hash to another id"
-        _log(f"chunk {cid} is damaged ({why}): removed")
-        with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            frame = read_regular(path, frame_limit(most))
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EFBIG):  # read_regular's: no file, or too large
+                _log(f"cannot read chunk {cid}: {exc.strerror}")
+                raise HttpError(500, "server-error", f"the server could not read chunk {cid} (its log says "
+                                "why)") from None
+            self._damaged(cid, path, most, exc.strerror or str(exc))
+        if frame is None:  # gone since it was asked for
+            raise HttpError(409, "incomplete", f"chunk {cid} is not here")
+        try:
+            data = unframe(frame, most, dctx)
+        except EncodingError as exc:
+            self._damaged(cid, path, most, exc.message)
+        if verify and hash_bytes(data) != cid:
+            self._damaged(cid, path, most, "its bytes hash to another id")
+        return data
+
+    def _damaged(self, cid: str, path: Path, most: int, why: str) -> NoReturn:
+        """Remove a damaged chunk file, unless what is there now checks: an upload may have renamed
+        a good one in since it was read (_write_chunk renames under the same lock)."""
+        with self._chunk_lock, contextlib.suppress(OSError):
+            try:
+                frame = read_regular(path, frame_limit(most))
+                good = frame is not None and hash_bytes(unframe(frame, most)) == cid
+            except (OSError, EncodingError):
+                good = False
+            if not good:
+                _log(f"chunk {cid} is damaged ({why}): removed")
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         raise HttpError(409, "damaged", f"chunk {cid} was damaged in this cache and is removed; "
                         "push again to upload it")
 
@@ -419,16 +439,19 @@ class CacheApp:
         """On the event loop, without an fsync: a syncfs precedes the next record, which may name it.
         Synchronous on purpose: a chunk counted as written is on disk before any syncfs can start."""
         try:
-            atomic_write(self._inside(path), data, fsync=False, staging=self.staging)
+            with self._chunk_lock:
+                atomic_write(self._inside(path), data, fsync=False, staging=self.staging)
         except CastoreError as exc:
             raise _store_failed(path, exc) from None
         self._chunks_written += 1
 
     def _inside(self, path: str) -> Path:
-        """Where to write path: its directories must be this cache's own, not links out of it."""
+        """Where to write (or remove) path: below this cache's directory, or below where its chunks/,
+        objects/ or realisations/ lead (one may be a link to a bigger disk), not through a link
+        out of them."""
         target = self.root / path
         parent = os.path.realpath(target.parent)
-        if not parent.startswith(self._real_root + os.sep):
+        if not (parent + os.sep).startswith(self._homes):
             _log(f"refusing to write {path}: {target.parent} leads out of the cache, to {parent}")
             raise HttpError(500, "server-error", f"the server could not store {path} (its log says why); "
                             "nothing was written")
