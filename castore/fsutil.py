@@ -142,9 +142,10 @@ def more_descriptors(want: int) -> int | None:
 
 
 def free_bytes(path: str | os.PathLike[str]) -> int:
-    """What an unprivileged writer may still write on path's filesystem."""
+    """What this process may still write on path's filesystem: root may use the blocks ext4
+    reserves (5 % by default), others may not."""
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 _libc: Any = None

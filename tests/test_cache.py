@@ -17,7 +17,7 @@ from castore.cache.layout import CacheConfig, ObjectRecord, RealisationRecord, c
 from castore.cache.transport import DirTransport, HttpTransport, check_path, open_cache
 from castore.chunking import ChunkParams
 from castore.errors import CastoreError, EncodingError, NotFound, StoreError
-from castore.fsutil import copy_range, free_bytes
+from castore.fsutil import copy_range
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import castore, castore_json, golden, snapshot
@@ -372,13 +372,23 @@ def test_a_pull_onto_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> Non
                 pull(b, DirTransport(tmp_path / "cache"), [oid])
             assert err.value.hint and "pull again" in err.value.hint
             assert b.objects() == []
+            # the store's own trouble is no reason to ask the next substituter (the CLI, in-process)
+            from typer.testing import CliRunner
+
+            from castore.cli import app
+            two = f"{tmp_path / 'cache'} {tmp_path / 'cache'}"
+            res = CliRunner().invoke(app, ["--store", str(small / "store"), "pull", oid],
+                                     env={"CASTORE_SUBSTITUTERS": two, "CASTORE_CONFIG": os.devnull})
+            assert isinstance(res.exception, StoreError) and "no space left" in res.exception.message
+            assert "next substituter" not in res.stderr
             problems, notes = b.verify()
             assert problems == [] and any("partial" in n for n in notes)
             b.gc()
             assert os.listdir(b.tmp / "pulls") == []
 
 
-def test_a_record_claiming_more_than_the_disk_holds_is_refused_before_its_lists_are_read(tmp_path: Path) -> None:
+def test_a_record_claiming_more_than_the_disk_holds_is_refused_before_its_lists_are_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A few hundred KB of record naming one list chunk over and over: planning it would take
     gigabytes of memory, and the pull would write verified chunks until the disk was full."""
     _, cache, _, _ = _pushed(tmp_path)
@@ -393,7 +403,8 @@ def test_a_record_claiming_more_than_the_disk_holds_is_refused_before_its_lists_
     cid = put(os.urandom(8192))
     lid = put(canonical.encode([[bytes.fromhex(cid), 8192]] * 256))
     b = LocalStore(tmp_path / "b")
-    n = free_bytes(b.tmp) // (256 * 8192) + 8
+    monkeypatch.setattr("castore.cache.copy.free_bytes", lambda path: 1 << 30)  # whatever this disk has
+    n = (1 << 30) // (256 * 8192) + 8
     oid = hash_bytes(b"claimed")
     (cache.root / object_path(oid)).write_bytes(canonical.encode({
         "format": 3, "kind": "blob", "size": n * 256 * 8192, "refs": [],
@@ -401,12 +412,12 @@ def test_a_record_claiming_more_than_the_disk_holds_is_refused_before_its_lists_
     reads: list[str] = []
     real_get_many = cache.get_many
     cache.get_many = lambda paths, *a: reads.extend(paths) or real_get_many(paths, *a)  # type: ignore[method-assign]
-    with pytest.raises(CastoreError, match=r"take at least [\d,.]+ MiB and the store's filesystem has") as err:
-        pull(b, cache, [oid])
-    assert "as the cache records it" in err.value.message and err.value.hint and "nothing was added" in err.value.hint
-    assert reads == [object_path(oid)]  # no list chunk was read
+    for dry_run in (False, True):
+        with pytest.raises(CastoreError, match=r"take at least [\d,.]+ MiB and the store's filesystem has") as err:
+            pull(b, cache, [oid], dry_run=dry_run)
+        assert "as the cache records it" in err.value.message and "nothing was added" in (err.value.hint or "")
+    assert reads == [object_path(oid)] * 2  # no list chunk was read
     assert b.objects() == [] and not (b.tmp / "pulls").exists()
-    assert pull(b, cache, [oid], dry_run=True).bytes_on_wire == 8192  # a dry run still says what it is
 
 
 def test_a_damaged_cache_directory_is_the_cache_s_fault_and_the_next_one_is_tried(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from castore.cache.layout import (
     RealisationRecord,
     check_chunk,
     chunk_path,
+    frame_limit,
     kind_check,
     merged_realisation,
     object_path,
@@ -188,13 +189,14 @@ def _frames(f: BinaryIO, chunks: list[Chunk], cctx: zstandard.ZstdCompressor,
 
 
 def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats: CopyStats,
-                  chunking: ChunkParams, *, check_room: bool = True) -> dict[str, ObjectRecord]:
+                  chunking: ChunkParams) -> dict[str, ObjectRecord]:
     """The records of every object of the closures that the store lacks, with their chunk
     lists (their bytes on the wire, and the list chunks fetched, are added to stats).
 
-    With check_room, the objects must fit in the space the store has left before their chunk
-    lists are read: a record's size is the cache's word, and a small record naming one list chunk
-    again and again would otherwise plan, and write, far more than any disk holds.
+    The objects must fit in the space the store has left before their chunk lists are read, dry
+    run or not: a record's size is the cache's word, and a small record naming one list chunk
+    again and again would otherwise take gigabytes of memory to plan, and write until the disk
+    was full.
 
     One batch of requests per level of references: a tree's thousands of blobs in one pipeline,
     then one for the list chunks of the level's large objects. A record at odds with the cache's
@@ -202,7 +204,7 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
     """
     records: dict[str, ObjectRecord] = {}
     level = sorted({oid for oid in ids if not store.has(oid)})
-    room = _room(store) if check_room else None
+    room = _Room(free_bytes(store.tmp), store.tmp / "pulls")
     while level:
         refs: set[str] = set()
         listed: list[ObjectRecord] = []
@@ -212,8 +214,7 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
                 raise NotFound(f"{cache.url} has no object {oid}")
             rec = records[oid] = ObjectRecord.decode(oid, data)
             stats.bytes_on_wire += len(data)
-            if room is not None:
-                room.need(rec)
+            room.need(rec)
             refs.update(rec.refs)
             if not rec.complete:
                 listed.append(rec)
@@ -243,10 +244,6 @@ class _Room:
                 f"filesystem has {self.free / 2**20:,.1f} MiB free ({rec.kind} {rec.id} alone: "
                 f"{rec.size / 2**20:,.1f} MiB, as the cache records it)",
                 "free space (castore gc) or pull into a store on a larger filesystem; nothing was added")
-
-
-def _room(store: LocalStore) -> _Room:
-    return _Room(free_bytes(store.tmp), store.tmp / "pulls")
 
 
 def record_of(cache: Transport, oid: str) -> ObjectRecord:
@@ -279,7 +276,7 @@ def _chunk_lists(cache: Transport, ids: list[str]) -> tuple[dict[str, bytes], in
     found: dict[str, bytes] = {}
     wire = 0
     dctx = zstandard.ZstdDecompressor()
-    for path, frame in cache.get_many([chunk_path(lid) for lid in ids], _frame_limit(LIST_BYTES)):
+    for path, frame in cache.get_many([chunk_path(lid) for lid in ids], frame_limit(LIST_BYTES)):
         if frame is None:
             continue
         lid = path.rpartition("/")[2]
@@ -304,7 +301,7 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
           meter: Meter | None, kinds: dict[str, str]) -> CopyStats:
     config = cache_config(cache, create=False)
     stats = CopyStats(present=len([o for o in wanted if store.has(o)]))
-    records = fetch_records(store, cache, wanted, stats, config.chunking, check_room=not dry_run)
+    records = fetch_records(store, cache, wanted, stats, config.chunking)
     for oid, kind in kinds.items():  # a record's kind is the cache's word: its content may say otherwise
         said = records[oid].kind if oid in records else store.kinds_and_sizes([oid]).get(oid, (kind, 0))[0]
         if said != kind:
@@ -509,7 +506,7 @@ class _Assembly:
         started = time.monotonic()
         dctx = zstandard.ZstdDecompressor()
         stats = self.stats
-        limit = _frame_limit(max(self.lengths.values()))
+        limit = frame_limit(max(self.lengths.values()))
         for count, (path, frame) in enumerate(self.cache.get_many([chunk_path(c) for c in need], limit), 1):
             cid = path.rpartition("/")[2]
             data = _verified(self.cache, dctx, cid, self.lengths[cid], frame)
@@ -634,10 +631,6 @@ class _Background(Generic[_T]):
         if self._error is not None:
             raise self._error
         return cast(_T, self._value)
-
-
-def _frame_limit(length: int) -> int:
-    return length + length // 64 + 4096  # zstd's worst case for incompressible data, with room
 
 
 def _verified(cache: Transport, dctx: zstandard.ZstdDecompressor, cid: str, length: int, frame: bytes | None) -> bytes:
