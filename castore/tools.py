@@ -143,7 +143,7 @@ def run(
     try:
         proc = subprocess.Popen(
             args,
-            executable=exe,  # argv[0] as given: sed --version prints it
+            executable=exe,  # argv[0] as given
             cwd=cwd,
             env=base_env(env),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,

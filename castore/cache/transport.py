@@ -26,7 +26,7 @@ from castore.fsutil import atomic_write, host_id, read_regular, stale_entries, s
 if TYPE_CHECKING:
     import httpx
 
-UNREADABLE = "the cache directory is damaged; nothing was added"
+UNREADABLE = "the cache directory is damaged or unreadable; nothing was added"
 MAX_BODY = 1 << 30  # no cache file is bigger: the largest is the record of a blob of ~700 GiB
 _ANSWER = 1 << 20  # to an upload: a status, at most an error message
 _ERROR_PAGE = 64 << 10  # of an error page, its start says enough
