@@ -115,7 +115,7 @@ class Realizer:
         if self._tool_cache is None:
             self._tool_cache = self.store.kv_get("tool:")
         before = len(self._tool_cache)
-        tools = {t: tool_version(t, self._tool_cache) for t in b.tools}
+        tools = {t: tool_version(t, self._tool_cache) for t in b.tools_of(plan.params)}
         tools.update((lib, library_version(lib, self._tool_cache)) for lib in b.libraries)
         if len(self._tool_cache) != before:
             self._tool_cache_dirty = True
@@ -279,7 +279,7 @@ class Realizer:
                 except CastoreError as exc:
                     log.write(f"\nerror: {exc.message}\n".encode())
                     log.flush()  # the reporter shows the log's tail: a builder that ran no tool wrote only here
-                    hint = exc.hint or f"the build log is {log_path}"
+                    hint = f"{exc.hint}; the build log is {log_path}" if exc.hint else f"the build log is {log_path}"
                     if self.keep_failed:
                         scratch = self.store.keep_failed(scratch, f"{plan.builder}-{step.hash[:12]}")
                         hint += f"; the build directory is kept at {scratch} (castore gc removes it)"

@@ -275,24 +275,35 @@ def ext4(size: int | str, *, label: str = "", name: str | None = None) -> Plan:
     return _plan("ext4", "blob", name or f"ext4({size})", params={"size": nbytes, "label": label})
 
 
+_TOOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
 def kernel(
     *, source: Any, config: str | os.PathLike[str], base: str = "tinyconfig",
-    arch: str = "x86_64", name: str | None = None,
+    arch: str = "x86_64", tools: Sequence[str] = (), name: str | None = None,
 ) -> Plan:
     """``make vmlinux`` of a Linux source tarball with a config fragment on top of ``base``.
 
     Every option the fragment sets must survive ``olddefconfig``; the build
-    runs sandboxed with KBUILD_BUILD_TIMESTAMP, USER, HOST and VERSION fixed.
+    runs sandboxed with KBUILD_BUILD_TIMESTAMP, USER, HOST and VERSION fixed,
+    and sees only the tools the builder declares plus ``tools`` (for options
+    that need more: ``gzip`` for IKCONFIG, ``cpio`` for IKHEADERS), whose
+    versions enter the plan hash like the others'.
     """
     src = _need_plan(source, "kernel source", ["blob"])
     if base not in ("tinyconfig", "allnoconfig", "defconfig"):
         raise _fail(f"kernel base {base!r} must be tinyconfig, allnoconfig or defconfig")
     _str(arch, "kernel arch", nul=False)
+    if isinstance(tools, str) or not all(isinstance(t, str) and _TOOL_NAME.fullmatch(t) for t in tools):
+        raise _fail(f"kernel tools {tools!r} must be a list of program names, like [\"gzip\", \"cpio\"]")
+    params: dict[str, Any] = {"base": base, "arch": arch}
+    if tools:  # absent, not empty, when there are none: the plans of recipes without it stay as they were
+        params["tools"] = sorted(set(tools))
     return _plan(
         "kernel",
         "blob",
         name or "vmlinux",
-        params={"base": base, "arch": arch},
+        params=params,
         inputs={"source": src, "config": _source(config, "kernel config")},
     )
 

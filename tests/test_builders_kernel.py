@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from castore.builders import SPECS
-from castore.builders.kernel import TOOLS_DIR, _sandboxed, missing_options, parse_fragment
+from castore.builders.kernel import _NOT_FOUND, TOOLS_DIR, _sandboxed, missing_options, parse_fragment
 from castore.tools import SYSTEM_PATH, run
 from tests.conftest import REPO, castore
 
@@ -30,13 +30,25 @@ def test_the_build_sees_only_the_tools_whose_versions_are_in_its_plan(tmp_path: 
     them finds (this one has python3, maybe git). The declared tools run from TOOLS_DIR."""
     assert shutil.which("python3", path=SYSTEM_PATH)
     probe = "for t in gcc sort python3 git pahole; do command -v $t || echo no $t; done; echo $PATH"
-    out = run(_sandboxed(tmp_path, ["sh", "-c", probe])).output.decode().split("\n")
+    out = run(_sandboxed(tmp_path, ["sh", "-c", probe], {})).output.decode().split("\n")
     assert out[:6] == [f"{TOOLS_DIR}/gcc", f"{TOOLS_DIR}/sort", "no python3", "no git", "no pahole", TOOLS_DIR]
     assert "gcc" in SPECS["kernel"].tools and "python3" not in SPECS["kernel"].tools
     # what a kernel build runs through PATH works there: the compiler finds its assembler
     (tmp_path / "t.c").write_text("int f(void) { return 1; }\n")
-    run(_sandboxed(tmp_path, ["gcc", "-c", "t.c", "-o", "t.o"]))
+    run(_sandboxed(tmp_path, ["gcc", "-c", "t.c", "-o", "t.o"], {}))
     assert (tmp_path / "t.o").read_bytes()[:4] == b"\x7fELF"
+    # a plan's own tools join them, and its hash: kernel(..., tools=["python3"])
+    params = {"tools": ["python3"]}
+    assert run(_sandboxed(tmp_path, ["sh", "-c", "command -v python3"], params)).output.strip() == \
+        f"{TOOLS_DIR}/python3".encode()
+    assert SPECS["kernel"].tools_of(params)[-1] == "python3" and SPECS["squashfs"].tools_of(params) == ("gensquashfs",)
+
+
+def test_a_tool_the_build_lacks_is_named_with_the_way_to_add_it() -> None:
+    said = "make[2]: *** [kernel/Makefile:160: kernel/config_data.gz] Error 127\n/bin/sh: 1: gzip: not found\n"
+    m = _NOT_FOUND.search(said)
+    assert m and m.group(1) == "gzip"
+    assert not _NOT_FOUND.search("fatal error: linux/foo.h: No such file or directory")
 
 
 def test_an_option_olddefconfig_drops_fails_the_build(demo: dict[str, Any], tmp_path: Path) -> None:

@@ -143,6 +143,8 @@ _K = "ext4('1MiB')"  # any blob plan stands in for a kernel and a layer here
     ('__import__("castore").local_file("x\\0")', "holds a NUL character"),
     ("__import__('json').loads('{bad')", "raised JSONDecodeError"),  # the line, not json/decoder.py's
     ("(_ for _ in ()).throw(GeneratorExit)", "raised GeneratorExit"),  # a BaseException, not an Exception
+    (f"__import__('castore').kernel(source={_K}, config='c', tools='gzip')", "must be a list of program names"),
+    (f"__import__('castore').kernel(source={_K}, config='c', tools=['../sh'])", "must be a list of program names"),
 ])
 def test_bad_arguments_are_reported_at_the_recipe_line(tmp_path: Path, call: str, message: str) -> None:
     """Wrong types and out-of-range values fail at evaluation, naming the line that passed them."""
@@ -162,6 +164,16 @@ def test_a_recipe_called_with_wrong_arguments_names_the_call(tmp_path: Path) -> 
     with pytest.raises(RecipeError) as err:
         evaluate_target(str(f))
     assert err.value.message.split(": ", 1)[0].endswith("r.py:11"), err.value.message  # not inspect.py's line
+
+
+def test_a_kernel_may_name_more_tools(tmp_path: Path) -> None:
+    (tmp_path / "c").write_text("CONFIG_IKCONFIG=y\n")
+    f = tmp_path / "r.py"
+    f.write_text(f"{_IMPORTS}from castore import kernel\n\n@recipe\ndef default():\n"
+                 f"    return kernel(source={_K}, config='c', tools=['gzip', 'cpio', 'gzip'])\n\n"
+                 f"@recipe\ndef plain():\n    return kernel(source={_K}, config='c')\n")
+    assert evaluate_target(str(f))[1].params["tools"] == ["cpio", "gzip"]
+    assert "tools" not in evaluate_target(f"{f}:plain")[1].params  # the plans of recipes without stay
 
 
 def test_edge_values_are_accepted(tmp_path: Path) -> None:

@@ -98,6 +98,10 @@ class Spec:
     version: int  # bump whenever the builder's output for the same plan could change
     tools: tuple[str, ...] = ()  # external programs it runs; their version lines enter the hash
     libraries: tuple[str, ...] = ()  # sonames of what programs it compiles load; their file names too
+    more_tools: bool = False  # a plan may name more tools, in params["tools"]: versioned alike
+
+    def tools_of(self, params: dict[str, Any]) -> tuple[str, ...]:
+        return (*self.tools, *params.get("tools", ())) if self.more_tools else self.tools
 
 
 SPECS: dict[str, Spec] = {
@@ -116,7 +120,7 @@ SPECS: dict[str, Spec] = {
         "make", "sh", "gcc", "as", "ld", "ar", "nm", "objcopy", "objdump", "flex", "bison", "m4", "bc", "perl",
         "awk", "sed", "grep", "find", "xargs", "diff", "cmp", "getconf", "basename", "cat", "cp", "cut", "dirname",
         "env", "expr", "head", "mkdir", "mktemp", "mv", "rm", "sha1sum", "sort", "tail", "touch", "tr", "uname",
-        "uniq", "wc", "tar", "xz", "bwrap"), ("libelf.so.1",)),
+        "uniq", "wc", "tar", "xz", "bwrap"), ("libelf.so.1",), more_tools=True),
     "image": Spec("image", 2),  # 2: kernel and layers checked
 }
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from castore.builders import SPECS, BlobResult, BuildContext, Result
-from castore.errors import BuildError
+from castore.errors import BuildError, ToolError
 from castore.tools import run, which
 
 _OPTION = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
+# what make or sh say of a program that is not on PATH
+_NOT_FOUND = re.compile(r"(?:^|[\s:])([A-Za-z0-9][A-Za-z0-9._+-]*): (?:command )?not found", re.M)
 # Fixed identity for /proc/version and `uname -v`; the values are arbitrary but constant.
 KBUILD_ENV = {
     "KBUILD_BUILD_TIMESTAMP": "Sat Jan  1 00:00:00 UTC 2000",
@@ -49,12 +52,12 @@ BUILD_DIR = "/tmp/build"  # on the sandbox's own tmpfs, so it exists whatever th
 TOOLS_DIR = "/tmp/tools"  # the sandbox's PATH: the declared tools, and nothing else
 
 
-def _sandboxed(work: Path, argv: list[str]) -> list[str]:
-    """bwrap argv for a step of the build. Only the tools in the builder's Spec, whose versions are
-    in the plan hash, are on PATH: a host that also has pahole, python3 or git builds what a host
-    without them builds (the kernel's scripts probe for them), and a tool the build starts to need
-    fails it by name instead of changing it unseen."""
-    tools = [arg for tool in SPECS["kernel"].tools
+def _sandboxed(work: Path, argv: list[str], params: dict[str, Any]) -> list[str]:
+    """bwrap argv for a step of the build. Only the tools in the builder's Spec and the plan's
+    own, whose versions are in the plan hash, are on PATH: a host that also has pahole, python3 or
+    git builds what a host without them builds (the kernel's scripts probe for them), and a tool
+    the build starts to need fails it by name instead of changing it unseen."""
+    tools = [arg for tool in dict.fromkeys(SPECS["kernel"].tools_of(params))
              for arg in ("--symlink", which(tool), f"{TOOLS_DIR}/{tool}")]
     return [
         which("bwrap"),
@@ -84,12 +87,12 @@ def _kernel(ctx: BuildContext) -> Result:
          "--no-same-owner"], log_file=ctx.log)
     make = ["make", f"ARCH={arch}"]
     ctx.status(f"make {ctx.params['base']}")
-    run(_sandboxed(work, [*make, ctx.params["base"]]), log_file=ctx.log)
+    run(_sandboxed(work, [*make, ctx.params["base"]], ctx.params), log_file=ctx.log)
     fragment = ctx.blob("config").path.read_text()
     wanted = parse_fragment(fragment)
     with open(work / ".config", "a") as f:
         f.write("\n# castore: config fragment\n" + fragment)
-    run(_sandboxed(work, [*make, "olddefconfig"]), log_file=ctx.log)
+    run(_sandboxed(work, [*make, "olddefconfig"], ctx.params), log_file=ctx.log)
     dropped = missing_options(wanted, (work / ".config").read_text())
     if dropped:
         raise BuildError(
@@ -106,8 +109,14 @@ def _kernel(ctx: BuildContext) -> Result:
             if count % 10 == 0 or parts[0] == "LD":
                 ctx.status(f"make vmlinux: {count} steps, {parts[0]} {parts[1]}")
 
-    run(_sandboxed(work, [*make, f"-j{ctx.jobs}", "vmlinux"]), env=KBUILD_ENV,
-        log_file=ctx.log, on_line=progress)
+    try:
+        run(_sandboxed(work, [*make, f"-j{ctx.jobs}", "vmlinux"], ctx.params), env=KBUILD_ENV,
+            log_file=ctx.log, on_line=progress)
+    except ToolError as exc:
+        if m := _NOT_FOUND.search(exc.message):
+            raise BuildError(exc.message, f"the build sees only the tools it declares: if it needs "
+                             f"{m.group(1)}, name it in the recipe, kernel(..., tools=[\"{m.group(1)}\"])") from exc
+        raise
     (work / "vmlinux").rename(ctx.out)
     return BlobResult()
 
