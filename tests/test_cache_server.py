@@ -537,24 +537,29 @@ def _log_lines(tmp_path: Path) -> list[str]:
     return [line for line in (tmp_path / "serve.log").read_text().splitlines() if not line.startswith("serving ")]
 
 
+def _one_chunk(tmp_path: Path, data: bytes) -> tuple[CacheApp, str, str, bytes, bytes]:
+    """A served cache holding one chunk of data: (app, write token, chunk id, its frame, the
+    record of a blob of that one chunk, not yet uploaded)."""
+    app = CacheApp(tmp_path / "cache")
+    writer = add_token(tmp_path / "cache", ["write"], "ci")
+    cid = hash_bytes(data)
+    frame = zstandard.ZstdCompressor().compress(data)
+    assert asgi(app, "PUT", f"/{chunk_path(cid)}", frame, token=writer).status_code == 201
+    return app, writer, cid, frame, ObjectRecord(cid, "blob", len(data), (), ((cid, len(data)),)).encode()
+
+
 @pytest.mark.parametrize("damage", ["empty", "garbage", "other-bytes", "fifo"])
 def test_a_chunk_damaged_in_the_cache_is_removed_and_the_next_push_repairs_it(tmp_path: Path, damage: str) -> None:
     """Not a 500 with a traceback for ever (a chunk there is never uploaded again), nor a server
     blocked on a FIFO: the damaged file goes, the upload is told to push again, and that works."""
-    app = CacheApp(tmp_path / "cache")
-    writer = add_token(tmp_path / "cache", ["write"], "ci")
-    data = random.Random(5).randbytes(100_000)
-    cid = hash_bytes(data)
-    frame = zstandard.ZstdCompressor().compress(data)
-    assert asgi(app, "PUT", f"/{chunk_path(cid)}", frame, token=writer).status_code == 201
+    app, writer, cid, frame, record = _one_chunk(tmp_path, random.Random(5).randbytes(100_000))
     here = tmp_path / "cache" / chunk_path(cid)
     here.unlink()
     if damage == "fifo":
         os.mkfifo(here)
     else:
         here.write_bytes({"empty": b"", "garbage": b"\x28\xb5\x2f\xfd" + b"x" * 100,
-                          "other-bytes": zstandard.ZstdCompressor().compress(b"y" * len(data))}[damage])
-    record = ObjectRecord(cid, "blob", len(data), (), ((cid, len(data)),)).encode()
+                          "other-bytes": zstandard.ZstdCompressor().compress(b"y" * 100_000)}[damage])
     r = asgi(app, "PUT", f"/{object_path(cid)}", record, token=writer)
     assert r.status_code == 409 and r.json()["error"] == "damaged" and "push again" in r.json()["message"], r.text
     assert not here.exists() and not here.is_symlink()
@@ -586,15 +591,8 @@ def test_a_chunk_the_server_cannot_read_or_that_was_replaced_is_not_removed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Out of descriptors, or EIO, is the server's trouble, not the chunk's; and a good chunk an
     upload renamed in after a damaged one was read stays."""
-    app = CacheApp(tmp_path / "cache")
-    writer = add_token(tmp_path / "cache", ["write"], "ci")
-    data = random.Random(7).randbytes(50_000)
-    cid = hash_bytes(data)
-    frame = zstandard.ZstdCompressor().compress(data)
-    assert asgi(app, "PUT", f"/{chunk_path(cid)}", frame, token=writer).status_code == 201
+    app, writer, cid, good, record = _one_chunk(tmp_path, random.Random(7).randbytes(50_000))
     here = tmp_path / "cache" / chunk_path(cid)
-    good = here.read_bytes()
-    record = ObjectRecord(cid, "blob", len(data), (), ((cid, len(data)),)).encode()
 
     def no_descriptors(path: Any, limit: int, **kw: Any) -> bytes:
         raise OSError(24, "Too many open files")
