@@ -96,8 +96,11 @@ class LocalStore:
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
         self.logs = self.root / "logs"
-        if not (self.root / "db.sqlite").exists() and not create:
-            raise StoreError(f"no castore store at {self.root}", "pass --store or set CASTORE_STORE")
+        if not (self.root / "db.sqlite").exists():
+            if held := _blob_files(self.blobs):  # before an empty database is made in its place
+                raise _lost_database(self.root, held, "is missing")
+            if not create:
+                raise StoreError(f"no castore store at {self.root}", "pass --store or set CASTORE_STORE")
         try:
             for d in (self.root, self.blobs, self.tmp, self.locks, self.logs):
                 _mkdir(d)
@@ -137,12 +140,8 @@ class LocalStore:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             tables = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'objects'").fetchone()
             # Stores made before user_version was set have their tables: those are adopted below.
-            if version == 0 and tables is None and (
-                    held := sum(1 for d in self.blobs.iterdir() if d.is_dir() for _ in d.iterdir())):
-                raise StoreError(f"the store database {self.root / 'db.sqlite'} holds nothing, but blobs/ "
-                                 f"holds {held} files: the database was lost or emptied",
-                                 "restore db.sqlite from a backup; castore will not take this for a new "
-                                 "store, whose gc would delete every blob")
+            if version == 0 and tables is None and (held := _blob_files(self.blobs)):
+                raise _lost_database(self.root, held, "holds nothing")
             if version > _SCHEMA_VERSION:  # what a newer castore added would be lost, or misread
                 raise StoreError(f"the store at {self.root} has schema version {version}; this castore "
                                  f"knows versions up to {_SCHEMA_VERSION}",
@@ -1014,6 +1013,20 @@ def _copy_pieces(fd: int, out: int, size: int) -> tuple[str, int]:
 
 
 _SQLITE_FULL = 13
+
+
+def _blob_files(blobs: Path) -> int:
+    try:
+        return sum(1 for d in blobs.iterdir() if d.is_dir() for _ in d.iterdir())
+    except OSError:  # no blobs/ yet: a new store
+        return 0
+
+
+def _lost_database(root: Path, held: int, what: str) -> StoreError:
+    return StoreError(f"the store database {root / 'db.sqlite'} {what}, but blobs/ holds {held} files: "
+                      "the database was lost or emptied",
+                      "restore db.sqlite from a backup; castore will not take this for a new store, whose gc "
+                      "would delete every blob")
 
 
 def _read_only(path: Path) -> bool:

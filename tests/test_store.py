@@ -233,6 +233,11 @@ def test_an_emptied_database_is_not_taken_for_a_new_store(tmp_path: Path) -> Non
         LocalStore(root)
     assert "backup" in (err.value.hint or "")
     assert (root / "blobs" / oid[:2] / oid).read_bytes() == b"precious"
+    (root / "db.sqlite").unlink()  # deleted, not emptied: every command says the same, and makes none
+    for create in (True, False):
+        with pytest.raises(StoreError, match=r"db\.sqlite is missing, but blobs/ holds 1 files"):
+            LocalStore(root, create=create)
+    assert not (root / "db.sqlite").exists()
 
 
 def test_a_name_that_is_not_utf8_is_refused(store: LocalStore, tmp_path: Path) -> None:
