@@ -35,7 +35,8 @@ _state: dict[str, Any] = {"store": None, "debug": False}
 StoreOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer reads the annotation at runtime
     typer.Option("--store", metavar="DIR", help="Store directory [env CASTORE_STORE; default /var/lib/castore "
-                 "for root, else $XDG_DATA_HOME/castore].", show_default=False),
+                 "for root, else $XDG_DATA_HOME/castore, ~/.local/share/castore when that is unset].",
+                 show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 _ID_HELP = "Object id, unique prefix of 8+ hex digits, or an out-link (result) or store path."
@@ -89,11 +90,13 @@ def realize(
     target: Annotated[str, typer.Argument(metavar="FILE[:NAME]", help="A recipe file, and which recipe in it "
                                           "(default: 'default', else the only one).")],
     out_link: Annotated[Optional[str], typer.Option("-o", "--out-link", metavar="NAME",  # noqa: UP045
-                        help="Make a symlink NAME to the result and keep it from gc.")] = None,
+                        help="Make a symlink NAME to the result and keep it from gc (it replaces only an "
+                        "earlier out-link, never a file of yours).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be built or fetched, "
                        "and build nothing.")] = False,
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep the scratch directory "
-                           "of a failed build for inspection.")] = False,
+                           "of a failed build for inspection, as STORE/tmp/failed-BUILDER-PLAN-… "
+                           "(castore gc removes it).")] = False,
     jobs: Annotated[int, typer.Option("-j", "--jobs", metavar="N", help="Parallel jobs inside a build "
                     "(make -j, compressor threads). 0: one per core.")] = 0,
     no_substitute: Annotated[bool, typer.Option("--no-substitute", help="Build everything missing "
@@ -249,7 +252,10 @@ def add(
         else:
             oid = store.add_file(path, move=move and _movable(path, store.root))
         if root_name is not None:
+            before = {n: o for n, o, link in store.roots() if not link}.get(root_name)
             store.add_root(root_name, oid)
+            if before not in (None, oid):
+                _err(f"note: root {root_name} now keeps {oid[:12]}, no longer {before[:12]}")
         info = store.info(oid)
         if as_json:
             _emit({"id": oid, "kind": info.kind, "size": info.size, "path": str(store.blob_path(oid))})
@@ -300,7 +306,10 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write an object out of the store: a blob as a file (holes kept), a tree as a directory,
-    an image as a directory with vmlinux, rootfs layers and image.json."""
+    an image as a directory with vmlinux, rootfs layers and image.json.
+
+    Example: castore export result ./out
+    """
     from castore.fsutil import copy_sparse, materialize
     from castore.store import remove_tree
 
@@ -492,6 +501,8 @@ def serve(
     Make tokens with `castore token add DIR --scope write`; clients pass them in CASTORE_TOKEN
     (to a cache they name) or under [tokens] in castore.toml. The same directory can also be
     served read-only by nginx or any static host.
+
+    Example: castore serve /srv/castore-cache --bind 0.0.0.0:8080
     """
     from castore.cache.server import CacheApp, listen
     from castore.cache.server import serve as run_server
@@ -512,11 +523,15 @@ app.add_typer(token_app, name="token")
 @token_app.command("add")
 def token_add(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory `castore serve` serves.")],
-    scope: Annotated[list[str], typer.Option("--scope", metavar="SCOPE", help="read or write (repeat for both).")],
+    scope: Annotated[list[str], typer.Option("--scope", metavar="SCOPE", help="read, or write (which may "
+                                             "also read).")],
     name: Annotated[str, typer.Option("--name", metavar="NAME", help="Who the token is for.")] = "",
     as_json: JsonOpt = False,
 ) -> None:
-    """Make a token and print it; the server keeps only its hash."""
+    """Make a token and print it; the server keeps only its hash.
+
+    Example: castore token add /srv/castore-cache --scope write --name ci
+    """
     from castore.cache.server import add_token
 
     bad = [s for s in scope if s not in ("read", "write")]
@@ -544,6 +559,8 @@ def key_generate(
 
     Put the secret key file in `secret-key-files` of castore.toml on the machine that pushes,
     and the public key in `trusted-public-keys` on the machines that substitute.
+
+    Example: castore key generate lab-1 --out /etc/castore/lab-1.secret
     """
     from castore.signing import generate
 
@@ -563,7 +580,10 @@ def key_generate(
 @key_app.command("public")
 def key_public(secret_file: Annotated[Path, typer.Argument(metavar="SECRET_FILE", help="A secret key file.")],
                as_json: JsonOpt = False) -> None:
-    """Print the public key of a secret key file (one that only its owner can read)."""
+    """Print the public key of a secret key file (one that only its owner can read).
+
+    Example: castore key public /etc/castore/lab-1.secret
+    """
     from castore.cache.trust import read_secret_key
     from castore.signing import public_of
 
@@ -576,7 +596,10 @@ def key_public(secret_file: Annotated[Path, typer.Argument(metavar="SECRET_FILE"
 
 @app.command()
 def path(object_id: Annotated[str, typer.Argument(metavar="ID", help=_ID_HELP)], as_json: JsonOpt = False) -> None:
-    """Print the store path of an object (read-only; Firecracker can open it directly)."""
+    """Print the store path of an object (read-only; Firecracker can open it directly).
+
+    Example: castore path result
+    """
     with _store(create=False) as store:
         oid = store.resolve(object_id)
         if as_json:
@@ -591,7 +614,10 @@ def show(
     entries: Annotated[bool, typer.Option("--entries", help="List a tree's entries.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show an object: kind, size, references, and the plan that made it."""
+    """Show an object: kind, size, references, and the plan that made it.
+
+    Example: castore show result --entries
+    """
     with _store(create=False) as store:
         oid = store.resolve(object_id)
         info = store.info(oid)
@@ -655,7 +681,10 @@ def ls(
     kind: Annotated[Optional[str], typer.Option("--kind", metavar="KIND", help="Only blob, tree or image.")] = None,  # noqa: UP045
     as_json: JsonOpt = False,
 ) -> None:
-    """List the objects in the store, with the names of the plans that made them."""
+    """List the objects in the store, with the names of the plans that made them.
+
+    Example: castore ls --kind image
+    """
     from castore.manifest import KINDS
 
     if kind is not None and kind not in KINDS:
@@ -688,7 +717,10 @@ def verify(
                            "do not re-hash.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-hash every object and check references and realisations; exit 1 on corruption."""
+    """Re-hash every object and check references and realisations; exit 1 on corruption.
+
+    Example: castore verify --no-contents   (sizes, modes and references only: fast)
+    """
     with _store(create=False) as store:
         problems, notes = store.verify(contents=not no_contents)
         count = len(store.objects())
@@ -709,7 +741,11 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete every object that no root reaches (out-links from realize -o, named roots)."""
+    """Delete every object that no root reaches (out-links from realize -o, named roots), and what
+    killed or failed runs left: stray files, stale staging, partial pulls, kept scratch directories.
+
+    Example: castore gc --dry-run
+    """
     with _store(create=False) as store:
         dead, freed = store.gc(dry_run=dry_run)
         if as_json:
@@ -728,9 +764,25 @@ def _origin(store: Any, plan_hash: str) -> str | None:
 
 
 @app.command()
-def roots(as_json: JsonOpt = False) -> None:
-    """List the gc roots: out-links and named roots."""
+def roots(
+    remove: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--remove", metavar="NAME", help="Remove this root (repeatable): a name given to `add --root`, "
+        "or an out-link's path as listed; the link itself is left alone.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the gc roots: out-links and named roots.
+
+    gc keeps whatever a root reaches; `add --root NAME` again moves the name to the new object.
+
+    Example: castore roots --remove demo-kernel
+    """
     with _store(create=False) as store:
+        for name in remove or []:
+            if not store.remove_root(name):
+                raise CastoreError(f"there is no root {name!r}", "`castore roots` lists them")
+            _err(f"removed root {name}")
+        if remove:
+            return
         now = [(n, link, o, store.root_object(n, o, link)) for n, o, link in store.roots()]
         rows = [(n, link, kept or o, kept is not None) for n, link, o, kept in now]
         if as_json:
@@ -743,7 +795,10 @@ def roots(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def log(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (or prefix), or a plan hash.")]) -> None:
-    """Print the build log of the plan that made an object (or of a failed plan, by plan hash)."""
+    """Print the build log of the plan that made an object (or of a failed plan, by plan hash).
+
+    Example: castore log result
+    """
     from castore.errors import NotFound
     from castore.hashing import is_prefix
 

@@ -103,6 +103,21 @@ def test_show_names_the_plan_and_log(tmp_path: Path) -> None:
     assert "gensquashfs" in castore("log", res["id"], store=store).stdout
 
 
+def test_a_named_root_is_removed_by_name_and_a_reused_name_says_what_it_left(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    (tmp_path / "a").write_bytes(b"first")
+    (tmp_path / "b").write_bytes(b"second")
+    a = castore("add", str(tmp_path / "a"), "--root", "keep", store=store).stdout.strip()
+    proc = castore("add", str(tmp_path / "b"), "--root", "keep", store=store)
+    b = proc.stdout.strip()
+    assert f"note: root keep now keeps {b[:12]}, no longer {a[:12]}" in proc.stderr
+    assert "removed root keep" in castore("roots", "--remove", "keep", store=store).stderr
+    assert castore_json("roots", store=store) == []
+    proc = castore("roots", "--remove", "keep", store=store, check=False)
+    assert proc.returncode == 1 and "there is no root 'keep'" in proc.stderr
+    assert sorted(castore_json("gc", store=store)["deleted"]) == sorted([a, b])
+
+
 def test_out_link_is_a_gc_root(tmp_path: Path) -> None:
     store = tmp_path / "store"
     link = tmp_path / "result"
