@@ -58,13 +58,18 @@ def read_regular(path: str | os.PathLike[str], limit: int, *, whole: bool = True
         if whole and st.st_size > limit:
             raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than such a file ever holds ({limit})",
                           os.fspath(path))
-        parts, done = [], 0
-        while done < limit + whole and (part := os.pread(fd, min(limit + whole - done, 1 << 30), done)):
-            parts.append(part)
-            done += len(part)
-        return b"".join(parts)
+        return read_upto(fd, limit + whole)
     finally:
         os.close(fd)
+
+
+def read_upto(fd: int, size: int) -> bytes:
+    """Up to size bytes from the start of fd (fewer where it ends): one read() returns at most 2 GiB."""
+    parts, done = [], 0
+    while done < size and (part := os.pread(fd, min(size - done, 1 << 30), done)):
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
 
 
 def copy_sparse(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:

@@ -75,7 +75,7 @@ from castore.cache.layout import (
 )
 from castore.cache.transport import cache_staging, check_path
 from castore.errors import CastoreError, EncodingError
-from castore.fsutil import atomic_write, more_descriptors, read_regular, syncfs
+from castore.fsutil import atomic_write, more_descriptors, read_regular, read_upto, syncfs
 from castore.hashing import Hasher, hash_bytes
 
 Scope = dict[str, Any]
@@ -250,7 +250,7 @@ class CacheApp:
             elif st.st_size <= INLINE_READ:
                 data = os.read(fd, st.st_size)
             else:
-                data = await asyncio.to_thread(_read_all, fd, st.st_size)
+                data = await asyncio.to_thread(read_upto, fd, st.st_size)
         finally:
             os.close(fd)
         immutable = path.startswith(("chunks/", "objects/"))
@@ -486,15 +486,6 @@ def _store_failed(path: str, exc: CastoreError | OSError) -> HttpError:
                          "nothing partial was kept")
     return HttpError(500, "server-error", f"the server could not store {path} (its log says why); "
                      "nothing partial was kept")
-
-
-def _read_all(fd: int, size: int) -> bytes:
-    """size bytes from fd: one read() returns at most 2 GiB."""
-    parts, done = [], 0
-    while done < size and (part := os.pread(fd, min(size - done, 1 << 30), done)):
-        parts.append(part)
-        done += len(part)
-    return b"".join(parts)
 
 
 def _log(line: str) -> None:
