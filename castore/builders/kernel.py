@@ -60,7 +60,7 @@ def _sandboxed(work: Path, argv: list[str], params: dict[str, Any]) -> list[str]
     tools = [arg for tool in dict.fromkeys(SPECS["kernel"].tools_of(params))
              for arg in ("--symlink", which(tool), f"{TOOLS_DIR}/{tool}")]
     return [
-        which("bwrap"),
+        "bwrap",
         "--ro-bind", "/", "/",  # the host's toolchain, read-only
         "--tmpfs", "/tmp",
         "--bind", str(work), BUILD_DIR,  # same source path on every machine
