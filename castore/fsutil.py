@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import mmap
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,123 @@ def pwrite_all(fd: int, data: bytes, at: int) -> None:
     while view:
         k = os.pwrite(fd, view, at)
         view, at = view[k:], at + k
+
+
+_ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths in multiples of the device's block
+
+
+class DirectWriter:
+    """Writes a new file front to back through two buffers: the caller fills one while a thread
+    sends the other to disk, with O_DIRECT where the filesystem takes it, else through the page
+    cache. Use space() and commit(n) to fill the buffer in place, or write(data); then finish().
+
+    Why not the page cache: a large blob is fsynced before it is published, so caching its pages
+    buys nothing, and fresh page-cache pages are dear on a VM whose host backs guest memory when
+    it is first touched: a 57 MiB copy measured 0.14 s through the page cache here, 0.04 s direct.
+    The bytes written are the bytes in the buffers, so a hash of what was committed describes
+    the file whatever else writes to the source meanwhile.
+    """
+
+    def __init__(self, fd: int, piece: int = 4 << 20) -> None:
+        self.fd = fd
+        self.direct = _set_direct(fd)
+        self._bufs = [mmap.mmap(-1, piece), mmap.mmap(-1, piece)]
+        self._piece = piece
+        self._which = 0
+        self._filled = 0
+        self.size = 0  # bytes sent to the writer thread
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._ended = False
+
+    def space(self) -> memoryview:
+        """The free part of the buffer being filled (never empty)."""
+        if self._ended:
+            raise ValueError("DirectWriter: write after a partial block")  # offsets would not align
+        return memoryview(self._bufs[self._which])[self._filled:]
+
+    def commit(self, n: int) -> None:
+        self._filled += n
+        if self._filled == self._piece:
+            self._send()
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            space = self.space()
+            n = min(len(space), len(view))
+            space[:n] = view[:n]
+            self.commit(n)
+            view = view[n:]
+
+    def finish(self) -> int:
+        """Send what is left, wait for the disk, and cut the file to the bytes committed (O_DIRECT
+        wrote the last block whole). Returns the file's size. No fsync: the caller's."""
+        if self._filled:
+            self._send()
+        self._wait()
+        self._ended = True
+        os.ftruncate(self.fd, self.size)
+        return self.size
+
+    def close(self) -> None:
+        """Wait for the thread (also after an error: it must not write to a closed descriptor)."""
+        with contextlib.suppress(BaseException):  # after finish() there is none; else the caller raises its own
+            self._wait()
+        self._bufs = []  # unmapped once the caller's views of them are gone
+
+    def __enter__(self) -> DirectWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self) -> None:
+        n = self._filled
+        buf = self._bufs[self._which]
+        length = n + (-n % _ALIGN)
+        buf[n:length] = bytes(length - n)
+        self._ended = length != n  # only the last piece may be partial
+        self._wait()
+        self._thread = threading.Thread(target=self._pwrite, args=(memoryview(buf)[:length], self.size))
+        self._thread.start()
+        self.size += n
+        self._which ^= 1
+        self._filled = 0
+
+    def _pwrite(self, view: memoryview, at: int) -> None:
+        try:
+            while view:
+                try:
+                    k = os.pwrite(self.fd, view, at)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not self.direct:
+                        raise
+                    self.direct = _set_direct(self.fd, False)  # this filesystem wants other alignment
+                    continue
+                view, at = view[k:], at + k
+        except BaseException as exc:
+            self._error = exc
+
+    def _wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _set_direct(fd: int, on: bool = True) -> bool:
+    """Turn O_DIRECT on or off for fd; whether it is on (tmpfs and some others refuse it)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return on
 
 
 def read_regular(path: str | os.PathLike[str], limit: int, *, whole: bool = True) -> bytes | None:

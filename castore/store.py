@@ -27,7 +27,6 @@ import contextlib
 import errno
 import fcntl
 import itertools
-import mmap
 import os
 import shutil
 import sqlite3
@@ -41,7 +40,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
-from castore.fsutil import copy_range, more_descriptors, stale_entries, start_writeback, syncfs
+from castore.fsutil import DirectWriter, more_descriptors, stale_entries, start_writeback, syncfs
 from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree
 
@@ -992,23 +991,22 @@ def _copy_hashing_fd(fd: int, size: int, dest: Path) -> tuple[str, int]:
         os.close(out)
 
 
-_PIECE = 4 << 20  # a multiple of the page size: each piece is mapped at its own offset
-
-
 def _copy_pieces(fd: int, out: int, size: int) -> tuple[str, int]:
-    """Copy size bytes (fewer if src ends sooner) piece by piece: each piece is copied in the kernel,
-    sent to disk and hashed from the copy while the disk writes it, so the fsync that follows waits
-    for the last piece instead of all of them (17 % less for a 57 MiB squashfs, measured here)."""
+    """Copy size bytes (fewer if src ends sooner) piece by piece: each piece is read into a buffer,
+    hashed there and sent to disk by DirectWriter while the next is read, so the id describes the
+    bytes written and the fsync that follows has little left to wait for."""
     hasher = Hasher(threads=True)
     at = 0
-    while at < size:
-        n = copy_range(fd, out, min(_PIECE, size - at), at, at)
-        if n == 0:
-            break
-        start_writeback(out, at, n)
-        with mmap.mmap(out, n, offset=at, access=mmap.ACCESS_READ) as piece:
-            hasher.update(piece)
-        at += n
+    with DirectWriter(out) as writer:
+        while at < size:
+            space = writer.space()
+            n = os.preadv(fd, [space[:size - at]], at)
+            if n == 0:
+                break
+            hasher.update(space[:n])
+            writer.commit(n)
+            at += n
+        writer.finish()
     return hasher.hexdigest(), at
 
 

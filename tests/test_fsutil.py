@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from castore import fsutil
 from castore.errors import CastoreError
-from castore.fsutil import atomic_write, copy_range, copy_sparse, materialize, read_regular, start_writeback, syncfs
+from castore.fsutil import (
+    DirectWriter,
+    atomic_write,
+    copy_range,
+    copy_sparse,
+    materialize,
+    read_regular,
+    start_writeback,
+    syncfs,
+)
 from castore.store import LocalStore
 from tests.helpers import sparse_file
 
@@ -127,3 +137,37 @@ def test_read_regular_reads_files_and_refuses_the_rest_without_blocking(tmp_path
         with pytest.raises(OSError, match="not a regular file") as err:
             read_regular(odd, 5)
         assert err.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_writer_writes_what_was_committed(tmp_path: Path, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not direct:  # a filesystem that refuses O_DIRECT: the same writes, through the page cache
+        monkeypatch.setattr(fsutil, "_set_direct", lambda fd, on=True: False)
+    data = os.urandom(5 * 8192 + 123)  # pieces of 8 KiB, and a last block that is not whole
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with DirectWriter(fd, piece=8192) as w:
+            assert w.direct is direct
+            w.write(data[:10000])  # across a piece's end
+            space = w.space()
+            space[:100] = data[10000:10100]
+            w.commit(100)
+            w.write(data[10100:])
+            assert w.finish() == len(data)
+            with pytest.raises(ValueError, match="partial block"):
+                w.write(b"more")  # the last block went out padded: nothing may follow it
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_direct_writer_raises_what_its_thread_met(tmp_path: Path) -> None:
+    (tmp_path / "ro").write_bytes(b"")
+    fd = os.open(tmp_path / "ro", os.O_RDONLY)
+    try:
+        with DirectWriter(fd, piece=4096) as w, pytest.raises(OSError) as err:
+            w.write(bytes(3 * 4096))  # the first piece fails in the thread: the next write says so
+            w.finish()
+        assert err.value.errno == errno.EBADF
+    finally:
+        os.close(fd)

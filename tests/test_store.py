@@ -140,6 +140,10 @@ def test_full_disk_leaves_the_store_as_it_was(tmp_path: Path) -> None:
         big.write_bytes(os.urandom(4 << 20))
         with pytest.raises(StoreError, match="no space left"):
             s.add_file(big)
+        with big.open("ab") as f:  # past the size read whole: copied by DirectWriter's thread
+            f.write(os.urandom(6 << 20))
+        with pytest.raises(StoreError, match="no space left"):
+            s.add_file(big)
         with pytest.raises(StoreError, match="no space left"):
             s.add_dir(tmp_path, all_root=True)
         try:
