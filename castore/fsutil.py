@@ -10,11 +10,13 @@ import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from castore.errors import CastoreError
+from castore.hashing import Hasher
 from castore.manifest import Tree
 
 _NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -52,6 +54,10 @@ class DirectWriter:
     """Writes a new file front to back through two buffers: the caller fills one while a thread
     sends the other to disk, with O_DIRECT where the filesystem takes it, else through the page
     cache. Use space() and commit(n) to fill the buffer in place, or write(data); then finish().
+    A hasher given is fed every piece before it goes out (in pieces: blake3's threads pay).
+    With a latency (seconds), bytes committed that long ago go out at the next commit, down to a
+    block boundary, even if their piece is not full: a pull over a slow link keeps on disk what it
+    verified, for the next pull after a kill -9.
 
     Why not the page cache: a large blob is fsynced before it is published, so caching its pages
     buys nothing, and fresh page-cache pages are dear on a VM whose host backs guest memory when
@@ -60,8 +66,12 @@ class DirectWriter:
     the file whatever else writes to the source meanwhile.
     """
 
-    def __init__(self, fd: int, piece: int = 4 << 20) -> None:
+    def __init__(self, fd: int, piece: int = 4 << 20, hasher: Hasher | None = None,
+                 latency: float | None = None) -> None:
         self.fd = fd
+        self.hasher = hasher
+        self._latency = latency
+        self._since = 0.0  # when the buffer being filled got its first byte
         self.direct = _set_direct(fd)
         self._bufs = [mmap.mmap(-1, piece), mmap.mmap(-1, piece)]
         self._piece = piece
@@ -79,6 +89,14 @@ class DirectWriter:
         return memoryview(self._bufs[self._which])[self._filled:]
 
     def commit(self, n: int) -> None:
+        if self._latency is not None:
+            now = time.monotonic()
+            if not self._filled:
+                self._since = now
+            elif now - self._since > self._latency and self._filled + n >= _ALIGN:
+                self._filled += n
+                self._send(whole=False)
+                return
         self._filled += n
         if self._filled == self._piece:
             self._send()
@@ -102,6 +120,22 @@ class DirectWriter:
         os.ftruncate(self.fd, self.size)
         return self.size
 
+    def drain(self) -> None:
+        """Wait for the disk, then write what is committed but not sent, exactly, through the page
+        cache: for a caller that stops early and keeps what it wrote (a pull's partial file). No
+        padding, no truncation: bytes past the committed ones stay as they were."""
+        self._wait()
+        if self._filled:
+            self.direct = _set_direct(self.fd, False)
+            view = memoryview(self._bufs[self._which])[:self._filled]
+            at = self.size
+            while view:
+                k = os.pwrite(self.fd, view, at)
+                view, at = view[k:], at + k
+            self.size += self._filled
+            self._filled = 0
+        self._ended = True
+
     def close(self) -> None:
         """Wait for the thread (also after an error: it must not write to a closed descriptor)."""
         with contextlib.suppress(BaseException):  # after finish() there is none; else the caller raises its own
@@ -114,18 +148,25 @@ class DirectWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self) -> None:
+    def _send(self, *, whole: bool = True) -> None:
+        """Send the buffer being filled: all of it (the last block padded with zeros: the file
+        must end there), or not whole, down to a block boundary, the rest moved to the other."""
         n = self._filled
+        cut = n if whole else n - n % _ALIGN
         buf = self._bufs[self._which]
-        length = n + (-n % _ALIGN)
-        buf[n:length] = bytes(length - n)
-        self._ended = length != n  # only the last piece may be partial
+        if self.hasher is not None:
+            self.hasher.update(memoryview(buf)[:cut])
+        length = cut + (-cut % _ALIGN)
+        buf[cut:length] = bytes(length - cut)
+        self._ended = length != cut  # only the last piece may end inside a block
         self._wait()
         self._thread = threading.Thread(target=self._pwrite, args=(memoryview(buf)[:length], self.size))
         self._thread.start()
-        self.size += n
+        self.size += cut
         self._which ^= 1
-        self._filled = 0
+        self._filled = n - cut
+        self._bufs[self._which][:n - cut] = buf[cut:n]  # the thread writes buf[:cut] only
+        self._since = time.monotonic()
 
     def _pwrite(self, view: memoryview, at: int) -> None:
         try:

@@ -416,11 +416,13 @@ class LocalStore:
                 raise store_os_error(exc, self.root) from exc
             raise
 
-    def add_file(self, path: str | os.PathLike[str], *, move: bool = False,
-                 expect: str | None = None, kind: str = "blob", refs: Iterable[str] = ()) -> str:
+    def add_file(self, path: str | os.PathLike[str], *, move: bool = False, expect: str | None = None,
+                 kind: str = "blob", refs: Iterable[str] = (), hashed: bool = False) -> str:
         """Copy a file in as a blob, or move it in (a rename: same filesystem only).
 
         A moved file that cannot be added is moved back, so a failure loses nothing.
+        hashed: expect is what the caller hashed as it wrote the file it moves in (a pull's
+        DirectWriter), so it is not read again.
         """
         src = Path(path)
         staged = self._stage_path()
@@ -431,9 +433,12 @@ class LocalStore:
                 os.rename(src, staged)
                 moved = True
                 with open(staged, "rb") as f:
-                    start_writeback(f.fileno())  # dirty pages go to disk while we hash
                     size = os.fstat(f.fileno()).st_size
-                    oid = hash_fileobj(f, size)
+                    if hashed and expect is not None:
+                        oid = expect
+                    else:
+                        start_writeback(f.fileno())  # dirty pages go to disk while we hash
+                        oid = hash_fileobj(f, size)
             else:
                 oid, size = _copy_hashing(src, staged)
             if expect is not None and oid != expect:
@@ -997,13 +1002,12 @@ def _copy_pieces(fd: int, out: int, size: int) -> tuple[str, int]:
     bytes written and the fsync that follows has little left to wait for."""
     hasher = Hasher(threads=True)
     at = 0
-    with DirectWriter(out) as writer:
+    with DirectWriter(out, hasher=hasher) as writer:
         while at < size:
             space = writer.space()
             n = os.preadv(fd, [space[:size - at]], at)
             if n == 0:
                 break
-            hasher.update(space[:n])
             writer.commit(n)
             at += n
         writer.finish()

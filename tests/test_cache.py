@@ -17,7 +17,6 @@ from castore.cache.layout import CacheConfig, ObjectRecord, RealisationRecord, c
 from castore.cache.transport import DirTransport, HttpTransport, check_path, open_cache
 from castore.chunking import ChunkParams
 from castore.errors import CastoreError, EncodingError, NotFound, StoreError
-from castore.fsutil import copy_range
 from castore.hashing import hash_bytes
 from castore.store import LocalStore
 from tests.conftest import castore, castore_json, golden, snapshot
@@ -783,22 +782,23 @@ def test_a_corrupt_chunk_in_a_seeded_pull_adds_nothing_and_the_rerun_completes(t
     b.close()
 
 
-def test_a_failed_fetch_stops_the_copy_of_seeded_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    a, cache, b, id1, id2, _ = _v1_pulled(tmp_path, 14, 3 << 20, (700_000, 100_000), (1_600_000, 100_000))
-    new = {c for c, _ in record_of(cache, id2).chunks} - {c for c, _ in record_of(cache, id1).chunks}
-    for cid in new:  # every chunk v1 lacks is corrupt: the fetch fails at once
-        (cache.root / chunk_path(cid)).write_bytes(zstandard.ZstdCompressor().compress(b"not this chunk"))
-    calls = []
-
-    def slow_copy(*args: int) -> int:
-        calls.append(args)
-        time.sleep(0.5)
-        return copy_range(*args)
-
-    monkeypatch.setattr("castore.cache.copy.copy_range", slow_copy)
-    with pytest.raises(CastoreError, match=r"its record says"):
-        pull(b, cache, [id2])
-    assert len(calls) <= 1  # three runs to copy: at most the first began
-    assert not b.has(id2)
+def test_chunks_that_come_before_their_turn_wait_in_the_partial_file(tmp_path: Path) -> None:
+    """Objects are written front to back, one at a time: a chunk one object holds twice, or one
+    that another object needed first, comes before its turn and waits on disk until then."""
+    rng = random.Random(7)
+    r1, r2, r3 = rng.randbytes(1 << 20), rng.randbytes(700_000), rng.randbytes(900_000)
+    a = LocalStore(tmp_path / "a")
+    ids = [a.add_file(blob_file(tmp_path, n, d)) for n, d in (("x", r1 + r2 + r1 + r3), ("y", r3 + r1))]
+    (tmp_path / "cache").mkdir()
+    cache = Counting(tmp_path / "cache")
+    push(a, cache, ids)
+    distinct = {c for oid in ids for c, _ in record_of(cache, oid).chunks}
+    cache.gets.clear()
+    b = LocalStore(tmp_path / "b")
+    stats = pull(b, cache, ids)
+    assert stats.chunks_fetched == len(distinct)
+    assert stats.chunks_fetched + stats.lists == len([g for g in cache.gets if g.startswith("chunks/")])
+    assert [b.blob_path(o).read_bytes() for o in ids] == [r1 + r2 + r1 + r3, r3 + r1]
+    assert b.verify() == ([], []) and os.listdir(b.tmp / "pulls") == []
     a.close()
     b.close()

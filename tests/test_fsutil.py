@@ -139,14 +139,16 @@ def test_read_regular_reads_files_and_refuses_the_rest_without_blocking(tmp_path
         assert err.value.errno == errno.EINVAL
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_direct_writer_writes_what_was_committed(tmp_path: Path, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("direct", "latency"), [(True, None), (False, None), (True, 0.0)])
+def test_direct_writer_writes_what_was_committed(tmp_path: Path, direct: bool, latency: float | None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole pieces; through the page cache; and with no latency allowed, pieces cut at blocks."""
     if not direct:  # a filesystem that refuses O_DIRECT: the same writes, through the page cache
         monkeypatch.setattr(fsutil, "_set_direct", lambda fd, on=True: False)
     data = os.urandom(5 * 8192 + 123)  # pieces of 8 KiB, and a last block that is not whole
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with DirectWriter(fd, piece=8192) as w:
+        with DirectWriter(fd, piece=8192, latency=latency) as w:
             assert w.direct is direct
             w.write(data[:10000])  # across a piece's end
             space = w.space()
@@ -171,3 +173,18 @@ def test_direct_writer_raises_what_its_thread_met(tmp_path: Path) -> None:
         assert err.value.errno == errno.EBADF
     finally:
         os.close(fd)
+
+
+def test_direct_writer_drains_what_it_holds_and_leaves_the_rest(tmp_path: Path) -> None:
+    """A pull that stops keeps what it verified: committed bytes go out exactly, nothing past them
+    is touched (chunks that came before their turn wait there)."""
+    f = tmp_path / "partial"
+    f.write_bytes(b"\xff" * 20000)
+    fd = os.open(f, os.O_WRONLY)
+    try:
+        with DirectWriter(fd, piece=8192) as w:
+            w.write(b"a" * 10000)  # one piece sent, 1808 bytes held
+            w.drain()
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"a" * 10000 + b"\xff" * 10000

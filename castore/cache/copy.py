@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Generic, NamedTuple, TypeVar, cast
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
@@ -47,11 +47,10 @@ from castore.cache.transport import Transport
 from castore.cache.trust import Trust, signed
 from castore.chunking import Chunk, ChunkParams, cut_file
 from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound, StoreError
-from castore.fsutil import copy_range, free_bytes, pwrite_all, start_writeback
-from castore.hashing import hash_file
+from castore.fsutil import DirectWriter, free_bytes, pwrite_all
+from castore.hashing import Hasher
 from castore.store import LocalStore, store_os_error
 
-_T = TypeVar("_T")
 Progress = Callable[[str], None]
 Meter = Callable[[int, int], None]  # (bytes of chunk data fetched so far, bytes to fetch in all)
 
@@ -325,33 +324,18 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
     return stats
 
 
-class _Run:
-    """Chunks of one object that lie end to end in one local blob: copied with one call."""
-
-    __slots__ = ("at", "chunks", "offset", "path", "size")
-
-    def __init__(self, path: Path, offset: int, at: int, chunks: list[tuple[str, int]]) -> None:
-        self.path, self.offset, self.at = path, offset, at  # in the blob, in the object
-        self.chunks = chunks
-        self.size = sum(n for _, n in chunks)
-
-    def extend(self, path: Path, offset: int, at: int, cid: str, length: int) -> bool:
-        if not self.chunks or path != self.path or offset != self.offset + self.size or at != self.at + self.size:
-            return False
-        self.chunks.append((cid, length))
-        self.size += length
-        return True
-
-
 class _Assembly:
     """Objects put together in ``tmp/pulls/<id>``: every chunk is verified before it is written,
     every object is verified whole before it enters the store.
 
-    A partial object stays when a pull fails or is killed; the next pull keeps each of its
-    chunks that still hashes right and fetches only the rest. Chunks come from, in order:
-    that partial object, the local blobs holding them (the chunk index), the cache.
+    Bytes come from, in order of preference: the object's partial file (a pull that failed or was
+    killed leaves it; each of its chunks that still hashes right is kept), the local blobs holding
+    them (the chunk index), the cache. One object at a time, in the order the cache's chunks are
+    fetched, is written front to back through a DirectWriter that hashes it on the way, so it is
+    neither read again nor left in the page cache; chunks that come before their turn (one that
+    appears twice, one that another object needed first) wait in their object's partial file.
 
-    The trees and images of the pull are fetched first and checked (whole hash, then
+    The trees and images of the pull are put together first and checked (whole hash, then
     :func:`kind_check`) before any object enters the store, so a hostile manifest adds
     nothing, not even the blobs it names.
     """
@@ -362,42 +346,42 @@ class _Assembly:
         self.stats, self.progress, self.meter = stats, progress, meter
         self.dir = store.tmp / "pulls"
         self.dir.mkdir(exist_ok=True)
-        self.left: dict[str, int] = {}  # object -> chunks still to write
-        self.dests: dict[str, list[tuple[str, int]]] = {}  # chunk to fetch -> (object, offset) to write it at
+        self.dests: dict[str, list[tuple[str, int]]] = {}  # chunk to fetch -> (object, position) it goes to
         self.lengths: dict[str, int] = {}
-        self.fds: dict[str, int] = {}
+        self.fds: dict[str, int] = {}  # partial files, for chunks that come before their turn
+        self.blobs: dict[Path, int] = {}  # local blobs read for their chunks
         self.done = 0  # objects of self.order added to the store
         self.local = store.find_chunks(cid for oid in order for cid, _ in records[oid].chunks)
-        self.runs: list[tuple[str, _Run]] = []  # (object, run of chunks to copy from a local blob)
-        self.stopping = False  # set when the fetch failed: _copy_runs, in its thread, stops
-        self.seeded: set[str] = set()  # objects with chunks copied from local blobs
         self.manifests = {oid for oid in order if records[oid].kind != "blob"}  # not yet checked
+        self.queue = [o for o in order if o in self.manifests] + [o for o in order if o not in self.manifests]
+        self.sinks = {oid: _Sink(records[oid]) for oid in order}
+        self.whole: set[str] = set()  # objects written and hashed right
+        self.seeded: set[str] = set()  # objects with chunks taken from local blobs
+        self.current: tuple[str, DirectWriter, Hasher] | None = None  # the object being written
+        self.next = 0  # in self.queue: the one to write after it
 
     def run(self) -> None:
         try:
             for oid in self.order:
                 self._plan(oid)
-            if self.dests and self.runs:
-                # the kernel copies the seeded runs on the other core while this one fetches
-                copier = _Background(self._copy_runs)
-                try:
-                    self._fetch()
-                except BaseException:
-                    self.stopping = True  # the copier stops at its next piece
-                    copier.wait()  # its own error, if any, matters less than this one
-                    raise
-                missed = copier.result()
-            else:
-                missed = self._copy_runs()
-            self._copied(missed)
-            self._fetch()  # all of it, or what a local blob shorter than the index said did not give
+            self._advance()
+            while self.dests:  # again for what a local blob shorter than the index said did not give
+                self._fetch()
             self._finish_ready()
-        except OSError as exc:
-            raise store_os_error(exc, self.store.root, retry="nothing unverified was added; free space "
-                                 "(castore gc also removes partial pulls) and pull again: what was verified "
-                                 "is kept") from exc
+        except BaseException as exc:
+            if self.current is not None:
+                with contextlib.suppress(OSError):  # the next pull keeps what this one verified
+                    self.current[1].drain()
+            if isinstance(exc, OSError):
+                raise store_os_error(exc, self.store.root, retry="nothing unverified was added; free space "
+                                     "(castore gc also removes partial pulls) and pull again: what was "
+                                     "verified is kept") from exc
+            raise
         finally:
-            for fd in self.fds.values():
+            if self.current is not None:
+                self.current[1].close()  # its thread must not outlive the descriptor
+                os.close(self.current[1].fd)
+            for fd in [*self.fds.values(), *self.blobs.values()]:
                 os.close(fd)
 
     def _fd(self, oid: str) -> int:
@@ -410,6 +394,7 @@ class _Assembly:
 
     def _plan(self, oid: str) -> None:
         rec = self.records[oid]
+        sink = self.sinks[oid]
         fd = self._fd(oid)
         size = os.fstat(fd).st_size
         resumed = size == rec.size > 0
@@ -417,81 +402,94 @@ class _Assembly:
             if size:
                 os.ftruncate(fd, 0)
             os.ftruncate(fd, rec.size)  # sparse until written
-        self.left[oid] = 0
-        run = _Run(Path(), 0, 0, [])
-        offset = 0
-        for cid, length in rec.chunks:
+        for index, (cid, length) in enumerate(rec.chunks):
+            offset = sink.offsets[index]
             if resumed and _ok(cid, os.pread(fd, length, offset)):
+                sink.ready[index] = None
                 self.stats.chunks_seeded += 1
             elif (local := self.local.get(cid)) is not None and local[2] == length:
-                self.left[oid] += 1  # until copied
-                if not run.extend(local[0], local[1], offset, cid, length):
-                    if run.chunks:
-                        self.runs.append((oid, run))
-                    run = _Run(local[0], local[1], offset, [(cid, length)])
+                sink.ready[index] = (local[0], local[1])
             else:
-                self._need(oid, cid, length, offset)
-            offset += length
-        if run.chunks:
-            self.runs.append((oid, run))
+                self._need(oid, cid, index)
 
-    def _need(self, oid: str, cid: str, length: int, offset: int) -> None:
-        self.dests.setdefault(cid, []).append((oid, offset))
-        self.lengths[cid] = length
-        self.left[oid] += 1
+    def _need(self, oid: str, cid: str, index: int) -> None:
+        self.dests.setdefault(cid, []).append((oid, index))
+        self.lengths[cid] = self.records[oid].chunks[index][1]
 
-    def _copy_runs(self) -> list[tuple[str, list[tuple[str, int, int]]]]:
-        """Copy each run of chunks that lie end to end in one local blob, in the kernel, with one
-        call for the lot; return, per run, the chunks not copied (the blob is shorter than the
-        index says: they are fetched instead). Store blobs were verified when they came in, so the
-        chunks are not hashed again here: the whole object is, before it is added.
-        Runs in a thread of its own beside _fetch: it opens its own descriptors."""
-        missed: list[tuple[str, list[tuple[str, int, int]]]] = []
-        sources: dict[Path, int] = {}
-        dest: tuple[str, int] | None = None  # the runs of an object come one after another
-        try:
-            for oid, run in self.runs:
-                src = sources.get(run.path)
-                if src is None:
-                    if len(sources) >= 64:
-                        os.close(sources.pop(next(iter(sources))))
-                    src = sources[run.path] = os.open(run.path, os.O_RDONLY)
-                if dest is not None and dest[0] != oid:
-                    fd, dest = dest[1], None
-                    _written(fd)
-                if dest is None:
-                    dest = (oid, os.open(self.dir / oid, os.O_WRONLY))
-                done = 0
-                while done < run.size and not self.stopping:  # in pieces, to stop soon when told
-                    want = min(run.size - done, _COPY_PIECE)
-                    got = copy_range(src, dest[1], want, run.offset + done, run.at + done)
-                    done += got
-                    if got < want:
-                        break  # the blob is shorter than the index says
-                if self.stopping:
-                    break  # the pull failed: what this returns is not used
-                at, lost = run.at, []
-                for cid, length in run.chunks:
-                    if at + length > run.at + done:
-                        lost.append((cid, length, at))
-                    at += length
-                missed.append((oid, lost))
-        finally:
-            for fd in sources.values():
-                os.close(fd)
-            if dest is not None:
-                _written(dest[1])
-        return missed
+    def _advance(self) -> None:
+        """Write the current object on from the bytes at hand; start the next when one is whole."""
+        while self.current is not None or self.next < len(self.queue):
+            if self.current is None:
+                oid = self.queue[self.next]
+                self.next += 1
+                fd = os.open(self.dir / oid, os.O_WRONLY)
+                hasher = Hasher(threads=self.records[oid].size >= 4 << 20)
+                try:
+                    self.current = (oid, DirectWriter(fd, _piece(self.records[oid].size), hasher, latency=0.5),
+                                    hasher)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            oid, writer, hasher = self.current
+            sink = self.sinks[oid]
+            while sink.pos < len(sink.offsets) and sink.pos in sink.ready:
+                if not self._copy_in(oid, sink, writer):
+                    self._need(oid, sink.chunks[sink.pos][0], sink.pos)  # a blob shorter than the index says
+                    del sink.ready[sink.pos]
+                    return
+            if sink.pos < len(sink.offsets):
+                return  # its next chunk is still to come
+            writer.finish()
+            self.current = None
+            writer.close()
+            os.close(writer.fd)
+            self._whole(oid, hasher.hexdigest())
 
-    def _copied(self, missed: list[tuple[str, list[tuple[str, int, int]]]]) -> None:
-        for (oid, run), (_, lost) in zip(self.runs, missed, strict=True):
-            self.left[oid] -= len(run.chunks)
-            self.stats.chunks_seeded += len(run.chunks) - len(lost)
-            if len(lost) < len(run.chunks):
-                self.seeded.add(oid)
-            for cid, length, at in lost:
-                self._need(oid, cid, length, at)
-        self.runs.clear()
+    def _copy_in(self, oid: str, sink: _Sink, writer: DirectWriter, run: bool = True) -> bool:
+        """The chunk at sink.pos, from where it waits, into the writer, with those after it that lie
+        end to end in the same local blob (one read); False if it was not all there."""
+        where = sink.ready[sink.pos]
+        length = sink.chunks[sink.pos][1]
+        if where is None:
+            fd, offset = self._fd(oid), sink.offsets[sink.pos]
+        else:
+            fd = self.blobs.get(where[0], -1)
+            if fd < 0:
+                if len(self.blobs) >= 64:
+                    os.close(self.blobs.pop(next(iter(self.blobs))))
+                fd = self.blobs[where[0]] = os.open(where[0], os.O_RDONLY)
+            offset = where[1]
+        space = writer.space()
+        count, total = 1, length
+        if where is not None and run:
+            while (sink.pos + count < len(sink.chunks) and total + sink.chunks[sink.pos + count][1] <= len(space)
+                   and sink.ready.get(sink.pos + count) == (where[0], offset + total)):
+                total += sink.chunks[sink.pos + count][1]
+                count += 1
+        if len(space) >= total and os.preadv(fd, [space[:total]], offset) == total:
+            writer.commit(total)  # read straight into the writer's buffer, committed once all there
+        elif count == 1 and len(space) < length and len(data := os.pread(fd, length, offset)) == length:
+            writer.write(data)  # across the buffer's end
+        elif count > 1:  # the blob is shorter than the index says: chunk by chunk, to find where
+            return self._copy_in(oid, sink, writer, run=False)
+        else:
+            return False
+        if where is not None:
+            self.stats.chunks_seeded += count
+            self.seeded.add(oid)
+        sink.pos += count
+        return True
+
+    def _deliver(self, cid: str, data: bytes) -> None:
+        for oid, index in self.dests.pop(cid):
+            sink = self.sinks[oid]
+            if self.current is not None and self.current[0] == oid and sink.pos == index:
+                self.current[1].write(data)
+                sink.pos += 1
+            else:  # before its turn: it waits in the partial file
+                pwrite_all(self._fd(oid), data, sink.offsets[index])
+                sink.ready[index] = None
+        self._advance()
 
     def _fetch(self) -> None:
         # manifests first: nothing is added before they are checked, so blobs would wait for them
@@ -500,22 +498,16 @@ class _Assembly:
         need = first + [cid for cid in self.dests if cid in later]
         if not need:
             return
-        dests, self.dests = self.dests, {}
         total = sum(self.lengths[c] for c in need)
         fetched = 0  # of this call: a second one fetches what a short local blob lacked
         started = time.monotonic()
         dctx = zstandard.ZstdDecompressor()
         stats = self.stats
-        limit = frame_limit(max(self.lengths.values()))
+        limit = frame_limit(max(self.lengths[c] for c in need))
         for count, (path, frame) in enumerate(self.cache.get_many([chunk_path(c) for c in need], limit), 1):
             cid = path.rpartition("/")[2]
             data = _verified(self.cache, dctx, cid, self.lengths[cid], frame)
-            for oid, offset in dests[cid]:
-                fd = self._fd(oid)
-                pwrite_all(fd, data, offset)
-                self.left[oid] -= 1
-            if fetched // _WRITEBACK != (fetched + len(data)) // _WRITEBACK:
-                start_writeback(fd)  # the disk keeps up with the network; the final fsync waits for less
+            self._deliver(cid, data)
             stats.chunks_fetched += 1
             stats.bytes_on_wire += len(frame or b"")
             fetched += len(data)
@@ -527,32 +519,14 @@ class _Assembly:
                               f"of {total / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s")
             self._finish_ready()
 
-    def _finish_ready(self) -> None:
-        """Add, refs first, every object whose chunks are all written, once every manifest is checked."""
-        if self.manifests:
-            for oid in [o for o in self.manifests if self.left[o] == 0]:
-                self._check(oid)
-            if self.manifests:
-                return
-        while self.done < len(self.order) and self.left[self.order[self.done]] == 0:
-            oid = self.order[self.done]
-            self._add(oid)
-            self.done += 1
-
-    def _known(self, oids: list[str]) -> dict[str, tuple[str, int]]:
-        """(kind, size) of objects: from this pull's records, else from the store (one query per 500)."""
-        known = {o: (self.records[o].kind, self.records[o].size) for o in oids if o in self.records}
-        return known | self.store.kinds_and_sizes(o for o in oids if o not in known)
-
-    def _check(self, oid: str) -> None:
-        """A tree or image put together: it must hash to its id and pass kind_check."""
-        self._close(oid)
+    def _whole(self, oid: str, actual: str) -> None:
+        """An object written: it must hash to its id, and a tree or image pass kind_check."""
         staged = self.dir / oid
         try:
-            actual = hash_file(staged)
             if actual != oid:
                 raise HashMismatch(str(staged), oid, actual)
-            kind_check(self.records[oid], staged.read_bytes(), self._known)
+            if oid in self.manifests:
+                kind_check(self.records[oid], staged.read_bytes(), self._known)
         except HashMismatch as exc:
             staged.unlink(missing_ok=True)
             raise self._reassembly_error(oid, exc) from exc
@@ -560,6 +534,22 @@ class _Assembly:
             staged.unlink(missing_ok=True)
             raise
         self.manifests.discard(oid)
+        self.whole.add(oid)
+
+    def _finish_ready(self) -> None:
+        """Add, refs first, every object written whole, once every manifest is checked."""
+        if self.manifests:
+            return
+        while self.done < len(self.order) and self.order[self.done] in self.whole:
+            oid = self.order[self.done]
+            self.whole.discard(oid)
+            self._add(oid)
+            self.done += 1
+
+    def _known(self, oids: list[str]) -> dict[str, tuple[str, int]]:
+        """(kind, size) of objects: from this pull's records, else from the store (one query per 500)."""
+        known = {o: (self.records[o].kind, self.records[o].size) for o in oids if o in self.records}
+        return known | self.store.kinds_and_sizes(o for o in oids if o not in known)
 
     def _reassembly_error(self, oid: str, exc: HashMismatch) -> CastoreError:
         if oid in self.seeded:
@@ -569,20 +559,13 @@ class _Assembly:
         return CastoreError(f"object {oid} from {self.cache.url} reassembles to {exc.actual}",
                             CORRUPT)  # every chunk hashed right
 
-    def _close(self, oid: str) -> None:
+    def _add(self, oid: str) -> None:
+        rec = self.records[oid]
         fd = self.fds.pop(oid, None)
         if fd is not None:
             os.close(fd)
-
-    def _add(self, oid: str) -> None:
-        rec = self.records[oid]
-        self._close(oid)
         staged = self.dir / oid
-        try:
-            self.store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs)
-        except HashMismatch as exc:
-            staged.unlink(missing_ok=True)
-            raise self._reassembly_error(oid, exc) from exc
+        self.store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs, hashed=True)
         index = []
         offset = 0
         for cid, length in rec.chunks:
@@ -594,43 +577,26 @@ class _Assembly:
         self.progress(f"pulled {rec.kind} {oid[:12]}")
 
 
-_WRITEBACK = 8 << 20
-_COPY_PIECE = 64 << 20
+class _Sink:
+    """Where one object stands: its chunks' offsets, the next one to write, and where those that
+    wait are (None: in the partial file; else a local blob's path and offset)."""
+
+    __slots__ = ("chunks", "offsets", "pos", "ready")
+
+    def __init__(self, rec: ObjectRecord) -> None:
+        self.chunks = rec.chunks
+        self.offsets: list[int] = []
+        at = 0
+        for _, length in rec.chunks:
+            self.offsets.append(at)
+            at += length
+        self.pos = 0
+        self.ready: dict[int, tuple[Path, int] | None] = {}
 
 
-def _written(fd: int) -> None:
-    try:
-        start_writeback(fd)  # the copied bytes go to disk while the rest is fetched
-    finally:
-        os.close(fd)
-
-
-class _Background(Generic[_T]):
-    """fn called in a thread of its own; result() waits for it and returns what it returned or
-    raises what it raised."""
-
-    def __init__(self, fn: Callable[[], _T]) -> None:
-        import threading
-
-        self._value: _T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._call, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _call(self, fn: Callable[[], _T]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as exc:  # handed to result()
-            self._error = exc
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> _T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return cast(_T, self._value)
+def _piece(size: int) -> int:
+    """DirectWriter's piece for an object: small objects need no 8 MiB of buffers."""
+    return min(4 << 20, max(64 << 10, (size + 4095) & ~4095))
 
 
 def _verified(cache: Transport, dctx: zstandard.ZstdDecompressor, cid: str, length: int, frame: bytes | None) -> bytes:
