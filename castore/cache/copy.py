@@ -364,6 +364,7 @@ class _Assembly:
         try:
             for oid in self.order:
                 self._plan(oid)
+            self._prefetch()
             self._advance()
             while self.dests:  # again for what a local blob shorter than the index said did not give
                 self._fetch()
@@ -412,6 +413,40 @@ class _Assembly:
             else:
                 self._need(oid, cid, index)
 
+    def _prefetch(self, most: int = 512 << 20) -> None:
+        """Ask the kernel to read the local blobs' runs (the first `most` bytes, in the order they
+        will be wanted) while the cache's chunks are fetched: a blob a pull just wrote is not in
+        the page cache."""
+        for oid in self.queue:
+            sink = self.sinks[oid]
+            run: tuple[Path, int, int] | None = None  # blob, offset, length
+            for index, where in sorted((i, w) for i, w in sink.ready.items() if w is not None):
+                length = sink.chunks[index][1]
+                if run is not None and run[0] == where[0] and run[1] + run[2] == where[1]:
+                    run = (run[0], run[1], run[2] + length)
+                    continue
+                if run is not None:
+                    most -= self._willneed(*run)
+                    if most <= 0:
+                        return
+                run = (where[0], where[1], length)
+            if run is not None:
+                most -= self._willneed(*run)
+                if most <= 0:
+                    return
+
+    def _willneed(self, path: Path, offset: int, length: int) -> int:
+        os.posix_fadvise(self._blob(path), offset, length, os.POSIX_FADV_WILLNEED)
+        return length
+
+    def _blob(self, path: Path) -> int:
+        fd = self.blobs.get(path, -1)
+        if fd < 0:
+            if len(self.blobs) >= 64:
+                os.close(self.blobs.pop(next(iter(self.blobs))))
+            fd = self.blobs[path] = os.open(path, os.O_RDONLY)
+        return fd
+
     def _need(self, oid: str, cid: str, index: int) -> None:
         self.dests.setdefault(cid, []).append((oid, index))
         self.lengths[cid] = self.records[oid].chunks[index][1]
@@ -453,12 +488,7 @@ class _Assembly:
         if where is None:
             fd, offset = self._fd(oid), sink.offsets[sink.pos]
         else:
-            fd = self.blobs.get(where[0], -1)
-            if fd < 0:
-                if len(self.blobs) >= 64:
-                    os.close(self.blobs.pop(next(iter(self.blobs))))
-                fd = self.blobs[where[0]] = os.open(where[0], os.O_RDONLY)
-            offset = where[1]
+            fd, offset = self._blob(where[0]), where[1]
         space = writer.space()
         count, total = 1, length
         if where is not None and run:
