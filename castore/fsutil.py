@@ -10,7 +10,6 @@ import os
 import re
 import stat
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ def copy_range(src: int, dest: int, n: int, offset: int = 0, at: int = 0) -> int
     return done
 
 
-def pwrite_all(fd: int, data: bytes, at: int) -> None:
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, at: int) -> None:
     """pwrite all of data: a nearly full disk may take part of it before it says ENOSPC."""
     view = memoryview(data)
     while view:
@@ -55,23 +54,23 @@ class DirectWriter:
     sends the other to disk, with O_DIRECT where the filesystem takes it, else through the page
     cache. Use space() and commit(n) to fill the buffer in place, or write(data); then finish().
     A hasher given is fed every piece before it goes out (in pieces: blake3's threads pay).
-    With a latency (seconds), bytes committed that long ago go out at the next commit, down to a
-    block boundary, even if their piece is not full: a pull over a slow link keeps on disk what it
-    verified, for the next pull after a kill -9.
 
     Why not the page cache: a large blob is fsynced before it is published, so caching its pages
     buys nothing, and fresh page-cache pages are dear on a VM whose host backs guest memory when
     it is first touched: a 57 MiB copy measured 0.14 s through the page cache here, 0.04 s direct.
     The bytes written are the bytes in the buffers, so a hash of what was committed describes
     the file whatever else writes to the source meanwhile.
+
+    plain, a descriptor of the same file without O_DIRECT, asks for checkpoints: every `every`
+    seconds a thread writes the bytes committed but not yet sent through it (they go out again
+    with their piece), so a caller killed while it waits for more (a pull on a stalled link)
+    loses none of them.
     """
 
     def __init__(self, fd: int, piece: int = 4 << 20, hasher: Hasher | None = None,
-                 latency: float | None = None) -> None:
+                 plain: int | None = None, every: float = 0.5) -> None:
         self.fd = fd
         self.hasher = hasher
-        self._latency = latency
-        self._since = 0.0  # when the buffer being filled got its first byte
         self.direct = _set_direct(fd)
         self._bufs = [mmap.mmap(-1, piece), mmap.mmap(-1, piece)]
         self._piece = piece
@@ -81,25 +80,26 @@ class DirectWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._ended = False
+        self._lock = threading.Lock()  # the buffer being filled: between commit and a checkpoint
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if plain is not None:
+            self._ticker = threading.Thread(target=self._checkpoints, args=(plain, every), daemon=True)
+            self._ticker.start()
 
     def space(self) -> memoryview:
         """The free part of the buffer being filled (never empty)."""
         if self._ended:
-            raise ValueError("DirectWriter: write after a partial block")  # offsets would not align
+            raise ValueError("DirectWriter: write after the end")  # offsets would not align
         return memoryview(self._bufs[self._which])[self._filled:]
 
     def commit(self, n: int) -> None:
-        if self._latency is not None:
-            now = time.monotonic()
-            if not self._filled:
-                self._since = now
-            elif now - self._since > self._latency and self._filled + n >= _ALIGN:
-                self._filled += n
-                self._send(whole=False)
-                return
-        self._filled += n
-        if self._filled == self._piece:
-            self._send()
+        if self._error is not None:
+            self._wait()  # a disk that failed stops the caller now, not a piece later
+        with self._lock:
+            self._filled += n
+            if self._filled == self._piece:
+                self._send()
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -113,6 +113,7 @@ class DirectWriter:
     def finish(self) -> int:
         """Send what is left, wait for the disk, and cut the file to the bytes committed (O_DIRECT
         wrote the last block whole). Returns the file's size. No fsync: the caller's."""
+        self._stop_checkpoints()
         if self._filled:
             self._send()
         self._wait()
@@ -123,21 +124,26 @@ class DirectWriter:
     def drain(self) -> None:
         """Wait for the disk, then write what is committed but not sent, exactly, through the page
         cache: for a caller that stops early and keeps what it wrote (a pull's partial file). No
-        padding, no truncation: bytes past the committed ones stay as they were."""
-        self._wait()
+        padding, no truncation: bytes past the committed ones stay as they were. An error the
+        thread met is raised after that."""
+        self._stop_checkpoints()
+        error: BaseException | None = None
+        try:
+            self._wait()
+        except BaseException as exc:
+            error = exc
         if self._filled:
             self.direct = _set_direct(self.fd, False)
-            view = memoryview(self._bufs[self._which])[:self._filled]
-            at = self.size
-            while view:
-                k = os.pwrite(self.fd, view, at)
-                view, at = view[k:], at + k
+            pwrite_all(self.fd, memoryview(self._bufs[self._which])[:self._filled], self.size)
             self.size += self._filled
             self._filled = 0
         self._ended = True
+        if error is not None:
+            raise error
 
     def close(self) -> None:
-        """Wait for the thread (also after an error: it must not write to a closed descriptor)."""
+        """Wait for the threads (also after an error: they must not write to a closed descriptor)."""
+        self._stop_checkpoints()
         with contextlib.suppress(BaseException):  # after finish() there is none; else the caller raises its own
             self._wait()
         self._bufs = []  # unmapped once the caller's views of them are gone
@@ -148,25 +154,21 @@ class DirectWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, *, whole: bool = True) -> None:
-        """Send the buffer being filled: all of it (the last block padded with zeros: the file
-        must end there), or not whole, down to a block boundary, the rest moved to the other."""
+    def _send(self) -> None:
+        """Send the buffer being filled; the last block padded with zeros (the file ends there)."""
         n = self._filled
-        cut = n if whole else n - n % _ALIGN
         buf = self._bufs[self._which]
         if self.hasher is not None:
-            self.hasher.update(memoryview(buf)[:cut])
-        length = cut + (-cut % _ALIGN)
-        buf[cut:length] = bytes(length - cut)
-        self._ended = length != cut  # only the last piece may end inside a block
+            self.hasher.update(memoryview(buf)[:n])
+        length = n + (-n % _ALIGN)
+        buf[n:length] = bytes(length - n)
+        self._ended = length != n  # only the last piece may end inside a block
         self._wait()
         self._thread = threading.Thread(target=self._pwrite, args=(memoryview(buf)[:length], self.size))
         self._thread.start()
-        self.size += cut
+        self.size += n
         self._which ^= 1
-        self._filled = n - cut
-        self._bufs[self._which][:n - cut] = buf[cut:n]  # the thread writes buf[:cut] only
-        self._since = time.monotonic()
+        self._filled = 0
 
     def _pwrite(self, view: memoryview, at: int) -> None:
         try:
@@ -189,6 +191,21 @@ class DirectWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def _checkpoints(self, plain: int, every: float) -> None:
+        done = (0, 0)
+        while not self._stop.wait(every):
+            with self._lock:
+                if self._filled and (self.size, self._filled) != done:
+                    with contextlib.suppress(OSError):  # a failing disk shows when the piece goes out
+                        pwrite_all(plain, memoryview(self._bufs[self._which])[:self._filled], self.size)
+                    done = (self.size, self._filled)
+
+    def _stop_checkpoints(self) -> None:
+        if self._ticker is not None:
+            self._stop.set()
+            self._ticker.join()
+            self._ticker = None
 
 
 def _set_direct(fd: int, on: bool = True) -> bool:

@@ -319,6 +319,12 @@ class LocalStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
 
+    def flush(self) -> None:
+        """Publish what the current batch holds now (a pull does every second, so a kill loses
+        little of what it verified); the batch goes on."""
+        if self._pending is not None:
+            self._flush()
+
     def _flush(self) -> None:
         pending = self._pending
         assert pending is not None
@@ -336,6 +342,7 @@ class LocalStore:
         except OSError as exc:
             raise store_os_error(exc, self.root) from exc
         self._insert(pending.rows)
+        pending.rows.clear()
 
     def _insert(self, rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
         if not rows:
@@ -649,11 +656,17 @@ class LocalStore:
         """chunks: (chunk id, offset, length) of blob, which must be in the store; lists: (id,
         bytes) of the pieces a cache cuts a long chunk list into, kept so that a pull of the next
         version of this blob fetches only the pieces that changed (the caller checks them by id)."""
+        self.record_chunk_index([(blob, chunks, lists)])
+
+    def record_chunk_index(self, blobs: Iterable[tuple[str, Iterable[tuple[str, int, int]],
+                                                     Iterable[tuple[str, bytes]]]]) -> None:
+        """record_chunks of many blobs, (blob, chunks, lists) each, in one transaction."""
         with self._transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)",
-                           [(c, blob, off, n) for c, off, n in chunks])
-            db.executemany("INSERT OR IGNORE INTO chunk_lists VALUES (?, ?, ?)",
-                           [(lid, blob, data) for lid, data in lists])
+            for blob, chunks, lists in blobs:
+                db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)",
+                               [(c, blob, off, n) for c, off, n in chunks])
+                db.executemany("INSERT OR IGNORE INTO chunk_lists VALUES (?, ?, ?)",
+                               [(lid, blob, data) for lid, data in lists])
 
     def find_lists(self, ids: Iterable[str]) -> dict[str, bytes]:
         """The bytes of the chunk lists of local blobs that have these ids (see record_chunks);

@@ -324,6 +324,10 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
     return stats
 
 
+_RETRY = ("nothing unverified was added; free space (castore gc also removes partial pulls) and pull again: "
+          "what was verified is kept")
+
+
 class _Assembly:
     """Objects put together in ``tmp/pulls/<id>``: every chunk is verified before it is written,
     every object is verified whole before it enters the store.
@@ -357,52 +361,74 @@ class _Assembly:
         self.sinks = {oid: _Sink(records[oid]) for oid in order}
         self.whole: set[str] = set()  # objects written and hashed right
         self.seeded: set[str] = set()  # objects with chunks taken from local blobs
-        self.current: tuple[str, DirectWriter, Hasher] | None = None  # the object being written
+        self.current: _Writing | None = None  # the object being written
         self.next = 0  # in self.queue: the one to write after it
+        self.indexed: list[tuple[str, list[tuple[str, int, int]], list[tuple[str, bytes]]]] = []
+        self.flushed = time.monotonic()
 
     def run(self) -> None:
+        """Objects enter the store in batches (one syncfs and one transaction for each, not an
+        fsync and a transaction per object: a tree's thousands of blobs), one a second at most."""
         try:
-            for oid in self.order:
-                self._plan(oid)
-            self._prefetch()
-            self._advance()
-            while self.dests:  # again for what a local blob shorter than the index said did not give
-                self._fetch()
-            self._finish_ready()
+            with self.store.batch():
+                try:
+                    for oid in self.order:
+                        self._plan(oid)
+                    self._prefetch()
+                    self._advance()
+                    while self.dests:  # again for what a local blob shorter than the index said did not give
+                        self._fetch()
+                    self._finish_ready()
+                finally:  # what was added goes in, also when the pull failed: the next one need not fetch it
+                    self._flush()
         except BaseException as exc:
             if self.current is not None:
-                with contextlib.suppress(OSError):  # the next pull keeps what this one verified
-                    self.current[1].drain()
+                try:
+                    self.current.writer.drain()  # the next pull keeps what this one verified
+                except OSError as disk:  # the store's trouble, not the cache's: said as such
+                    raise store_os_error(disk, self.store.root, retry=_RETRY) from exc
             if isinstance(exc, OSError):
-                raise store_os_error(exc, self.store.root, retry="nothing unverified was added; free space "
-                                     "(castore gc also removes partial pulls) and pull again: what was "
-                                     "verified is kept") from exc
+                raise store_os_error(exc, self.store.root, retry=_RETRY) from exc
             raise
         finally:
             if self.current is not None:
-                self.current[1].close()  # its thread must not outlive the descriptor
-                os.close(self.current[1].fd)
+                self._close_current()
             for fd in [*self.fds.values(), *self.blobs.values()]:
                 os.close(fd)
 
-    def _fd(self, oid: str) -> int:
+    def _fd(self, oid: str, create: bool = True) -> int:
+        """The partial file's descriptor (-1: there is none, and create is False)."""
         fd = self.fds.get(oid)
         if fd is None:
             if len(self.fds) >= 64:
                 os.close(self.fds.pop(next(iter(self.fds))))
-            fd = self.fds[oid] = os.open(self.dir / oid, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.dir / oid, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+            except FileNotFoundError:
+                if create:
+                    raise
+                return -1
+            self.fds[oid] = fd
         return fd
+
+    def _flush(self) -> None:
+        self.store.flush()
+        self.store.record_chunk_index(self.indexed)
+        self.indexed.clear()
+        self.flushed = time.monotonic()
 
     def _plan(self, oid: str) -> None:
         rec = self.records[oid]
         sink = self.sinks[oid]
-        fd = self._fd(oid)
-        size = os.fstat(fd).st_size
+        small = rec.size < _IN_MEMORY  # put together in memory: its file is made when it is written
+        fd = self._fd(oid, create=not small)
+        size = os.fstat(fd).st_size if fd >= 0 else 0
+        if rec.size < size < rec.size + 4096:
+            os.ftruncate(fd, rec.size)  # killed between the padded last block and the cut (DirectWriter)
+            size = rec.size
         resumed = size == rec.size > 0
-        if size != rec.size:
-            if size:
-                os.ftruncate(fd, 0)
-            os.ftruncate(fd, rec.size)  # sparse until written
+        if size != rec.size and fd >= 0:
+            os.ftruncate(fd, 0 if small else rec.size)  # sparse until written
         for index, (cid, length) in enumerate(rec.chunks):
             offset = sink.offsets[index]
             if resumed and _ok(cid, os.pread(fd, length, offset)):
@@ -457,30 +483,56 @@ class _Assembly:
             if self.current is None:
                 oid = self.queue[self.next]
                 self.next += 1
-                fd = os.open(self.dir / oid, os.O_WRONLY)
-                hasher = Hasher(threads=self.records[oid].size >= 4 << 20)
-                try:
-                    self.current = (oid, DirectWriter(fd, _piece(self.records[oid].size), hasher, latency=0.5),
-                                    hasher)
-                except BaseException:
-                    os.close(fd)
-                    raise
-            oid, writer, hasher = self.current
+                self.current = self._writing(oid)
+            oid, writer, hasher = self.current.oid, self.current.writer, self.current.hasher
             sink = self.sinks[oid]
             while sink.pos < len(sink.offsets) and sink.pos in sink.ready:
                 if not self._copy_in(oid, sink, writer):
-                    self._need(oid, sink.chunks[sink.pos][0], sink.pos)  # a blob shorter than the index says
-                    del sink.ready[sink.pos]
+                    self._short(oid, sink)
                     return
             if sink.pos < len(sink.offsets):
                 return  # its next chunk is still to come
             writer.finish()
-            self.current = None
-            writer.close()
-            os.close(writer.fd)
+            self._close_current()
             self._whole(oid, hasher.hexdigest())
 
-    def _copy_in(self, oid: str, sink: _Sink, writer: DirectWriter, run: bool = True) -> bool:
+    def _short(self, oid: str, sink: _Sink) -> None:
+        """The chunk at sink.pos was not all there: fetch it, and, when it came from a local blob
+        shorter than the index says, every chunk any object was to take from past the blob's end."""
+        where = sink.ready.pop(sink.pos)
+        self._need(oid, sink.chunks[sink.pos][0], sink.pos)
+        if where is None:
+            return
+        end = os.fstat(self._blob(where[0])).st_size
+        for other, s in self.sinks.items():
+            lost = [i for i, w in s.ready.items() if i >= s.pos and w is not None and w[0] == where[0]
+                    and w[1] + s.chunks[i][1] > end]  # written ones stay: the blob was whole for them
+            for i in lost:
+                del s.ready[i]
+                self._need(other, s.chunks[i][0], i)
+
+    def _writing(self, oid: str) -> _Writing:
+        size = self.records[oid].size
+        hasher = Hasher(threads=size >= 4 << 20)
+        if size < _IN_MEMORY:
+            return _Writing(oid, _InMemory(size, hasher, lambda: self._fd(oid)), hasher, [])
+        fds = [os.open(self.dir / oid, os.O_WRONLY)]
+        try:
+            fds.append(os.open(self.dir / oid, os.O_WRONLY))  # for checkpoints, without O_DIRECT
+            return _Writing(oid, DirectWriter(fds[0], _piece(size), hasher, plain=fds[1]), hasher, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def _close_current(self) -> None:
+        assert self.current is not None
+        writing, self.current = self.current, None
+        writing.writer.close()  # its threads must not outlive the descriptors
+        for fd in writing.fds:
+            os.close(fd)
+
+    def _copy_in(self, oid: str, sink: _Sink, writer: DirectWriter | _InMemory, run: bool = True) -> bool:
         """The chunk at sink.pos, from where it waits, into the writer, with those after it that lie
         end to end in the same local blob (one read); False if it was not all there."""
         where = sink.ready[sink.pos]
@@ -513,8 +565,8 @@ class _Assembly:
     def _deliver(self, cid: str, data: bytes) -> None:
         for oid, index in self.dests.pop(cid):
             sink = self.sinks[oid]
-            if self.current is not None and self.current[0] == oid and sink.pos == index:
-                self.current[1].write(data)
+            if self.current is not None and self.current.oid == oid and sink.pos == index:
+                self.current.writer.write(data)
                 sink.pos += 1
             else:  # before its turn: it waits in the partial file
                 pwrite_all(self._fd(oid), data, sink.offsets[index])
@@ -601,10 +653,58 @@ class _Assembly:
         for cid, length in rec.chunks:
             index.append((cid, offset, length))
             offset += length
-        self.store.record_chunks(oid, index, [(c.id, c.data) for c in rec.chunk_lists()])
+        self.indexed.append((oid, index, [(c.id, c.data) for c in rec.chunk_lists()]))
         self.stats.objects += 1
         self.stats.ids.append(oid)
         self.progress(f"pulled {rec.kind} {oid[:12]}")
+        if time.monotonic() - self.flushed > 1.0:
+            self._flush()
+
+
+class _InMemory:
+    """A small object put together in memory, then written whole: no threads, no O_DIRECT, no
+    file before it is whole (a tree's thousands of blobs). DirectWriter's calls, as the pull
+    makes them."""
+
+    def __init__(self, size: int, hasher: Hasher, fd: Callable[[], int]) -> None:
+        self.buf = bytearray(size)
+        self.filled = 0
+        self.hasher = hasher
+        self.fd = fd
+
+    def space(self) -> memoryview:
+        return memoryview(self.buf)[self.filled:]
+
+    def commit(self, n: int) -> None:
+        self.filled += n
+
+    def write(self, data: bytes) -> None:
+        self.buf[self.filled:self.filled + len(data)] = data
+        self.filled += len(data)
+
+    def finish(self) -> int:
+        self.hasher.update(self.buf)
+        pwrite_all(self.fd(), self.buf, 0)
+        return len(self.buf)
+
+    def drain(self) -> None:
+        if self.filled:  # at its full size, as the next pull looks for what it can keep
+            fd = self.fd()
+            os.ftruncate(fd, len(self.buf))
+            pwrite_all(fd, memoryview(self.buf)[:self.filled], 0)
+
+    def close(self) -> None:
+        pass
+
+
+class _Writing(NamedTuple):
+    oid: str
+    writer: DirectWriter | _InMemory
+    hasher: Hasher
+    fds: list[int]  # closed with it
+
+
+_IN_MEMORY = 1 << 20  # objects smaller than this are put together in memory (_InMemory)
 
 
 class _Sink:
