@@ -84,6 +84,7 @@ class _Pending:
     """Staged files waiting for one syncfs and their rename into blobs/."""
 
     files: dict[str, str] = field(default_factory=dict)  # id -> staged path
+    kept: set[str] = field(default_factory=set)  # ids whose files are the caller's (add_written) on failure
     rows: dict[str, tuple[str, int, tuple[str, ...]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -315,9 +316,10 @@ class LocalStore:
                 self._flush()
         finally:
             pending, self._pending = self._pending, None
-            for p in pending.files.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+            for oid, p in pending.files.items():
+                if oid not in pending.kept:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
 
     def flush(self) -> None:
         """Publish what the current batch holds now (a pull does every second, so a kill loses
@@ -424,12 +426,10 @@ class LocalStore:
             raise
 
     def add_file(self, path: str | os.PathLike[str], *, move: bool = False, expect: str | None = None,
-                 kind: str = "blob", refs: Iterable[str] = (), hashed: bool = False) -> str:
+                 kind: str = "blob", refs: Iterable[str] = ()) -> str:
         """Copy a file in as a blob, or move it in (a rename: same filesystem only).
 
         A moved file that cannot be added is moved back, so a failure loses nothing.
-        hashed: expect is what the caller hashed as it wrote the file it moves in (a pull's
-        DirectWriter), so it is not read again.
         """
         src = Path(path)
         staged = self._stage_path()
@@ -440,12 +440,9 @@ class LocalStore:
                 os.rename(src, staged)
                 moved = True
                 with open(staged, "rb") as f:
+                    start_writeback(f.fileno())  # dirty pages go to disk while we hash
                     size = os.fstat(f.fileno()).st_size
-                    if hashed and expect is not None:
-                        oid = expect
-                    else:
-                        start_writeback(f.fileno())  # dirty pages go to disk while we hash
-                        oid = hash_fileobj(f, size)
+                    oid = hash_fileobj(f, size)
             else:
                 oid, size = _copy_hashing(src, staged)
             if expect is not None and oid != expect:
@@ -462,6 +459,18 @@ class LocalStore:
             if isinstance(exc, OSError):
                 raise store_os_error(exc, self.root, src) from exc
             raise
+
+    def add_written(self, path: Path, oid: str, kind: str = "blob", refs: Iterable[str] = ()) -> str:
+        """Publish a file the caller wrote under tmp/ and hashed as it wrote it (a pull's partial
+        file): not read again, and not moved until it goes into blobs/, so a kill before that
+        leaves it where the caller finds it again (in a batch: until the batch's flush)."""
+        try:
+            self._publish(oid, path, kind, os.stat(path).st_size, tuple(sorted(set(refs))))
+        except OSError as exc:
+            raise store_os_error(exc, self.root, path) from exc
+        if self._pending is not None:
+            self._pending.kept.add(oid)
+        return oid
 
     def add_tree(self, tree: Tree) -> str:
         return self.add_bytes(tree.encode(), "tree", tree.refs())

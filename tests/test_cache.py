@@ -863,10 +863,12 @@ class _Stalling(DirTransport):
         return super().get(path)
 
 
-def test_verified_chunks_reach_the_partial_file_while_the_link_stalls(tmp_path: Path) -> None:
-    """What a kill -9 would find: the chunks verified before the stall, on disk."""
+@pytest.mark.parametrize("size", [3 << 20, 600_000], ids=["large", "small"])
+def test_verified_chunks_reach_the_partial_file_while_the_link_stalls(tmp_path: Path, size: int) -> None:
+    """What a kill -9 would find: the chunks verified before the stall, on disk (a large object's
+    by DirectWriter's checkpoints, a small one's written through)."""
     a = LocalStore(tmp_path / "a")
-    oid = a.add_file(blob_file(tmp_path, "x", random.Random(1).randbytes(3 << 20)))
+    oid = a.add_file(blob_file(tmp_path, "x", random.Random(1).randbytes(size)))
     push(a, DirTransport(tmp_path / "cache", create=True), [oid])
     cache = _Stalling(tmp_path / "cache", before=3)
     rec = record_of(cache, oid)
@@ -965,6 +967,30 @@ def test_a_failed_pull_adds_the_objects_it_finished(tmp_path: Path) -> None:
     assert stats.objects == 13 - len(kept)
     fetched = {g.rpartition("/")[2] for g in again.gets if g.startswith("chunks/")}
     assert not fetched & {c for oid in kept for c, _ in record_of(again, oid).chunks}
+    assert b.verify() == ([], [])
+    a.close()
+    b.close()
+
+
+def test_objects_whole_but_not_yet_in_the_store_wait_in_their_partial_files(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed before a batch went in: the objects it held are found whole by the next pull."""
+    a = LocalStore(tmp_path / "a")
+    ids = [a.add_file(blob_file(tmp_path, f"f{i}", random.Random(i).randbytes(n)))
+           for i, n in enumerate((50_000, 2 << 20))]  # one written through, one by DirectWriter
+    push(a, DirTransport(tmp_path / "cache", create=True), ids)
+    b = LocalStore(tmp_path / "b")
+
+    def killed(self: LocalStore) -> None:
+        raise _Killed
+
+    monkeypatch.setattr(LocalStore, "flush", killed)
+    with pytest.raises(_Killed):
+        pull(b, DirTransport(tmp_path / "cache"), ids)
+    monkeypatch.undo()
+    assert b.objects() == [] and sorted(os.listdir(b.tmp / "pulls")) == sorted(ids)
+    stats = pull(b, Counting(tmp_path / "cache"), ids)
+    assert stats.objects == 2 and stats.chunks_fetched == 0
     assert b.verify() == ([], [])
     a.close()
     b.close()

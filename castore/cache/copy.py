@@ -420,18 +420,17 @@ class _Assembly:
     def _plan(self, oid: str) -> None:
         rec = self.records[oid]
         sink = self.sinks[oid]
-        small = rec.size < _IN_MEMORY  # put together in memory: its file is made when it is written
+        small = rec.size < _SMALL_OBJECT  # its file is made when its first bytes come
         fd = self._fd(oid, create=not small)
         size = os.fstat(fd).st_size if fd >= 0 else 0
-        if rec.size < size < rec.size + 4096:
-            os.ftruncate(fd, rec.size)  # killed between the padded last block and the cut (DirectWriter)
+        if size > rec.size:  # DirectWriter was killed between its padded last block and the cut
+            os.ftruncate(fd, rec.size)
             size = rec.size
-        resumed = size == rec.size > 0
-        if size != rec.size and fd >= 0:
-            os.ftruncate(fd, 0 if small else rec.size)  # sparse until written
+        if not small and size != rec.size:
+            os.ftruncate(fd, rec.size)  # sparse until written: pieces and checkpoints land at their offsets
         for index, (cid, length) in enumerate(rec.chunks):
             offset = sink.offsets[index]
-            if resumed and _ok(cid, os.pread(fd, length, offset)):
+            if size and _ok(cid, os.pread(fd, length, offset)):  # what an earlier pull verified
                 sink.ready[index] = None
                 self.stats.chunks_seeded += 1
             elif (local := self.local.get(cid)) is not None and local[2] == length:
@@ -514,8 +513,8 @@ class _Assembly:
     def _writing(self, oid: str) -> _Writing:
         size = self.records[oid].size
         hasher = Hasher(threads=size >= 4 << 20)
-        if size < _IN_MEMORY:
-            return _Writing(oid, _InMemory(size, hasher, lambda: self._fd(oid)), hasher, [])
+        if size < _SMALL_OBJECT:
+            return _Writing(oid, _WriteThrough(size, hasher, lambda: self._fd(oid)), hasher, [])
         fds = [os.open(self.dir / oid, os.O_WRONLY)]
         try:
             fds.append(os.open(self.dir / oid, os.O_WRONLY))  # for checkpoints, without O_DIRECT
@@ -532,7 +531,7 @@ class _Assembly:
         for fd in writing.fds:
             os.close(fd)
 
-    def _copy_in(self, oid: str, sink: _Sink, writer: DirectWriter | _InMemory, run: bool = True) -> bool:
+    def _copy_in(self, oid: str, sink: _Sink, writer: DirectWriter | _WriteThrough, run: bool = True) -> bool:
         """The chunk at sink.pos, from where it waits, into the writer, with those after it that lie
         end to end in the same local blob (one read); False if it was not all there."""
         where = sink.ready[sink.pos]
@@ -647,7 +646,7 @@ class _Assembly:
         if fd is not None:
             os.close(fd)
         staged = self.dir / oid
-        self.store.add_file(staged, move=True, expect=oid, kind=rec.kind, refs=rec.refs, hashed=True)
+        self.store.add_written(staged, oid, rec.kind, rec.refs)
         index = []
         offset = 0
         for cid, length in rec.chunks:
@@ -661,13 +660,13 @@ class _Assembly:
             self._flush()
 
 
-class _InMemory:
-    """A small object put together in memory, then written whole: no threads, no O_DIRECT, no
-    file before it is whole (a tree's thousands of blobs). DirectWriter's calls, as the pull
-    makes them."""
+class _WriteThrough:
+    """A small object written chunk by chunk through the page cache, hashed on the way: no
+    threads, no O_DIRECT, no file before its first bytes (a tree's thousands of blobs).
+    DirectWriter's calls, as the pull makes them."""
 
     def __init__(self, size: int, hasher: Hasher, fd: Callable[[], int]) -> None:
-        self.buf = bytearray(size)
+        self.buf = bytearray(size)  # what space() offers to read into
         self.filled = 0
         self.hasher = hasher
         self.fd = fd
@@ -676,22 +675,22 @@ class _InMemory:
         return memoryview(self.buf)[self.filled:]
 
     def commit(self, n: int) -> None:
+        view = memoryview(self.buf)[self.filled:self.filled + n]
+        pwrite_all(self.fd(), view, self.filled)
+        self.hasher.update(view)
         self.filled += n
 
     def write(self, data: bytes) -> None:
         self.buf[self.filled:self.filled + len(data)] = data
-        self.filled += len(data)
+        self.commit(len(data))
 
     def finish(self) -> int:
-        self.hasher.update(self.buf)
-        pwrite_all(self.fd(), self.buf, 0)
+        if not self.buf:
+            self.fd()  # an empty object: an empty file
         return len(self.buf)
 
     def drain(self) -> None:
-        if self.filled:  # at its full size, as the next pull looks for what it can keep
-            fd = self.fd()
-            os.ftruncate(fd, len(self.buf))
-            pwrite_all(fd, memoryview(self.buf)[:self.filled], 0)
+        pass  # all of it is written
 
     def close(self) -> None:
         pass
@@ -699,12 +698,12 @@ class _InMemory:
 
 class _Writing(NamedTuple):
     oid: str
-    writer: DirectWriter | _InMemory
+    writer: DirectWriter | _WriteThrough
     hasher: Hasher
     fds: list[int]  # closed with it
 
 
-_IN_MEMORY = 1 << 20  # objects smaller than this are put together in memory (_InMemory)
+_SMALL_OBJECT = 1 << 20  # objects smaller than this are written through the page cache (_WriteThrough)
 
 
 class _Sink:
