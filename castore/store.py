@@ -330,6 +330,7 @@ class LocalStore:
     def _flush(self) -> None:
         pending = self._pending
         assert pending is not None
+        renamed: list[tuple[str, str, str]] = []  # (id, staged, in blobs/)
         try:
             syncfs(self.tmp)  # staged bytes durable before any rename publishes them
             dirs = set()
@@ -338,13 +339,32 @@ class LocalStore:
                 if oid[:2] not in dirs:
                     _mkdir(self.blobs / oid[:2])
                     dirs.add(oid[:2])
-                os.rename(staged, f"{blobs}/{oid[:2]}/{oid}")
+                dest = f"{blobs}/{oid[:2]}/{oid}"
+                os.rename(staged, dest)
+                renamed.append((oid, staged, dest))
                 del pending.files[oid]
             syncfs(self.tmp)  # renames durable before the rows that announce them
-        except OSError as exc:
-            raise store_os_error(exc, self.root) from exc
-        self._insert(pending.rows)
+            self._insert(pending.rows)
+        except BaseException as exc:
+            self._unrename(pending, renamed)
+            if isinstance(exc, OSError):
+                raise store_os_error(exc, self.root) from exc
+            raise
         pending.rows.clear()
+
+    def _unrename(self, pending: _Pending, renamed: list[tuple[str, str, str]]) -> None:
+        """A flush that failed (a full disk): the files it renamed into blobs/ go back where they
+        were, not left as strays: the batch's end removes them, or leaves those that are the
+        caller's (add_written) for it to find again. One a row already names (another process
+        added the same object meanwhile) stays."""
+        for oid, staged, dest in renamed:
+            try:
+                if self.has(oid):
+                    continue
+                os.rename(dest, staged)
+            except (CastoreError, OSError, sqlite3.Error):
+                continue  # unsure: a stray gc removes is better than a row without its file
+            pending.files[oid] = staged
 
     def _insert(self, rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
         if not rows:

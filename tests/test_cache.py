@@ -977,7 +977,7 @@ def test_objects_whole_but_not_yet_in_the_store_wait_in_their_partial_files(tmp_
     """Killed before a batch went in: the objects it held are found whole by the next pull."""
     a = LocalStore(tmp_path / "a")
     ids = [a.add_file(blob_file(tmp_path, f"f{i}", random.Random(i).randbytes(n)))
-           for i, n in enumerate((50_000, 2 << 20))]  # one written through, one by DirectWriter
+           for i, n in enumerate((50_000, 600_000))]  # small: they wait for a batch (large ones go in at once)
     push(a, DirTransport(tmp_path / "cache", create=True), ids)
     b = LocalStore(tmp_path / "b")
 
@@ -994,3 +994,58 @@ def test_objects_whole_but_not_yet_in_the_store_wait_in_their_partial_files(tmp_
     assert b.verify() == ([], [])
     a.close()
     b.close()
+
+
+def _ordered(a: LocalStore, tmp_path: Path, first: bytes, then: bytes) -> tuple[str, str]:
+    """Add two blobs whose ids put `first` first in a pull's order (refs first, then by id,
+    largest first): the seed is varied until they do."""
+    for seed in range(100):
+        salt = random.Random(seed).randbytes(8)
+        x, y = a.add_file(blob_file(tmp_path, "x", first + salt)), a.add_file(blob_file(tmp_path, "y", then + salt))
+        if x > y:
+            return x, y
+    raise AssertionError("no order found")
+
+
+def test_a_small_object_s_chunks_that_came_before_their_turn_are_kept(tmp_path: Path) -> None:
+    """A pull fails while writing X; Y, small, got X's shared chunks before its turn: the next
+    pull keeps them (its partial file is checked chunk by chunk, whatever its size)."""
+    a = LocalStore(tmp_path / "a")
+    x = random.Random(9).randbytes(2_000_000)
+    big, small = _ordered(a, tmp_path, x, x[:400_000])
+    (tmp_path / "cache").mkdir()
+    cache = Counting(tmp_path / "cache")
+    push(a, cache, [big, small])
+    xc = [c for c, _ in record_of(cache, big).chunks]
+    shared = set(xc) & {c for c, _ in record_of(cache, small).chunks}
+    assert shared
+    last = cache.root / chunk_path(xc[-1])
+    saved = last.read_bytes()
+    last.unlink()
+    b = LocalStore(tmp_path / "b")
+    with pytest.raises(NotFound):
+        pull(b, cache, [big, small])
+    last.write_bytes(saved)
+    cache.gets.clear()
+    pull(b, cache, [big, small])
+    assert not {g.rpartition("/")[2] for g in cache.gets if g.startswith("chunks/")} & shared
+    assert b.verify() == ([], [])
+    a.close()
+    b.close()
+
+
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
+def test_an_object_finished_before_the_disk_filled_is_in_the_store(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large object goes in as soon as it is whole: the next one filling the disk takes
+    nothing from it, and the error is the disk's, with the pull's hint."""
+    a = LocalStore(tmp_path / "a")
+    first, then = _ordered(a, tmp_path, random.Random(1).randbytes(3 << 19), random.Random(2).randbytes(3 << 20))
+    push(a, DirTransport(tmp_path / "cache", create=True), [first, then])
+    monkeypatch.setattr("castore.cache.copy.free_bytes", lambda path: 1 << 40)  # past the check for room
+    with tiny_tmpfs(tmp_path / "small", "4m") as small, LocalStore(small / "s") as b:
+        with pytest.raises(StoreError, match="no space left") as err:
+            pull(b, DirTransport(tmp_path / "cache"), [first, then])
+        assert "castore gc also removes partial pulls" in (err.value.hint or "")
+        assert b.has(first) and not b.has(then) and b.stray_files() == []
+    a.close()

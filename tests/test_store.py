@@ -447,3 +447,25 @@ def test_add_dir_walks_deeper_than_the_soft_descriptor_limit(tmp_path: Path) -> 
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s"), str(tmp_path / "d")], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["601"]  # 600 directories and the file
+
+
+def test_a_batch_whose_rows_cannot_be_written_leaves_no_strays(store: LocalStore, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush renamed its files into blobs/, then the database was full: they go back, the
+    staged one to be removed, the caller's (add_written) to where the caller finds it again."""
+    kept = store.tmp / "pulls-like"
+    kept.write_bytes(b"written by a pull")
+    copied = tmp_path / "copied"
+    copied.write_bytes(b"added by copy")
+
+    def full(rows: object) -> None:  # what _transaction makes of SQLITE_FULL
+        raise store._db_error(sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(store, "_insert", full)
+    with pytest.raises(StoreError, match="full"), store.batch():
+        store.add_written(kept, hash_bytes(kept.read_bytes()))
+        store.add_file(copied)
+    monkeypatch.undo()
+    assert store.objects() == [] and store.stray_files() == []
+    assert kept.read_bytes() == b"written by a pull" and sorted(os.listdir(store.tmp)) == ["pulls-like"]
+    assert store.verify()[0] == []

@@ -379,8 +379,11 @@ class _Assembly:
                     while self.dests:  # again for what a local blob shorter than the index said did not give
                         self._fetch()
                     self._finish_ready()
-                finally:  # what was added goes in, also when the pull failed: the next one need not fetch it
-                    self._flush()
+                except BaseException:
+                    with contextlib.suppress(CastoreError, OSError):  # what failed first says more
+                        self._flush()  # what was added goes in: the next pull need not fetch it
+                    raise
+                self._flush()
         except BaseException as exc:
             if self.current is not None:
                 try:
@@ -656,8 +659,8 @@ class _Assembly:
         self.stats.objects += 1
         self.stats.ids.append(oid)
         self.progress(f"pulled {rec.kind} {oid[:12]}")
-        if time.monotonic() - self.flushed > 1.0:
-            self._flush()
+        if rec.size >= _SMALL_OBJECT or time.monotonic() - self.flushed > 1.0:
+            self._flush()  # a large object goes in at once: its syncfs costs little beside it
 
 
 class _WriteThrough:
