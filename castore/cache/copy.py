@@ -335,9 +335,10 @@ class _Assembly:
     Bytes come from, in order of preference: the object's partial file (a pull that failed or was
     killed leaves it; each of its chunks that still hashes right is kept), the local blobs holding
     them (the chunk index), the cache. One object at a time, in the order the cache's chunks are
-    fetched, is written front to back through a DirectWriter that hashes it on the way, so it is
-    neither read again nor left in the page cache; chunks that come before their turn (one that
-    appears twice, one that another object needed first) wait in their object's partial file.
+    fetched, is written front to back and hashed on the way, so it is not read again: a large
+    one through a DirectWriter (not left in the page cache), a small one through the page cache
+    chunk by chunk (_WriteThrough). Chunks that come before their turn (one that appears twice,
+    one that another object needed first) wait in their object's partial file.
 
     The trees and images of the pull are put together first and checked (whole hash, then
     :func:`kind_check`) before any object enters the store, so a hostile manifest adds
@@ -368,7 +369,8 @@ class _Assembly:
 
     def run(self) -> None:
         """Objects enter the store in batches (one syncfs and one transaction for each, not an
-        fsync and a transaction per object: a tree's thousands of blobs), one a second at most."""
+        fsync and a transaction per object: a tree's thousands of blobs): small ones every second
+        at most, waiting in their partial files; large ones as soon as they are whole."""
         try:
             with self.store.batch():
                 try:
