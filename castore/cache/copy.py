@@ -353,8 +353,8 @@ class _Assembly:
         self.dir.mkdir(exist_ok=True)
         self.dests: dict[str, list[tuple[str, int]]] = {}  # chunk to fetch -> (object, position) it goes to
         self.lengths: dict[str, int] = {}
-        self.fds: dict[str, int] = {}  # partial files, for chunks that come before their turn
-        self.blobs: dict[Path, int] = {}  # local blobs read for their chunks
+        self.fds = _Descriptors(os.O_RDWR)  # partial files
+        self.blobs = _Descriptors(os.O_RDONLY)  # local blobs read for their chunks
         self.done = 0  # objects of self.order added to the store
         self.local = store.find_chunks(cid for oid in order for cid, _ in records[oid].chunks)
         self.manifests = {oid for oid in order if records[oid].kind != "blob"}  # not yet checked
@@ -398,23 +398,17 @@ class _Assembly:
         finally:
             if self.current is not None:
                 self._close_current()
-            for fd in [*self.fds.values(), *self.blobs.values()]:
-                os.close(fd)
+            self.fds.close()
+            self.blobs.close()
 
     def _fd(self, oid: str, create: bool = True) -> int:
         """The partial file's descriptor (-1: there is none, and create is False)."""
-        fd = self.fds.get(oid)
-        if fd is None:
-            if len(self.fds) >= 64:
-                os.close(self.fds.pop(next(iter(self.fds))))
-            try:
-                fd = os.open(self.dir / oid, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-            except FileNotFoundError:
-                if create:
-                    raise
-                return -1
-            self.fds[oid] = fd
-        return fd
+        try:
+            return self.fds.get(self.dir / oid, create=create)
+        except FileNotFoundError:
+            if create:
+                raise
+            return -1
 
     def _flush(self) -> None:
         self.store.flush()
@@ -470,12 +464,7 @@ class _Assembly:
         return length
 
     def _blob(self, path: Path) -> int:
-        fd = self.blobs.get(path, -1)
-        if fd < 0:
-            if len(self.blobs) >= 64:
-                os.close(self.blobs.pop(next(iter(self.blobs))))
-            fd = self.blobs[path] = os.open(path, os.O_RDONLY)
-        return fd
+        return self.blobs.get(path)
 
     def _need(self, oid: str, cid: str, index: int) -> None:
         self.dests.setdefault(cid, []).append((oid, index))
@@ -647,10 +636,8 @@ class _Assembly:
 
     def _add(self, oid: str) -> None:
         rec = self.records[oid]
-        fd = self.fds.pop(oid, None)
-        if fd is not None:
-            os.close(fd)
         staged = self.dir / oid
+        self.fds.drop(staged)
         self.store.add_written(staged, oid, rec.kind, rec.refs)
         index = []
         offset = 0
@@ -663,6 +650,32 @@ class _Assembly:
         self.progress(f"pulled {rec.kind} {oid[:12]}")
         if rec.size >= _SMALL_OBJECT or time.monotonic() - self.flushed > 1.0:
             self._flush()  # a large object goes in at once: its syncfs costs little beside it
+
+
+class _Descriptors:
+    """Files kept open by path, 64 at most: the oldest is closed for a new one."""
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.open: dict[Path, int] = {}
+
+    def get(self, path: Path, *, create: bool = False) -> int:
+        fd = self.open.get(path)
+        if fd is None:
+            if len(self.open) >= 64:
+                os.close(self.open.pop(next(iter(self.open))))
+            fd = self.open[path] = os.open(path, self.flags | (os.O_CREAT if create else 0), 0o644)
+        return fd
+
+    def drop(self, path: Path) -> None:
+        fd = self.open.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self.open.values():
+            os.close(fd)
+        self.open.clear()
 
 
 class _WriteThrough:
