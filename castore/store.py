@@ -322,8 +322,8 @@ class LocalStore:
                         os.unlink(p)
 
     def flush(self) -> None:
-        """Publish what the current batch holds now (a pull does every second, so a kill loses
-        little of what it verified); the batch goes on."""
+        """Publish what the current batch holds now; the batch goes on (a pull's objects go in
+        as it finishes them: a large one at once, small ones every second)."""
         if self._pending is not None:
             self._flush()
 
