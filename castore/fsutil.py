@@ -172,15 +172,13 @@ class DirectWriter:
 
     def _pwrite(self, view: memoryview, at: int) -> None:
         try:
-            while view:
-                try:
-                    k = os.pwrite(self.fd, view, at)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL or not self.direct:
-                        raise
-                    self.direct = _set_direct(self.fd, False)  # this filesystem wants other alignment
-                    continue
-                view, at = view[k:], at + k
+            try:
+                pwrite_all(self.fd, view, at)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self.direct = _set_direct(self.fd, False)  # this filesystem wants other alignment
+                pwrite_all(self.fd, view, at)  # the whole piece again, through the page cache
         except BaseException as exc:
             self._error = exc
 

@@ -239,3 +239,27 @@ def test_direct_writer_drains_what_it_holds_after_its_thread_failed(tmp_path: Pa
         os.close(fd)
     got = f.read_bytes()
     assert got[:8192] == b"\xff" * 8192 and got[8192:9000] == b"a" * 808
+
+
+def test_direct_writer_falls_back_when_o_direct_writes_are_refused(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that takes O_DIRECT but wants other alignment (EINVAL): the piece is written
+    again through the page cache, and so is every one after it."""
+    real, calls = os.pwrite, []
+
+    def pwrite(fd: int, view: memoryview, at: int) -> int:
+        calls.append(at)
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, view, at)
+
+    monkeypatch.setattr(fsutil.os, "pwrite", pwrite)
+    data = os.urandom(3 * 8192 + 5)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with DirectWriter(fd, piece=8192) as w:
+            w.write(data)
+            assert w.finish() == len(data) and not w.direct
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == data
