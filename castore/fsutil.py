@@ -344,16 +344,69 @@ def _c() -> Any:
 
 def syncfs(path: str | os.PathLike[str]) -> None:
     """Flush every dirty page of the filesystem holding path: one call instead of an fsync per file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(fd: int) -> None:
     libc = _c()
     import ctypes  # loaded by _c(): this is a lookup
 
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class Syncer:
+    """syncfs for a batch of writes, through one descriptor opened before the first of them.
+
+    A write error the kernel meets while it writes back in the background is reported to the
+    syncfs of a descriptor opened before the error, not after: opened at the start, this one
+    hears of every error of the batch. start() begins a syncfs in a thread and returns at once:
+    the writeback of what is dirty so far then proceeds on another core while the caller writes
+    more, and the final sync() finds less to wait for.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
+
+    def start(self) -> None:
+        """Begin a syncfs unless one is still running."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(target=self._background, name="castore-syncfs", daemon=True)
+        self._thread.start()
+
+    def _background(self) -> None:
+        try:
+            _syncfs(self.fd)
+        except OSError as exc:
+            self._error = self._error or exc  # this syncfs consumed the error: sync() raises it
+
+    def sync(self) -> None:
+        """Every page dirtied so far is on disk, or an error of the batch's writeback is raised."""
+        self._join()
+        _syncfs(self.fd)
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        try:
+            if self._thread is not None:
+                self._thread.join()
+        finally:
+            os.close(self.fd)
 
 
 def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
-from castore.fsutil import DirectWriter, more_descriptors, stale_entries, start_writeback, syncfs
+from castore.fsutil import DirectWriter, Syncer, more_descriptors, stale_entries, start_writeback
 from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree
 
@@ -81,12 +81,18 @@ class ObjectInfo:
 
 @dataclass
 class _Pending:
-    """Staged files waiting for one syncfs and their rename into blobs/."""
+    """Files waiting for one syncfs and their rows: staged ones also for their rename into blobs/."""
 
+    syncer: Syncer
     files: dict[str, str] = field(default_factory=dict)  # id -> staged path
     kept: set[str] = field(default_factory=set)  # ids whose files are the caller's (add_written) on failure
     rows: dict[str, tuple[str, int, tuple[str, ...]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    placed: dict[str, str] = field(default_factory=dict)  # id -> its file, written in blobs/ directly
+    placing: int = -1  # the list of ids this batch writes in blobs/ directly, appended to before each
+    placing_path: str = ""
+    dirs: set[str] = field(default_factory=set)  # blobs/ subdirectories known to exist
+    umask: int = field(default_factory=lambda: _umask())
 
 
 class LocalStore:
@@ -129,6 +135,7 @@ class LocalStore:
         self._db_lock = threading.RLock()
         self._counter = itertools.count()
         self._tmp = str(self.tmp)
+        self._blobs = str(self.blobs)
         self._nonce = os.urandom(4).hex()
 
     def _init_db(self) -> None:
@@ -293,12 +300,31 @@ class LocalStore:
         os.rename(scratch, kept)
         return kept
 
-    def clean_stale_staging(self) -> int:
-        """Remove staging left by processes that no longer run."""
+    def clean_stale_staging(self, *, gc_held: bool = False) -> int:
+        """Remove staging left by processes that no longer run, and the files in blobs/ that a
+        killed import listed and that got no row. Those only under the gc lock, held by no batch
+        (gc_held: the caller holds it): a batch renames its own copy of such a file over it,
+        and inserts its row after."""
         stale = stale_entries(self.tmp)
+        lists = [p for p in stale if p.name.split("-")[1:2] == ["placing"]]
         for path in stale:
-            _remove(path)
+            if path not in lists:
+                _remove(path)
+        if lists:
+            if gc_held:
+                self._unplace_stale(lists)
+            else:
+                with contextlib.suppress(BlockingIOError), self.lock("gc", wait=False):
+                    self._unplace_stale(lists)
         return len(stale)
+
+    def _unplace_stale(self, lists: list[Path]) -> None:
+        for path in lists:
+            ids = {line for line in path.read_text().split() if is_id(line)}
+            for oid in ids - self._present(ids):
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(oid).unlink()
+            path.unlink()
 
     def _stage_path(self) -> Path:
         return self.tmp / f"{os.getpid()}-obj-{next(self._counter)}-{self._nonce}"
@@ -309,13 +335,21 @@ class LocalStore:
         if self._pending is not None:
             yield
             return
-        self._pending = _Pending()
+        try:
+            syncer = Syncer(self.tmp)
+        except OSError as exc:
+            raise store_os_error(exc, self.root) from exc
+        self._pending = pending = _Pending(syncer)
         try:
             with self.lock("gc", shared=True):  # gc would take renamed files without rows for strays
-                yield
-                self._flush()
+                try:
+                    yield
+                    self._flush()
+                finally:
+                    self._unplace(pending)
         finally:
-            pending, self._pending = self._pending, None
+            self._pending = None
+            syncer.close()
             for oid, p in pending.files.items():
                 if oid not in pending.kept:
                     with contextlib.suppress(FileNotFoundError):
@@ -332,7 +366,7 @@ class LocalStore:
         assert pending is not None
         renamed: list[tuple[str, str, str]] = []  # (id, staged, in blobs/)
         try:
-            syncfs(self.tmp)  # staged bytes durable before any rename publishes them
+            pending.syncer.sync()  # staged bytes durable before any rename publishes them
             dirs = set()
             blobs = str(self.blobs)
             for oid, staged in list(pending.files.items()):
@@ -343,8 +377,9 @@ class LocalStore:
                 os.rename(staged, dest)
                 renamed.append((oid, staged, dest))
                 del pending.files[oid]
-            syncfs(self.tmp)  # renames durable before the rows that announce them
+            pending.syncer.sync()  # renames durable before the rows that announce them
             self._insert(pending.rows)
+            pending.placed.clear()
         except BaseException as exc:
             self._unrename(pending, renamed)
             if isinstance(exc, OSError):
@@ -365,6 +400,26 @@ class LocalStore:
             except (CastoreError, OSError, sqlite3.Error):
                 continue  # unsure: a stray gc removes is better than a row without its file
             pending.files[oid] = staged
+
+    def _unplace(self, pending: _Pending) -> None:
+        """At a batch's end: remove the files it wrote in blobs/ that got no row (it failed), then
+        its list of them. One a row names (another process added the object meanwhile) stays; where
+        the database cannot say, the list stays too, for a later clean_stale_staging."""
+        unsure = False
+        for oid, path in pending.placed.items():
+            try:
+                if not self.has(oid):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except (CastoreError, OSError, sqlite3.Error):
+                unsure = True
+        if pending.placing >= 0:
+            os.close(pending.placing)
+            pending.placing = -1
+            if not unsure:
+                with contextlib.suppress(OSError):
+                    os.unlink(pending.placing_path)
 
     def _insert(self, rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
         if not rows:
@@ -566,30 +621,68 @@ class LocalStore:
             raise store_os_error(exc, self.root, Path(shown)) from exc
 
     def _stage_group(self, group: list[tuple[int, str, bytes]], entries: list[Entry]) -> None:
-        """Stage, for the batch, the files of a group that neither the store nor the batch has."""
+        """Write, for the batch, the files of a group that neither the store nor the batch has.
+
+        Their ids are known before they are written, so each goes straight to its place in
+        blobs/, where it is a stray until the batch's syncfs and row: no staging file, no rename.
+        The batch's list of such files is written first, so a killed import leaves none that
+        clean_stale_staging cannot find. Where a file of that name is already there (another
+        process is writing it, or a killed one left it), this one is staged and renamed over it.
+        """
         pending = self._pending
         assert pending is not None
         present = self._present({oid for _, oid, _ in group})
+        new: dict[str, bytes] = {}
         for index, oid, data in group:
             self._set_blob(entries, index, oid, len(data))
-            if oid in present or oid in pending.rows:
-                continue
-            pending.rows[oid] = ("blob", len(data), ())
-            staged = f"{self._tmp}/{os.getpid()}-obj-{next(self._counter)}-{self._nonce}"
+            if oid not in present and oid not in pending.rows:
+                new[oid] = data
+        try:
+            if new:
+                self._list_placing(pending, new)
+            for oid, data in new.items():
+                pending.rows[oid] = ("blob", len(data), ())
+                self._place(pending, oid, data)
+        except OSError as exc:
+            raise store_os_error(exc, self.root) from exc
+        pending.syncer.start()  # what this group wrote goes to disk while the next is read
+
+    def _list_placing(self, pending: _Pending, ids: Iterable[str]) -> None:
+        if pending.placing < 0:
+            pending.placing_path = f"{self._tmp}/{os.getpid()}-placing-{next(self._counter)}-{self._nonce}"
+            pending.placing = os.open(pending.placing_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                                      0o644)
+        data = memoryview("".join(f"{oid}\n" for oid in ids).encode())
+        while data:
+            data = data[os.write(pending.placing, data):]
+
+    def _place(self, pending: _Pending, oid: str, data: bytes) -> None:
+        if oid[:2] not in pending.dirs:
+            _mkdir(self.blobs / oid[:2])
+            pending.dirs.add(oid[:2])
+        path = f"{self._blobs}/{oid[:2]}/{oid}"
+        written = pending.placed
+        try:
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        except FileExistsError:
+            path = f"{self._tmp}/{os.getpid()}-obj-{next(self._counter)}-{self._nonce}"
+            written = pending.files
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        try:
             try:
-                out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(out, view):]
-                finally:
-                    os.close(out)
-            except OSError as exc:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(staged)
-                del pending.rows[oid]
-                raise store_os_error(exc, self.root) from exc
-            pending.files[oid] = staged
+                if pending.umask & 0o444:
+                    os.fchmod(out, 0o444)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+            finally:
+                os.close(out)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            del pending.rows[oid]
+            raise
+        written[oid] = path
 
     def _present(self, oids: set[str]) -> set[str]:
         """Which of these ids the store has: one query per 500."""
@@ -735,10 +828,11 @@ class LocalStore:
     # -- locks ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
+    def lock(self, name: str, *, shared: bool = False, wait: bool = True) -> Iterator[None]:
+        """An flock on locks/NAME.lock; wait=False: BlockingIOError when another holds it."""
         fd = os.open(self.locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
             yield
         finally:
             os.close(fd)
@@ -800,7 +894,7 @@ class LocalStore:
                 p.unlink(missing_ok=True)
             for p in self.tmp.glob("failed-*"):  # what realize --keep-failed kept
                 remove_tree(p)
-            self.clean_stale_staging()
+            self.clean_stale_staging(gc_held=True)
             # Rows go before their files: a crash then leaves stray files, never rows without files.
             with self._transaction() as db:
                 for oid, _ in dead:
@@ -986,6 +1080,18 @@ def _read_all(fd: int, size: int) -> bytes:
     while len(data) <= size and (more := os.read(fd, size + 1 - len(data))):
         data += more
     return data
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o777  # unknown: files get their mode set explicitly
 
 
 def _mkdir(path: Path) -> None:

@@ -263,3 +263,29 @@ def test_direct_writer_falls_back_when_o_direct_writes_are_refused(tmp_path: Pat
     finally:
         os.close(fd)
     assert (tmp_path / "out").read_bytes() == data
+
+
+def test_syncer_raises_the_error_its_background_syncfs_met(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reports a writeback error once per descriptor: the background syncfs that
+    heard it hands it to the batch's sync(), which must not pass."""
+    real, calls = fsutil._syncfs, []
+
+    def once_failing(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(fsutil, "_syncfs", once_failing)
+    syncer = fsutil.Syncer(tmp_path)
+    try:
+        (tmp_path / "f").write_bytes(b"dirty")
+        syncer.start()
+        with pytest.raises(OSError, match="Input/output"):
+            syncer.sync()
+        syncer.start()
+        syncer.sync()
+        assert len(calls) == 3 and len(set(calls)) == 1  # one descriptor, opened before the writes
+    finally:
+        syncer.close()
+    assert not [t for t in threading.enumerate() if t.name == "castore-syncfs"]

@@ -469,3 +469,112 @@ def test_a_batch_whose_rows_cannot_be_written_leaves_no_strays(store: LocalStore
     assert store.objects() == [] and store.stray_files() == []
     assert kept.read_bytes() == b"written by a pull" and sorted(os.listdir(store.tmp)) == ["pulls-like"]
     assert store.verify()[0] == []
+
+
+def _small_tree(root: Path, n: int = 40) -> Path:
+    root.mkdir()
+    for i in range(n):
+        (root / f"f{i}").write_bytes(f"file {i}\n".encode() * (i + 1))
+    return root
+
+
+def test_add_dir_writes_small_files_in_place_readable_by_all(store: LocalStore, tmp_path: Path) -> None:
+    """No staging file, no rename: and the files are 0444 even under a umask that masks reads
+    (Firecracker may run as another user)."""
+    src = _small_tree(tmp_path / "src")
+    old = os.umask(0o077)
+    try:
+        tid = store.add_dir(src, all_root=True)
+    finally:
+        os.umask(old)
+    blobs = [e.blob for e in store.read_tree(tid).entries if e.blob]
+    assert len(blobs) == 40
+    assert {store.blob_path(b).stat().st_mode & 0o777 for b in blobs} == {0o444}
+    assert os.listdir(store.tmp) == [] and store.verify() == ([], [])
+
+
+def test_a_killed_import_leaves_strays_that_the_next_add_removes(store: LocalStore, tmp_path: Path) -> None:
+    """Killed between writing its files in blobs/ and their rows: they are strays, and the list
+    written before them lets the next add find and remove them (gc would too)."""
+    src = _small_tree(tmp_path / "src", 1200)  # three groups: killed after the second is written
+    code = ("import os, signal, sys\n"
+            "from castore.store import LocalStore\n"
+            "s = LocalStore(sys.argv[1])\n"
+            "real, seen = LocalStore._stage_group, []\n"
+            "def stage(self, group, entries):\n"
+            "    real(self, group, entries)\n"
+            "    seen.append(1)\n"
+            "    if len(seen) == 2:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "LocalStore._stage_group = stage\n"
+            "s.add_dir(sys.argv[2], all_root=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(store.root), str(src)], cwd=REPO)
+    assert proc.returncode == -9
+    assert store.objects() == [] and len(store.stray_files()) == 1000
+    lists = [n for n in os.listdir(store.tmp) if "-placing-" in n]
+    assert len(lists) == 1 and len((store.tmp / lists[0]).read_text().split()) == 1000
+    keep = tmp_path / "other"
+    keep.mkdir()
+    (keep / "f0").write_bytes(b"file 0\n")  # one the killed import wrote: now it gets its row
+    tid = store.add_dir(keep)
+    assert store.stray_files() == [] and os.listdir(store.tmp) == []
+    assert store.verify() == ([], []) and store.read_tree(tid).entries[0].blob in {o.id for o in store.objects()}
+
+
+def test_a_killed_imports_strays_stay_while_a_batch_runs(store: LocalStore, tmp_path: Path) -> None:
+    """Another process's batch may be renaming its own copy over such a stray, its row still to
+    come: the strays are removed only under the gc lock, and the list stays until then."""
+    dead_pid = 2**22 + 7
+    oid = hash_bytes(b"left by a killed import")
+    (store.blobs / oid[:2]).mkdir()
+    store.blob_path(oid).write_bytes(b"left by a kill")
+    listed = store.tmp / f"{dead_pid}-placing-0-cafe"
+    listed.write_text(f"{oid}\n")
+    other = LocalStore(store.root)
+    try:
+        with other.lock("gc", shared=True):
+            store.clean_stale_staging()
+            assert listed.exists() and store.blob_path(oid).exists()
+    finally:
+        other.close()
+    store.clean_stale_staging()
+    assert not listed.exists() and not store.blob_path(oid).exists()
+    assert store.verify() == ([], [])
+
+
+def test_a_wrong_file_at_a_blobs_place_is_replaced(store: LocalStore, tmp_path: Path) -> None:
+    """A file at the final name without a row (a crash lost the list, or another process is
+    writing it): this import stages its own copy and renames it over."""
+    src = _small_tree(tmp_path / "src", 3)
+    oid = hash_bytes((src / "f1").read_bytes())
+    (store.blobs / oid[:2]).mkdir()
+    store.blob_path(oid).write_bytes(b"torn")
+    store.add_dir(src)
+    assert store.blob_path(oid).read_bytes() == (src / "f1").read_bytes()
+    assert store.verify() == ([], [])
+
+
+def test_a_failed_import_takes_back_the_files_it_wrote_in_place(store: LocalStore, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _small_tree(tmp_path / "src")
+
+    def full(rows: object) -> None:
+        raise store._db_error(sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(store, "_insert", full)
+    with pytest.raises(StoreError, match="full"):
+        store.add_dir(src)
+    monkeypatch.undo()
+    assert store.objects() == [] and store.stray_files() == [] and os.listdir(store.tmp) == []
+    store.add_dir(src)
+    assert store.verify() == ([], [])
+
+
+def test_gc_removes_a_killed_imports_strays_and_its_list(store: LocalStore) -> None:
+    dead_pid = 2**22 + 7
+    oid = hash_bytes(b"x")
+    (store.blobs / oid[:2]).mkdir()
+    store.blob_path(oid).write_bytes(b"x")
+    (store.tmp / f"{dead_pid}-placing-0-cafe").write_text(f"{oid}\n")
+    store.gc()
+    assert os.listdir(store.tmp) == [] and store.stray_files() == []
