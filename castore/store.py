@@ -155,11 +155,19 @@ class LocalStore:
                                  "use the castore that made the store, or a newer one")
             if version != _SCHEMA_VERSION:
                 self.db.execute("PRAGMA journal_mode=WAL")  # kept in the file: set once
-                self.db.executescript(_SCHEMA)
-                if tables is not None and version < 3:
-                    self._unknown_origins()
-                self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-                self.db.commit()
+                # one transaction: each statement on its own would be a commit and an fdatasync
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self.db.execute(statement)
+                    if tables is not None and version < 3:
+                        self._unknown_origins()
+                    self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
         finally:
             os.close(fd)
 
