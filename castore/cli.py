@@ -147,6 +147,7 @@ def realize(
                 verb = action(s)
                 print(f"  {verb:10} {s.plan.label:28} {s.plan.builder:14} plan {s.hash[:16]}  ({s.plan.origin})")
             return
+        store.clean_stale_staging()  # what a killed add or build left: before the lock it must take alone
         with store.lock("gc", shared=True):  # no gc between the build and its out-link's root
             if live:
                 with reporter:
@@ -244,23 +245,25 @@ def add(
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise CastoreError(f"{path} is not a regular file or a directory",
                            "castore adds files (kernels, images) and directory trees")
-    with _store() as store, store.lock("gc", shared=True):  # no gc between the add and its root
-        if stat.S_ISDIR(mode):
-            if move:
-                _err(f"note: copying {path}: --move applies to files")
-            oid = store.add_dir(path, all_root=all_root)
-        else:
-            oid = store.add_file(path, move=move and _movable(path, store.root))
-        if root_name is not None:
-            before = {n: o for n, o, link in store.roots() if not link}.get(root_name)
-            store.add_root(root_name, oid)
-            if before not in (None, oid):
-                _err(f"note: root {root_name} now keeps {oid[:12]}, no longer {before[:12]}")
-        info = store.info(oid)
-        if as_json:
-            _emit({"id": oid, "kind": info.kind, "size": info.size, "path": str(store.blob_path(oid))})
-        else:
-            print(oid)
+    with _store() as store:
+        store.clean_stale_staging()  # what a killed add left: before the lock it must take alone
+        with store.lock("gc", shared=True):  # no gc between the add and its root
+            if stat.S_ISDIR(mode):
+                if move:
+                    _err(f"note: copying {path}: --move applies to files")
+                oid = store.add_dir(path, all_root=all_root)
+            else:
+                oid = store.add_file(path, move=move and _movable(path, store.root))
+            if root_name is not None:
+                before = {n: o for n, o, link in store.roots() if not link}.get(root_name)
+                store.add_root(root_name, oid)
+                if before not in (None, oid):
+                    _err(f"note: root {root_name} now keeps {oid[:12]}, no longer {before[:12]}")
+            info = store.info(oid)
+            if as_json:
+                _emit({"id": oid, "kind": info.kind, "size": info.size, "path": str(store.blob_path(oid))})
+            else:
+                print(oid)
 
 
 def _out_link(name: str, store: Any) -> Path:

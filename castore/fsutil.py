@@ -364,10 +364,11 @@ class Syncer:
     """syncfs for a batch of writes, through one descriptor opened before the first of them.
 
     A write error the kernel meets while it writes back in the background is reported to the
-    syncfs of a descriptor opened before the error, not after: opened at the start, this one
-    hears of every error of the batch. start() begins a syncfs in a thread and returns at once:
-    the writeback of what is dirty so far then proceeds on another core while the caller writes
-    more, and the final sync() finds less to wait for.
+    syncfs of a descriptor opened before the error, not after, and only once: opened at the
+    start, this one hears of every error of the batch, and keeps raising the first from every
+    later sync(), since the pages that failed count as clean now. start() begins a syncfs in a
+    thread and returns at once: the writeback of what is dirty so far then proceeds on another
+    core while the caller writes more, and the final sync() finds less to wait for.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -386,20 +387,20 @@ class Syncer:
         try:
             _syncfs(self.fd)
         except OSError as exc:
-            self._error = self._error or exc  # this syncfs consumed the error: sync() raises it
+            self._error = self._error or exc
 
     def sync(self) -> None:
         """Every page dirtied so far is on disk, or an error of the batch's writeback is raised."""
-        self._join()
-        _syncfs(self.fd)
-
-    def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._error is None:
+            try:
+                _syncfs(self.fd)
+            except OSError as exc:
+                self._error = exc
         if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+            raise self._error
 
     def close(self) -> None:
         try:

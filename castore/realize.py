@@ -138,6 +138,7 @@ class Realizer:
     def realize(self, root: Plan) -> Outcome:
         """Realize root: what the store has is used, what a trusted cache has is substituted
         (top-down, so the inputs of a substituted plan are never realized), the rest is built."""
+        self.store.clean_stale_staging()  # before the lock: a killed import's strays need it alone
         with self.store.lock("gc", shared=True):
             steps = self.steps(root)
             total = len(steps)

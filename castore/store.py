@@ -11,14 +11,17 @@ Layout under the store root::
 
 Invariants:
 
-* a file under ``blobs/`` is complete and hashes to its name: bytes are staged
-  in ``tmp/``, hashed, fsynced and only then renamed into place;
-* an ``objects`` row exists only for a file that is in place, and only once
-  every object it references has a row (closures are complete);
-* nothing in ``blobs/`` is modified after it is renamed in.
+* an ``objects`` row exists only for a file that is in place, whole and synced,
+  and only once every object it references has a row (closures are complete):
+  the row is what makes an object exist, and nothing reads a file no row names;
+* bytes are staged in ``tmp/`` and renamed into place, except the small files of
+  a directory import, whose ids are known before they are written: those are
+  written in place, listed first in ``tmp/``, and become objects with their rows;
+* nothing in ``blobs/`` that a row names is modified.
 
-A crash leaves at worst stray complete files (no row) and staging leftovers,
-which ``gc`` removes and ``verify`` reports without calling them corrupt.
+A crash leaves at worst stray files (no row; a killed import's may be torn) and
+staging leftovers, which ``gc`` (and the next add or realize) removes and
+``verify`` reports without calling them corrupt.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 
 from castore import canonical
 from castore.errors import AmbiguousId, CastoreError, HashMismatch, NotFound, StoreError
-from castore.fsutil import DirectWriter, Syncer, more_descriptors, stale_entries, start_writeback
+from castore.fsutil import DirectWriter, Syncer, more_descriptors, read_regular, stale_entries, start_writeback
 from castore.hashing import Hasher, hash_bytes, hash_fileobj, is_id, is_prefix
 from castore.manifest import Entry, Image, Tree
 
@@ -327,12 +330,24 @@ class LocalStore:
         return len(stale)
 
     def _unplace_stale(self, lists: list[Path]) -> None:
+        """Under the gc lock held exclusively: remove the files these lists name that have no row,
+        then the lists."""
         for path in lists:
-            ids = {line for line in path.read_text().split() if is_id(line)}
+            try:
+                text = read_regular(path, 1 << 32)
+            except OSError:  # a directory, a FIFO: not a list castore wrote
+                _remove(path)
+                continue
+            if text is None:  # another process removed it first, or a dangling link
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            ids = {line for line in text.decode("ascii", "replace").split() if is_id(line)}
             for oid in ids - self._present(ids):
                 with contextlib.suppress(FileNotFoundError):
                     self.blob_path(oid).unlink()
-            path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _stage_path(self) -> Path:
         return self.tmp / f"{os.getpid()}-obj-{next(self._counter)}-{self._nonce}"
@@ -350,14 +365,12 @@ class LocalStore:
         self._pending = pending = _Pending(syncer)
         try:
             with self.lock("gc", shared=True):  # gc would take renamed files without rows for strays
-                try:
-                    yield
-                    self._flush()
-                finally:
-                    self._unplace(pending)
+                yield
+                self._flush()
         finally:
             self._pending = None
             syncer.close()
+            self._unplace(pending)
             for oid, p in pending.files.items():
                 if oid not in pending.kept:
                     with contextlib.suppress(FileNotFoundError):
@@ -410,24 +423,22 @@ class LocalStore:
             pending.files[oid] = staged
 
     def _unplace(self, pending: _Pending) -> None:
-        """At a batch's end: remove the files it wrote in blobs/ that got no row (it failed), then
-        its list of them. One a row names (another process added the object meanwhile) stays; where
-        the database cannot say, the list stays too, for a later clean_stale_staging."""
-        unsure = False
-        for oid, path in pending.placed.items():
-            try:
-                if not self.has(oid):
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except (CastoreError, OSError, sqlite3.Error):
-                unsure = True
-        if pending.placing >= 0:
-            os.close(pending.placing)
-            pending.placing = -1
-            if not unsure:
-                with contextlib.suppress(OSError):
-                    os.unlink(pending.placing_path)
+        """At a batch's end, its shared gc lock released: its list of files written in blobs/ goes,
+        and, when the batch failed, the files that got no row. Those only under the gc lock taken
+        exclusively, or another process's copy, renamed over one of them with its row still to
+        come, would go; when another holds the lock, files and list stay for gc, or for the first
+        clean_stale_staging after this process ends."""
+        if pending.placing < 0:
+            return
+        os.close(pending.placing)
+        pending.placing = -1
+        if not pending.placed:
+            with contextlib.suppress(OSError):
+                os.unlink(pending.placing_path)
+            return
+        with contextlib.suppress(BlockingIOError, CastoreError, OSError, sqlite3.Error), \
+                self.lock("gc", wait=False):
+            self._unplace_stale([Path(pending.placing_path)])
 
     def _insert(self, rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
         if not rows:
@@ -645,14 +656,14 @@ class LocalStore:
             self._set_blob(entries, index, oid, len(data))
             if oid not in present and oid not in pending.rows:
                 new[oid] = data
+        if not new:
+            return
         try:
-            if new:
-                self._list_placing(pending, new)
+            self._list_placing(pending, new)
             for oid, data in new.items():
-                pending.rows[oid] = ("blob", len(data), ())
                 self._place(pending, oid, data)
         except OSError as exc:
-            raise store_os_error(exc, self.root) from exc
+            raise store_os_error(exc, self.root, self.blobs) from exc
         pending.syncer.start()  # what this group wrote goes to disk while the next is read
 
     def _list_placing(self, pending: _Pending, ids: Iterable[str]) -> None:
@@ -665,6 +676,8 @@ class LocalStore:
             data = data[os.write(pending.placing, data):]
 
     def _place(self, pending: _Pending, oid: str, data: bytes) -> None:
+        """Write one file of a group in blobs/ (or, where its name is taken, staged) and give it to
+        the batch with its row; on failure, nothing of it stays."""
         if oid[:2] not in pending.dirs:
             _mkdir(self.blobs / oid[:2])
             pending.dirs.add(oid[:2])
@@ -688,9 +701,9 @@ class LocalStore:
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            del pending.rows[oid]
             raise
         written[oid] = path
+        pending.rows[oid] = ("blob", len(data), ())
 
     def _present(self, oids: set[str]) -> set[str]:
         """Which of these ids the store has: one query per 500."""
@@ -1211,7 +1224,7 @@ def store_os_error(exc: OSError, root: Path, what: Path | None = None,
     if exc.errno == errno.ENOSPC:
         return no_space(root, retry)
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return StoreError(f"permission denied: {exc.filename or what}",
+        return StoreError(f"permission denied: {exc.filename or what or root}",
                           f"run as the store's owner, or use a store of your own (--store DIR); {root} is this one")
-    return StoreError(f"I/O error on {exc.filename or what}: {exc.strerror}",
+    return StoreError(f"I/O error on {exc.filename or what or root}: {exc.strerror}",
                       "the disk or filesystem failed: see dmesg; `castore verify` checks what the store holds")

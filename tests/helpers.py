@@ -175,10 +175,12 @@ def cache_server(root: Path, faults: dict[str, str] | None = None) -> Iterator[t
 
 
 @contextmanager
-def tiny_tmpfs(path: Path, size: str = "3m") -> Iterator[Path]:
-    """A small tmpfs mounted at path (root only): what a full disk does to a command."""
+def tiny_tmpfs(path: Path, size: str = "3m", inodes: int = 0) -> Iterator[Path]:
+    """A small tmpfs mounted at path (root only): what a full disk does to a command. inodes: so
+    few that creating a file fails with ENOSPC while bytes are left."""
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
     try:
         yield path
     finally:

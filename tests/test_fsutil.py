@@ -283,9 +283,16 @@ def test_syncer_raises_the_error_its_background_syncfs_met(tmp_path: Path, monke
         syncer.start()
         with pytest.raises(OSError, match="Input/output"):
             syncer.sync()
+        with pytest.raises(OSError, match="Input/output"):  # the failed pages count as clean now
+            syncer.sync()
+        assert len(calls) == 1
+    finally:
+        syncer.close()
+    syncer = fsutil.Syncer(tmp_path)
+    try:
         syncer.start()
         syncer.sync()
-        assert len(calls) == 3 and len(set(calls)) == 1  # one descriptor, opened before the writes
+        assert len(calls) == 3 and len(set(calls[1:])) == 1  # one descriptor, opened before the writes
     finally:
         syncer.close()
     assert not [t for t in threading.enumerate() if t.name == "castore-syncfs"]

@@ -578,3 +578,98 @@ def test_gc_removes_a_killed_imports_strays_and_its_list(store: LocalStore) -> N
     (store.tmp / f"{dead_pid}-placing-0-cafe").write_text(f"{oid}\n")
     store.gc()
     assert os.listdir(store.tmp) == [] and store.stray_files() == []
+
+
+def test_a_failed_import_leaves_alone_a_file_another_batch_renamed_over_its_own(tmp_path: Path) -> None:
+    """B found A's file at a blob's name, staged its own copy and renamed it over; A then failed,
+    before B's row. A must not remove the file: B's row would name nothing."""
+    import threading
+
+    src = _small_tree(tmp_path / "src", 5)
+    a, b = LocalStore(tmp_path / "s"), LocalStore(tmp_path / "s")
+    a_placed, b_renamed, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def a_flush() -> None:
+        a_placed.set()
+        b_renamed.wait(10)
+        raise StoreError("A fails: a source file changed, Ctrl-C, a full disk")
+
+    real_insert = b._insert
+
+    def b_insert(rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
+        b_renamed.set()
+        a_done.wait(10)
+        real_insert(rows)
+
+    a._flush = a_flush  # type: ignore[method-assign]
+    b._insert = b_insert  # type: ignore[method-assign]
+    failed: list[Exception] = []
+
+    def import_a() -> None:
+        try:
+            a.add_dir(src)
+        except StoreError as exc:
+            failed.append(exc)
+        a_done.set()
+
+    thread = threading.Thread(target=import_a)
+    thread.start()
+    try:
+        assert a_placed.wait(10)
+        tid = b.add_dir(src)
+    finally:
+        thread.join()
+    assert failed and b.read_tree(tid)
+    assert b.verify()[0] == []
+    a.close()
+    b.close()
+
+
+@pytest.mark.skipif(NOT_ROOT, reason="mounting a tiny tmpfs needs root")
+def test_a_file_that_cannot_be_created_leaves_no_row_behind(tmp_path: Path) -> None:
+    """No inodes left halfway through a group, inside a batch that goes on: the rows it flushes
+    are those of files that exist."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(100):
+        (src / f"f{i}").write_bytes(b"x%d" % i)
+    with tiny_tmpfs(tmp_path / "small", "20m", inodes=60) as mnt:
+        s = LocalStore(mnt / "store")
+        try:
+            with s.batch(), pytest.raises(StoreError, match="no space left"):
+                s.add_dir(src)
+            assert s.objects() and s.verify()[0] == []
+        finally:
+            s.close()
+
+
+def test_castore_add_removes_a_killed_imports_strays(tmp_path: Path) -> None:
+    """The CLI holds the gc lock shared while it adds: the strays go before it takes it."""
+    root = tmp_path / "s"
+    with LocalStore(root) as s:
+        oid = hash_bytes(b"left by a killed import")
+        (s.blobs / oid[:2]).mkdir()
+        s.blob_path(oid).write_bytes(b"torn")
+        (s.tmp / f"{2**22 + 7}-placing-0-cafe").write_text(f"{oid}\n")
+    other = tmp_path / "other"
+    other.write_bytes(b"something else")
+    castore("add", str(other), store=root)
+    with LocalStore(root) as s:
+        assert s.stray_files() == [] and os.listdir(s.tmp) == [] and s.verify() == ([], [])
+
+
+@pytest.mark.parametrize("kind", ["garbage", "dir", "dangling"])
+def test_a_list_that_is_not_one_is_removed_without_failing_the_add(store: LocalStore, tmp_path: Path,
+                                                                    kind: str) -> None:
+    listed = store.tmp / f"{2**22 + 7}-placing-0-cafe"
+    if kind == "garbage":
+        listed.write_bytes(b"\xff\xfe" + b"ab" * 32 + b"\n\x00")
+    elif kind == "dir":
+        listed.mkdir()
+    else:
+        listed.symlink_to(tmp_path / "nowhere")
+    store.add_dir(_small_tree(tmp_path / "src", 2))
+    assert os.listdir(store.tmp) == [] and store.verify() == ([], [])
+    listed.mkdir() if kind == "dir" else listed.write_bytes(b"\xff")
+    store.gc()
+    assert os.listdir(store.tmp) == []
