@@ -385,7 +385,7 @@ class LocalStore:
     def _flush(self) -> None:
         pending = self._pending
         assert pending is not None
-        renamed: list[tuple[str, str, str]] = []  # (id, staged, in blobs/)
+        renamed: list[tuple[str, str, str, int]] = []  # (id, staged, in blobs/, inode)
         try:
             pending.syncer.sync()  # staged bytes durable before any rename publishes them
             dirs = set()
@@ -395,8 +395,9 @@ class LocalStore:
                     _mkdir(self.blobs / oid[:2])
                     dirs.add(oid[:2])
                 dest = f"{blobs}/{oid[:2]}/{oid}"
+                inode = os.stat(staged).st_ino
                 os.rename(staged, dest)
-                renamed.append((oid, staged, dest))
+                renamed.append((oid, staged, dest, inode))
                 del pending.files[oid]
             pending.syncer.sync()  # renames durable before the rows that announce them
             self._insert(pending.rows)
@@ -408,14 +409,15 @@ class LocalStore:
             raise
         pending.rows.clear()
 
-    def _unrename(self, pending: _Pending, renamed: list[tuple[str, str, str]]) -> None:
+    def _unrename(self, pending: _Pending, renamed: list[tuple[str, str, str, int]]) -> None:
         """A flush that failed (a full disk): the files it renamed into blobs/ go back where they
         were, not left as strays: the batch's end removes them, or leaves those that are the
         caller's (add_written) for it to find again. One a row already names (another process
-        added the same object meanwhile) stays."""
-        for oid, staged, dest in renamed:
+        added the same object meanwhile) stays, and so does another process's copy renamed over
+        this batch's, its row still to come."""
+        for oid, staged, dest, inode in renamed:
             try:
-                if self.has(oid):
+                if self.has(oid) or os.stat(dest).st_ino != inode:
                     continue
                 os.rename(dest, staged)
             except (CastoreError, OSError, sqlite3.Error):

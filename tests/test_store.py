@@ -673,3 +673,43 @@ def test_a_list_that_is_not_one_is_removed_without_failing_the_add(store: LocalS
     listed.mkdir() if kind == "dir" else listed.write_bytes(b"\xff")
     store.gc()
     assert os.listdir(store.tmp) == []
+
+
+def test_a_failed_flush_leaves_alone_a_copy_renamed_over_the_one_it_renamed_in(tmp_path: Path) -> None:
+    """A renamed its staged file into blobs/ and failed at its rows; meanwhile B renamed its own
+    copy over it, its row still to come. A takes its file back only if it is still A's."""
+    import threading
+
+    a, b = LocalStore(tmp_path / "s"), LocalStore(tmp_path / "s")
+    a_renamed, b_renamed, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def a_insert(rows: object) -> None:
+        a_renamed.set()
+        b_renamed.wait(10)
+        raise a._db_error(sqlite3.OperationalError("database or disk is full"))
+
+    real_insert = b._insert
+
+    def b_insert(rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
+        b_renamed.set()
+        a_done.wait(10)
+        real_insert(rows)
+
+    a._insert = a_insert  # type: ignore[method-assign]
+    b._insert = b_insert  # type: ignore[method-assign]
+
+    def add_a() -> None:
+        with contextlib.suppress(StoreError), a.batch():
+            a.add_bytes(b"added by both")
+        a_done.set()
+
+    thread = threading.Thread(target=add_a)
+    thread.start()
+    try:
+        assert a_renamed.wait(10)
+        oid = b.add_bytes(b"added by both")
+    finally:
+        thread.join()
+    assert b.has(oid) and b.verify()[0] == []
+    a.close()
+    b.close()
