@@ -30,13 +30,15 @@ import contextlib
 import errno
 import fcntl
 import itertools
+import operator
 import os
+import queue
 import shutil
 import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,7 @@ CREATE TABLE IF NOT EXISTS chunk_lists (
 CREATE INDEX IF NOT EXISTS chunk_lists_blob ON chunk_lists (blob);
 """
 _SMALL = 8 << 20
+_NAME = operator.attrgetter("name")
 _LISTED = 20  # stray files named one by one in verify's notes
 
 
@@ -585,9 +588,12 @@ class LocalStore:
             raise NotFound(f"{base} is not a directory")
         self.clean_stale_staging()  # what a killed add left
         entries: list[Entry] = []
-        # One thread: on two cores a pool measured slower (GIL hand-offs), the kernel does the copying.
-        # Small files are read and hashed in groups, then one query tells which the store lacks.
-        with self.batch(), contextlib.closing(_walk(base, all_root, entries)) as walk:  # closed on errors too
+        # Small files are read and hashed in groups, then one query tells which the store lacks,
+        # and a second thread writes those while this one reads the next group: both are mostly
+        # system calls, which let the other thread run (a pool of threads per file measured slower
+        # on two cores: GIL hand-offs). Large files are copied in the kernel as they come.
+        with self.batch(), contextlib.closing(_walk(base, all_root, entries)) as walk, \
+                _Writer(self._stage_group, entries) as writer:
             group: list[tuple[int, str, bytes]] = []
             held = 0
             for index, dir_fd, name, shown in walk:
@@ -597,10 +603,11 @@ class LocalStore:
                     continue
                 group.append((index, oid, data))
                 held += len(data)
-                if len(group) >= 500 or held >= 32 << 20:
-                    self._stage_group(group, entries)
+                if len(group) >= 500 or held >= 16 << 20:
+                    writer.put(group)
                     group, held = [], 0
-            self._stage_group(group, entries)
+            writer.put(group)
+            writer.finish()
             # build() sorts, and makes the first name in path order the file of each hard-linked set:
             # the walk may meet a later name first (a/x linked from b, in another directory)
             tid = self.add_tree(Tree.build(entries))
@@ -1000,6 +1007,54 @@ class LocalStore:
         return problems, notes
 
 
+class _Writer:
+    """A thread that passes groups of files to write(group, entries), one after another, while
+    the caller reads the next: at most one group waits, so at most three are held in memory.
+    Its error stops the caller at its next put(), and finish() raises it. Leaving the context
+    without finish() (the caller failed) lets the thread end its group and drop the rest.
+    Entries are shared: the thread sets blob ids at indexes the caller has appended (an item
+    assignment and an append are each atomic in CPython)."""
+
+    def __init__(self, write: Callable[[list[tuple[int, str, bytes]], list[Entry]], None],
+                 entries: list[Entry]) -> None:
+        self._write = write
+        self._entries = entries
+        self._queue: queue.Queue[list[tuple[int, str, bytes]] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="castore-add-writer", daemon=True)
+
+    def __enter__(self) -> _Writer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (group := self._queue.get()) is not None:
+            if self._error is None and not self._stop:
+                try:
+                    self._write(group, self._entries)
+                except BaseException as exc:
+                    self._error = exc
+
+    def put(self, group: list[tuple[int, str, bytes]]) -> None:
+        if self._error is not None:
+            raise self._error
+        if group:
+            self._queue.put(group)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self._stop = True
+            self._queue.put(None)
+            self._thread.join()
+
+
 def _walk(base: str, all_root: bool, entries: list[Entry]) -> Generator[tuple[int, int, str, str], None, None]:
     """Walk a directory without following links, appending an entry per name to entries (files
     without blob ids yet), and yield each regular file to import as (entry index, descriptor of
@@ -1015,6 +1070,7 @@ def _walk(base: str, all_root: bool, entries: list[Entry]) -> Generator[tuple[in
     except OSError as exc:
         raise _source_error(exc, base) from exc
     stack = [(top, "", _listing(top, base))]  # _listing closes the descriptor if it fails
+    prefix = base if base.endswith("/") else base + "/"
     try:
         while stack:
             dir_fd, rel, names = stack[-1]
@@ -1024,7 +1080,7 @@ def _walk(base: str, all_root: bool, entries: list[Entry]) -> Generator[tuple[in
                 os.close(dir_fd)
                 continue
             path = f"{rel}/{d.name}" if rel else d.name
-            shown = os.path.join(base, path)
+            shown = prefix + path  # what messages name: os.path.join cost 2 us an entry
             if not d.name.isascii():
                 try:
                     d.name.encode()
@@ -1075,7 +1131,7 @@ def _listing(dir_fd: int, shown: str) -> Iterator[os.DirEntry[str]]:
     """The entries of an open directory, by name; the directory is closed if they cannot be read."""
     try:
         with os.scandir(dir_fd) as it:
-            return iter(sorted(it, key=lambda d: d.name))
+            return iter(sorted(it, key=_NAME))
     except OSError as exc:
         os.close(dir_fd)
         raise _source_error(exc, shown) from exc
@@ -1099,7 +1155,10 @@ def _source_error(exc: OSError, shown: str) -> StoreError:
 
 
 def _read_all(fd: int, size: int) -> bytes:
+    """The file's bytes, to its end: more than size if it grew since its fstat."""
     data = os.read(fd, size + 1)
+    if len(data) == size:  # a short read of a regular file: its end (one read call, not two)
+        return data
     while len(data) <= size and (more := os.read(fd, size + 1 - len(data))):
         data += more
     return data

@@ -713,3 +713,35 @@ def test_a_failed_flush_leaves_alone_a_copy_renamed_over_the_one_it_renamed_in(t
     assert b.has(oid) and b.verify()[0] == []
     a.close()
     b.close()
+
+
+def test_an_import_that_fails_while_its_writer_thread_works_leaves_nothing(store: LocalStore, tmp_path: Path) -> None:
+    """Groups are written by a second thread while the walk reads on: a walk that fails at its
+    end stops that thread, and the files it wrote go (no strays, no thread left behind)."""
+    import threading
+
+    src = _small_tree(tmp_path / "src", 1200)
+    os.close(os.open(os.path.join(os.fsencode(src), b"zz\xff"), os.O_CREAT | os.O_WRONLY))
+    with pytest.raises(StoreError, match="not UTF-8"):
+        store.add_dir(src)
+    assert not [t for t in threading.enumerate() if t.name == "castore-add-writer"]
+    assert store.objects() == [] and store.stray_files() == [] and os.listdir(store.tmp) == []
+
+
+def test_an_error_in_the_writer_thread_stops_the_walk(store: LocalStore, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _small_tree(tmp_path / "src", 1600)  # four groups
+    written: list[int] = []
+    real = LocalStore._stage_group
+
+    def failing(self: LocalStore, group: list[tuple[int, str, bytes]], entries: list[Entry]) -> None:
+        written.append(len(group))
+        if len(written) == 1:
+            raise StoreError("I/O error on the store: Input/output error")
+        real(self, group, entries)
+
+    monkeypatch.setattr(LocalStore, "_stage_group", failing)
+    with pytest.raises(StoreError, match="Input/output"):
+        store.add_dir(src)
+    assert len(written) == 1  # the groups after the failed one were not written
+    assert store.objects() == [] and store.stray_files() == [] and os.listdir(store.tmp) == []
