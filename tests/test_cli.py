@@ -288,12 +288,18 @@ def test_ctrl_c_says_what_it_left(tmp_path: Path) -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         env = {**os.environ, "CASTORE_CONFIG": os.devnull, "CASTORE_TEST_SHA256": "1" * 64,
-               "CASTORE_TEST_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/x"}
+               "CASTORE_TEST_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/x",
+               "PYTHONFAULTHANDLER": "1"}  # SIGABRT below prints where every thread is
         argv = [CASTORE, "--store", str(tmp_path / "s"), "realize", "tests/recipes/fetching.py:download"]
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)  # fetching, waiting for an answer
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"castore ignored Ctrl-C for 30 s; where it was:\n{err}")
     assert proc.returncode == 130
     assert err.rstrip().endswith("interrupted; the store is unchanged by the step that was running"), err
     assert castore("verify", store=tmp_path / "s").returncode == 0
