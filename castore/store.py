@@ -597,6 +597,7 @@ class LocalStore:
             group: list[tuple[int, str, bytes]] = []
             held = 0
             for index, dir_fd, name, shown in walk:
+                writer.check()
                 oid, data, size = self._read_or_stage(dir_fd, name, shown)
                 if data is None:
                     self._set_blob(entries, index, oid, size)
@@ -1036,9 +1037,14 @@ class _Writer:
                 except BaseException as exc:
                     self._error = exc
 
-    def put(self, group: list[tuple[int, str, bytes]]) -> None:
+    def check(self) -> None:
+        """Raise the thread's error: called for every file, so that a failed writer stops the
+        walk before it copies in the next large file for nothing."""
         if self._error is not None:
             raise self._error
+
+    def put(self, group: list[tuple[int, str, bytes]]) -> None:
+        self.check()
         if group:
             self._queue.put(group)
 
@@ -1051,7 +1057,12 @@ class _Writer:
     def __exit__(self, *exc: object) -> None:
         if self._thread.is_alive():
             self._stop = True
-            self._queue.put(None)
+            # not put(): a Ctrl-C inside the caller's last put() may have queued its group without
+            # waking the thread, and a put() on the full queue would then wait for ever
+            with self._queue.mutex:
+                self._queue.queue.clear()
+                self._queue.queue.append(None)
+                self._queue.not_empty.notify_all()
             self._thread.join()
 
 
@@ -1155,7 +1166,7 @@ def _source_error(exc: OSError, shown: str) -> StoreError:
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    """The file's bytes, to its end: more than size if it grew since its fstat."""
+    """The file's bytes: exactly size of them in one read, else read on to its end."""
     data = os.read(fd, size + 1)
     if len(data) == size:  # a short read of a regular file: its end (one read call, not two)
         return data

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -745,3 +746,56 @@ def test_an_error_in_the_writer_thread_stops_the_walk(store: LocalStore, tmp_pat
         store.add_dir(src)
     assert len(written) == 1  # the groups after the failed one were not written
     assert store.objects() == [] and store.stray_files() == [] and os.listdir(store.tmp) == []
+
+
+def test_a_writer_error_stops_the_walk_before_the_next_large_file(store: LocalStore, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _small_tree(tmp_path / "src", 500)  # one group, written while the large files are read
+    for i in range(4):
+        (src / f"zz{i}").write_bytes(os.urandom(9 << 20))
+    copied: list[str] = []
+    real = LocalStore._publish
+
+    def failing(self: LocalStore, group: list[tuple[int, str, bytes]], entries: list[Entry]) -> None:
+        raise StoreError("I/O error on the store: Input/output error")
+
+    def publish(self: LocalStore, oid: str, *args: Any) -> str:
+        copied.append(oid)
+        return real(self, oid, *args)
+
+    monkeypatch.setattr(LocalStore, "_stage_group", failing)
+    monkeypatch.setattr(LocalStore, "_publish", publish)
+    with pytest.raises(StoreError, match="Input/output"):
+        store.add_dir(src)
+    assert len(copied) <= 1  # the one being copied when the error came
+    assert store.objects() == [] and store.stray_files() == [] and os.listdir(store.tmp) == []
+
+
+def test_ctrl_c_inside_the_writers_queue_does_not_hang_the_import(store: LocalStore, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C can land inside Queue.put after the group is queued and before the writer is woken:
+    leaving the import must not wait on that queue."""
+    import threading
+
+    from castore import store as store_module
+
+    src = _small_tree(tmp_path / "src", 1200)
+    real_enter = store_module._Writer.__enter__
+
+    def enter(self: Any) -> Any:
+        cond = self._queue.not_empty
+        real_notify, done = cond.notify, []
+
+        def notify(n: int = 1) -> None:
+            if threading.current_thread() is threading.main_thread() and cond._waiters and not done:
+                done.append(1)
+                raise KeyboardInterrupt
+            real_notify(n)
+
+        cond.notify = notify
+        return real_enter(self)
+
+    monkeypatch.setattr(store_module._Writer, "__enter__", enter)
+    with returns_within(30), pytest.raises(KeyboardInterrupt):
+        store.add_dir(src)
+    assert not [t for t in threading.enumerate() if t.name == "castore-add-writer"]
