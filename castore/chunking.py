@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from castore.errors import EncodingError
-from castore.hashing import hash_bytes
+from castore.errors import EncodingError, HashMismatch
+from castore.hashing import Hasher, hash_bytes
 
 ALGORITHM = "fastcdc-2020"
 
@@ -80,15 +80,28 @@ def cut(data: bytes | memoryview | mmap.mmap, params: ChunkParams) -> Iterator[C
         yield Chunk(c.offset, c.length, hash_bytes(c.data))
 
 
-def cut_file(path: str | os.PathLike[str], params: ChunkParams) -> list[Chunk]:
+def cut_file(path: str | os.PathLike[str], params: ChunkParams, expect: str | None = None) -> list[Chunk]:
+    """The chunks of a file; with expect, the whole file is hashed on the way too (what a push
+    sends must be what the store's id says), and HashMismatch raised when it differs."""
+    whole = Hasher(threads=True)
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         if st.st_size == 0:
-            return []
-        if st.st_blocks * 512 < st.st_size:  # sparse: read, not mapped (see hashing.hash_fileobj)
-            return [Chunk(c.offset, c.length, hash_bytes(c.data)) for c in _cdc(params).cut_stream(f)]
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return list(cut(m, params))
+            chunks: list[Chunk] = []
+        elif st.st_blocks * 512 < st.st_size:  # sparse: read, not mapped (see hashing.hash_fileobj)
+            chunks = []
+            for c in _cdc(params).cut_stream(f):
+                chunks.append(Chunk(c.offset, c.length, hash_bytes(c.data)))
+                if expect is not None:
+                    whole.update(c.data)
+        else:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                chunks = list(cut(m, params))
+                if expect is not None:
+                    whole.update(m)
+    if expect is not None and whole.hexdigest() != expect:
+        raise HashMismatch(os.fspath(path), expect, whole.hexdigest())
+    return chunks
 
 
 def _cdc(params: ChunkParams) -> Any:

@@ -718,14 +718,17 @@ def _human(n: int) -> str:
 def verify(
     no_contents: Annotated[bool, typer.Option("--no-contents", help="Check sizes and records only, "
                            "do not re-hash.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Remove the files of damaged objects (and "
+                      "make writable ones read-only): the next realize or pull puts good copies back.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-hash every object and check references and realisations; exit 1 on corruption.
 
     Example: castore verify --no-contents   (sizes, modes and references only: fast)
+    Example: castore verify --repair && castore realize recipes/app.py
     """
     with _store(create=False) as store:
-        problems, notes = store.verify(contents=not no_contents)
+        problems, notes = store.verify(contents=not no_contents, repair=repair)
         count = len(store.objects())
         if as_json:
             _emit({"objects": count, "problems": problems, "notes": notes, "ok": not problems})
@@ -735,6 +738,9 @@ def verify(
             for n in notes:
                 print(f"note: {n}")
             print(f"{_count(count, 'object')} checked, {_count(len(problems), 'problem')}")
+            if problems and not repair:
+                _err("hint: `castore verify --repair` removes the damaged files; then `castore realize` "
+                     "(or `castore pull ID`) puts good copies back")
         if problems:
             raise typer.Exit(1)
 

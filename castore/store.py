@@ -248,6 +248,24 @@ class LocalStore:
     def has(self, oid: str) -> bool:
         return bool(self._q("SELECT 1 FROM objects WHERE id = ?", (oid,)))
 
+    def intact(self, oid: str) -> bool:
+        """The store has the object and its file is there at its size (a stat, not a hash): what a
+        realize or pull takes as present. One whose file went missing or changed size is made or
+        fetched again, and the new file replaces the damaged one."""
+        rows = self._q("SELECT size FROM objects WHERE id = ?", (oid,))
+        return bool(rows) and self._file_ok(oid, rows[0][0])
+
+    def damaged(self, oids: Iterable[str]) -> set[str]:
+        """Those of these objects the store has whose file is missing or of the wrong size (one
+        query per 500 ids and a stat each)."""
+        return {oid for oid, size in self.sizes(oids).items() if not self._file_ok(oid, size)}
+
+    def _file_ok(self, oid: str, size: int) -> bool:
+        try:
+            return os.stat(self.blob_path(oid)).st_size == size
+        except OSError:
+            return False
+
     def info(self, oid: str) -> ObjectInfo:
         rows = self._q("SELECT kind, size FROM objects WHERE id = ?", (oid,))
         if not rows:
@@ -466,13 +484,13 @@ class LocalStore:
             os.chmod(staged, 0o444)
         if self._pending is not None:
             with self._pending.lock:
-                if self.has(oid) or oid in self._pending.rows:
+                if oid in self._pending.rows or (self.has(oid) and self._file_ok(oid, size)):
                     staged.unlink()
-                else:
+                else:  # new, or replacing a damaged file (the row stays: rows are inserted OR IGNORE)
                     self._pending.files[oid] = str(staged)
                     self._pending.rows[oid] = (kind, size, refs)
             return oid
-        if self.has(oid):
+        if self.has(oid) and self._file_ok(oid, size):
             staged.unlink()
             return oid
         dest = self.blob_path(oid)
@@ -736,10 +754,15 @@ class LocalStore:
     # -- realisations and roots ----------------------------------------------
 
     def realisation(self, plan_hash: str) -> str | None:
+        """The object a plan made, when it is intact, and for an image its kernel and layers too
+        (what the image hands Firecracker); else None, and the plan is realized again."""
         rows = self._q("SELECT object FROM realisations WHERE plan = ?", (plan_hash,))
-        if rows and self.has(rows[0][0]):
-            return str(rows[0][0])
-        return None
+        if not rows or not self.intact(rows[0][0]):
+            return None
+        oid = str(rows[0][0])
+        if self.info(oid).kind == "image" and not all(self.intact(r) for r in self.info(oid).refs):
+            return None
+        return oid
 
     def record_realisation(self, plan_hash: str, oid: str, record: bytes, name: str,
                            substituted: tuple[str, bytes] | None = None) -> None:
@@ -953,12 +976,16 @@ class LocalStore:
         known = {r[0] for r in self._q("SELECT id FROM objects")}
         return [p for d in self.blobs.iterdir() if d.is_dir() for p in d.iterdir() if p.name not in known]
 
-    def verify(self, *, contents: bool = True) -> tuple[list[str], list[str]]:
-        """Check every object; returns (problems, notes). Problems mean corruption."""
+    def verify(self, *, contents: bool = True, repair: bool = False) -> tuple[list[str], list[str]]:
+        """Check every object; returns (problems, notes). Problems mean corruption. repair: remove
+        the file of each damaged object (its row stays), so that the next realize or pull, which
+        take an object whose file is missing as absent, puts a good copy in its place; and make
+        writable files read-only again."""
         problems: list[str] = []
         notes: list[str] = []
         rows = self._q("SELECT id, kind, size FROM objects")
         known = {r[0] for r in rows}
+        damaged: list[str] = []
         for oid, kind, size in rows:
             path = self.blob_path(oid)
             try:
@@ -968,14 +995,19 @@ class LocalStore:
                 continue
             if st.st_size != size:
                 problems.append(f"{oid} ({kind}): size {st.st_size}, expected {size}")
+                damaged.append(oid)
                 continue
             if st.st_mode & 0o222:
                 problems.append(f"{oid} ({kind}): file is writable")
+                if repair:
+                    os.chmod(path, 0o444)
+                    notes.append(f"made {oid[:12]} read-only again")
             if contents:
                 with open(path, "rb") as f:
                     actual = hash_fileobj(f, st.st_size)
                 if actual != oid:
                     problems.append(f"{oid} ({kind}): content hashes to {actual}")
+                    damaged.append(oid)
                     continue
             if kind == "tree":
                 try:
@@ -993,6 +1025,12 @@ class LocalStore:
         for plan, oid in self._q("SELECT plan, object FROM realisations"):
             if oid not in known:
                 problems.append(f"realisation of plan {plan} names missing object {oid}")
+        if repair and damaged:
+            with self.lock("gc", shared=True):
+                for oid in damaged:
+                    self.blob_path(oid).unlink(missing_ok=True)
+            notes.append(f"removed the damaged files of {len(damaged)} objects: realize or pull them again, "
+                         "and the good copies take their places")
         strays = self.stray_files()
         notes += [f"stray file {p.name} (no record; castore gc removes it)" for p in strays[:_LISTED]]
         if len(strays) > _LISTED:

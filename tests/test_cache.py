@@ -1049,3 +1049,29 @@ def test_an_object_finished_before_the_disk_filled_is_in_the_store(tmp_path: Pat
         assert "castore gc also removes partial pulls" in (err.value.hint or "")
         assert b.has(first) and not b.has(then) and b.stray_files() == []
     a.close()
+
+
+def test_a_damaged_store_is_repaired_by_verify_repair_then_pull_and_never_pushed(tmp_path: Path) -> None:
+    """A byte flipped in a blob: push refuses it (every puller would blame the cache), verify
+    --repair removes the file, and pull, which takes an object without its file as absent,
+    puts the good copy back."""
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    res = castore_json("realize", "tests/recipes/small.py:layer", store=a)
+    castore("push", res["id"], "--to", str(cache), store=a)
+    castore("pull", res["id"], "--from", str(cache), store=b)
+    motd = hash_bytes(b"welcome\n")
+    damaged = b / "blobs" / motd[:2] / motd
+    damaged.chmod(0o644)
+    damaged.write_bytes(b"welcomE\n")
+    damaged.chmod(0o444)
+    refused = castore("push", res["id"], "--to", str(tmp_path / "cache2"), store=b, check=False)
+    assert refused.returncode == 1 and f"object {motd} is damaged" in refused.stderr
+    assert "castore verify --repair" in refused.stderr
+    assert not (tmp_path / "cache2" / "objects" / motd).exists()
+    found = castore("verify", store=b, check=False)
+    assert found.returncode == 1 and "verify --repair" in found.stderr
+    castore("verify", "--repair", store=b, check=False)
+    assert not damaged.exists()
+    again = castore_json("pull", res["id"], "--from", str(cache), store=b)
+    assert again["ids"] == [motd] and damaged.read_bytes() == b"welcome\n"
+    assert castore_json("verify", store=b)["ok"]

@@ -151,3 +151,15 @@ def test_a_build_on_a_full_disk_says_so_and_adds_nothing(tmp_path: Path) -> None
         assert castore_json("verify", store=mnt / "s")["ok"]  # steps that finished stay; the failed one left nothing
         plans = castore_json("realize", "--dry-run", "tests/recipes/small.py:rootfs", store=mnt / "s")["plans"]
         assert plans[-1]["action"] == "build"
+
+
+def test_an_output_whose_file_went_missing_is_built_again(tmp_path: Path) -> None:
+    """realize must not hand out the path of a file that is not there: an object whose file is
+    gone (or changed size) is taken as absent, and the new file takes its place."""
+    store = tmp_path / "store"
+    first = castore_json("realize", "tests/recipes/small.py:rootfs", store=store)
+    path = store / "blobs" / first["id"][:2] / first["id"]
+    path.unlink()
+    again = castore_json("realize", "tests/recipes/small.py:rootfs", store=store)
+    assert again["id"] == first["id"] and again["built"] == ["rootfs"] and path.is_file()
+    assert castore_json("verify", store=store)["ok"]

@@ -121,7 +121,13 @@ def _push(store: LocalStore, cache: Transport, ids: Iterable[str], progress: Pro
             continue
         info = store.info(oid)
         path = store.blob_path(oid)
-        chunks = cut_file(path, config.chunking)
+        try:
+            chunks = cut_file(path, config.chunking, expect=oid)
+        except FileNotFoundError:
+            raise StoreError(f"object {oid} has lost its file in the store at {store.root}", DAMAGED) from None
+        except HashMismatch as exc:  # sent, it would reach every puller as the cache's corruption
+            raise StoreError(f"object {oid} is damaged in the store at {store.root}: its file hashes to "
+                             f"{exc.actual}; nothing of it was pushed", DAMAGED) from None
         record = ObjectRecord(oid, info.kind, info.size, info.refs, tuple((c.id, c.length) for c in chunks))
         lists = {chunk_path(c.id): c for c in record.chunk_lists(config.listed)}
         store.record_chunks(oid, [(c.id, c.offset, c.length) for c in chunks], [(c.id, c.data) for c in lists.values()])
@@ -202,7 +208,10 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
     chunking (ObjectRecord.check_chunks) is corrupt.
     """
     records: dict[str, ObjectRecord] = {}
-    level = sorted({oid for oid in ids if not store.has(oid)})
+    ids = set(ids)
+    here = store.sizes(ids)
+    # what the store has, down to the last blob of its closure, is fetched only where damaged
+    level = sorted((ids - set(here)) | store.damaged(store.closure(here)))
     room = _Room(free_bytes(store.tmp), store.tmp / "pulls")
     while level:
         refs: set[str] = set()
@@ -222,7 +231,7 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
                 records[rec.id] = rec
         for oid in level:
             records[oid].check_chunks(chunking)
-        level = sorted(r for r in refs if r not in records and not store.has(r))
+        level = sorted(r for r in refs if r not in records and not store.intact(r))
     return records
 
 
@@ -299,7 +308,7 @@ def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bo
 def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress,
           meter: Meter | None, kinds: dict[str, str]) -> CopyStats:
     config = cache_config(cache, create=False)
-    stats = CopyStats(present=len([o for o in wanted if store.has(o)]))
+    stats = CopyStats(present=len([o for o in wanted if store.intact(o)]))
     records = fetch_records(store, cache, wanted, stats, config.chunking)
     for oid, kind in kinds.items():  # a record's kind is the cache's word: its content may say otherwise
         said = records[oid].kind if oid in records else store.kinds_and_sizes([oid]).get(oid, (kind, 0))[0]
@@ -318,12 +327,14 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
         stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed chunk data; records left out
         return stats
     with store.lock("pull"):  # one pull at a time writes the partial objects
-        order = [oid for oid in order if not store.has(oid)]  # a pull we waited for may have added some
-        stats.present = len([o for o in wanted if store.has(o)])
+        order = [oid for oid in order if not store.intact(oid)]  # a pull we waited for may have added some
+        stats.present = len([o for o in wanted if store.intact(o)])
         _Assembly(store, cache, records, order, stats, progress, meter).run()
     return stats
 
 
+DAMAGED = ("run `castore verify --repair`, then realize or pull the object again: the good copy "
+           "replaces the damaged one")
 _RETRY = ("nothing unverified was added; free space (castore gc also removes partial pulls) and pull again: "
           "what was verified is kept")
 
