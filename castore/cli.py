@@ -403,6 +403,8 @@ def pull(
     from_: Annotated[Optional[str], typer.Option("--from", metavar="CACHE", help="The cache: a directory, file:// or "  # noqa: UP045
                      "http(s) URL. Default: the configured substituters, in order.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be fetched, and how much.")] = False,
+    root_name: Annotated[Optional[str], typer.Option("--root", metavar="NAME", help="Keep what is pulled as a "  # noqa: UP045
+                         "named gc root (one ID); without one, the next gc deletes it.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch objects by id from a binary cache, taking every chunk it can from local blobs.
@@ -410,8 +412,9 @@ def pull(
     Every chunk and every object is verified before it enters the store; content
     pulled by id needs no trust. A killed pull resumes without refetching. Without
     --from, the configured substituters are tried in order until one has it all.
+    What is pulled is not a gc root unless --root names it.
 
-    Example: castore pull 43fbd2a44933817d2cfc51ff17fc5c39055c4ac1529a53e127f488bb504efb91 --from /mnt/cache
+    Example: castore pull 43fbd2a44933817d2cfc51ff17fc5c39055c4ac1529a53e127f488bb504efb91 --from /mnt/cache --root app
     """
     from castore.cache.copy import pull as do_pull
     from castore.cache.transport import open_cache
@@ -421,6 +424,9 @@ def pull(
     bad = [i for i in ids if not is_id(i)]
     if bad:
         raise CastoreError(f"{bad[0]} is not a full object id", "pull needs the 64-digit id")
+    if root_name is not None and (len(ids) != 1 or not root_name.strip()):
+        raise CastoreError("--root names one object" if root_name.strip() else "--root needs a name",
+                           "pull one ID with --root NAME, e.g. --root app")
     from castore.config import load_config
 
     config = load_config()
@@ -431,7 +437,7 @@ def pull(
         if not urls:
             raise CastoreError("no cache to pull from", "pass --from URL, or set substituters in castore.toml")
     failures = []
-    with _store() as store:
+    with _store() as store, store.lock("gc", shared=True):  # no gc between the pull and its root
         for url in urls:
             try:
                 cache = open_cache(url, token=config.token_for(url, named=from_ is not None))
@@ -447,6 +453,8 @@ def pull(
                 failures.append(f"{url}: {exc.message}")
                 _err(f"note: {url}: {exc.message}; trying the next substituter")
                 continue
+            if root_name is not None and not dry_run:
+                store.add_root(root_name, ids[0])
             _copy_report(stats, "would fetch" if dry_run else "pulled", as_json)
             return
     raise CastoreError("no substituter could provide it:\n  " + "\n  ".join(failures))

@@ -1075,3 +1075,16 @@ def test_a_damaged_store_is_repaired_by_verify_repair_then_pull_and_never_pushed
     again = castore_json("pull", res["id"], "--from", str(cache), store=b)
     assert again["ids"] == [motd] and damaged.read_bytes() == b"welcome\n"
     assert castore_json("verify", store=b)["ok"]
+
+
+def test_pull_root_keeps_what_it_pulled_through_gc(tmp_path: Path) -> None:
+    a, b, c, cache = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "cache"
+    res = castore_json("realize", "tests/recipes/small.py:layer", store=a)
+    castore("push", res["id"], "--to", str(cache), store=a)
+    castore("pull", res["id"], "--from", str(cache), "--root", "layer", store=b)
+    assert castore_json("gc", store=b)["deleted"] == []
+    assert castore_json("verify", store=b)["ok"] and len(castore_json("ls", store=b)) == 3
+    castore("pull", res["id"], "--from", str(cache), store=c)  # no root: the next gc takes it
+    assert len(castore_json("gc", store=c)["deleted"]) == 3
+    two = castore("pull", res["id"], "0" * 64, "--from", str(cache), "--root", "x", store=c, check=False)
+    assert two.returncode == 1 and "--root names one object" in two.stderr
