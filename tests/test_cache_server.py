@@ -268,6 +268,9 @@ def test_a_private_server_wants_a_read_token_and_castore_token_goes_only_where_i
         env = {**none, "CASTORE_SUBSTITUTERS": url, "CASTORE_TOKEN": reader}
         no = castore("pull", oid, store=tmp_path / "c", env=env, check=False)
         assert no.returncode == 1 and "401" in no.stderr
+        dry = castore("realize", "tests/recipes/small.py:layer", "--dry-run", store=tmp_path / "c", env=env)
+        assert "not asked again in this run (hint: no token was sent" in dry.stderr  # what to do, not just 401
+        assert dry.stderr.count(url) == 1
         (tmp_path / "castore.toml").write_text(f'[tokens]\n"{url}" = "{reader}"\n')
         env = {"CASTORE_CONFIG": str(tmp_path / "castore.toml"), "CASTORE_SUBSTITUTERS": url}
         assert castore_json("pull", oid, store=tmp_path / "c", env=env)["objects"] == 1

@@ -810,7 +810,8 @@ def substitute(store: LocalStore, caches: list[Transport], plan_hash: str, trust
             except CastoreError as exc:
                 if down is not None:
                     down.add(cache.url)
-                    note(f"{cache.url}: {exc.message}; not asked again in this run")
+                    said = exc.message if cache.url in exc.message else f"{cache.url}: {exc.message}"
+                    note(f"{said}; not asked again in this run" + (f" (hint: {exc.hint})" if exc.hint else ""))
                     continue
                 raise
             if data is None:
