@@ -17,7 +17,7 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
-from castore.errors import CastoreError, StoreError
+from castore.errors import CastoreError, NotFound, StoreError
 
 app = typer.Typer(
     name="castore",
@@ -548,11 +548,62 @@ def token_add(
     bad = [s for s in scope if s not in ("read", "write")]
     if bad:
         raise CastoreError(f"scope {bad[0]!r} is not read or write")
+    if not (directory / "castore-cache.json").exists():  # a new cache, or a typo: say which directory
+        _err(f"note: {directory.absolute()} holds no cache yet; the token is for the cache "
+             "`castore serve` or `castore push` makes there")
     token = add_token(directory, scope, name)
     if as_json:
         _emit({"token": token, "scopes": sorted(set(scope)), "name": name})
     else:
         print(token)
+
+
+@token_app.command("list")
+def token_list(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory `castore serve` serves.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The tokens a cache directory takes: name, scopes, and the start of the hash kept for each.
+
+    Example: castore token list /srv/castore-cache
+    """
+    from castore.cache.server import load_tokens
+
+    if not directory.is_dir():
+        raise NotFound(f"{directory} is not a directory", "name the cache directory that `castore serve` serves")
+    known = load_tokens(directory)
+    rows = sorted(({"name": e["name"], "scopes": e["scopes"], "hash": h} for h, e in known.items()),
+                  key=lambda r: (r["name"], r["hash"]))
+    if as_json:
+        _emit(rows)
+        return
+    for r in rows:
+        print(f"{r['hash'][:16]}  {','.join(r['scopes']):10}  {r['name'] or '(no name)'}")
+    if not rows:
+        _err(f"no tokens for {directory}: add one with `castore token add {directory} --scope write --name ci`")
+
+
+@token_app.command("remove")
+def token_remove(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The cache directory `castore serve` serves.")],
+    which: Annotated[str, typer.Argument(metavar="NAME|HASH", help="A token's name (all tokens of that name), "
+                     "or the start of its hash as `token list` shows it (8 digits or more).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke tokens: a running `castore serve` refuses them from its next request on.
+
+    Example: castore token remove /srv/castore-cache ci
+    """
+    from castore.cache.server import remove_tokens
+
+    gone = remove_tokens(directory, which)
+    if not gone:
+        raise NotFound(f"no token named {which!r} or with a hash starting {which!r} in {directory}",
+                       f"`castore token list {directory}` shows them")
+    if as_json:
+        _emit({"removed": gone})
+    else:
+        print(f"removed {_count(len(gone), 'token')}")
 
 
 key_app = typer.Typer(help="ed25519 signing keys for binary caches.", no_args_is_help=True)

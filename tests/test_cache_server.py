@@ -324,8 +324,9 @@ def test_dedup_on_upload(server: tuple[str, Path, str], tmp_path: Path) -> None:
         s1 = push(a, http, [id1])
         s2 = push(a, http, [id2])
     assert s2.chunks_sent <= 8 and s2.bytes_on_wire < s1.bytes_on_wire // 4
-    with HttpTransport(url, token="wrong") as http, pytest.raises(CastoreError, match="403"):
+    with HttpTransport(url, token="wrong") as http, pytest.raises(CastoreError, match="401") as refused:
         push(a, http, [a.add_bytes(b"new")])
+    assert "does not know the token" in str(refused.value.hint)
     a.close()
 
 
@@ -478,7 +479,8 @@ def test_concurrent_token_adds_keep_every_token(tmp_path: Path) -> None:
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(12)]
     outs = [p.communicate(timeout=60) for p in procs]
-    assert [(p.returncode, err) for p, (_, err) in zip(procs, outs, strict=True)] == [(0, "")] * 12
+    assert [p.returncode for p in procs] == [0] * 12
+    assert all(err.startswith("note: ") and "holds no cache yet" in err for _, err in outs)
     known = load_tokens(root)
     assert sorted(known) == sorted(hash_bytes(out.strip().encode()) for out, _ in outs)
     assert sorted(v["name"] for v in known.values()) == sorted(f"ci-{i}" for i in range(12))
@@ -821,3 +823,27 @@ def test_oversized_bodies_bearer_case_and_empty_details(server: tuple[str, Path,
     r = httpx.put(f"{url}/realisations/{'c' * 64}", content=b"\xc1", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 400
     assert r.json()["message"] == f"realisation {'c' * 64} is not valid msgpack: a byte that starts no msgpack value"
+
+
+def test_tokens_are_listed_and_revoked_and_an_unknown_one_is_told_so(tmp_path: Path) -> None:
+    root = tmp_path / "served"
+    root.mkdir()
+    writer = castore("token", "add", str(root), "--scope", "write", "--name", "ci").stdout.strip()
+    castore("token", "add", str(root), "--scope", "read", "--name", "lab-2")
+    listed = castore_json("token", "list", str(root))
+    assert [(t["name"], t["scopes"]) for t in listed] == [("ci", ["write"]), ("lab-2", ["read"])]
+    assert hash_bytes(writer.encode()) in {t["hash"] for t in listed}  # the token itself is not kept
+    app = CacheApp(root)
+    data = b"x" * 100
+    frame = zstandard.ZstdCompressor().compress(data)
+    assert asgi(app, "PUT", f"/{chunk_path(hash_bytes(data))}", frame, token=writer).status_code == 201
+    assert castore_json("token", "remove", str(root), "ci")["removed"] == [hash_bytes(writer.encode())]
+    r = asgi(app, "PUT", f"/{chunk_path(hash_bytes(data))}", frame, token=writer)
+    assert r.status_code == 401 and "not known here" in r.json()["message"]
+    assert [t["name"] for t in castore_json("token", "list", str(root))] == ["lab-2"]
+    typo = castore("token", "add", str(tmp_path / "typo"), "--scope", "read")
+    assert f"{tmp_path / 'typo'} holds no cache yet" in typo.stderr  # a new cache, or a typo: said
+    gone = castore("token", "list", str(tmp_path / "nowhere"), check=False)
+    assert gone.returncode == 1 and "is not a directory" in gone.stderr
+    none = castore("token", "remove", str(root), "nobody", check=False)
+    assert none.returncode == 1 and "token list" in none.stderr

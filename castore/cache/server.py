@@ -74,7 +74,7 @@ from castore.cache.layout import (
     unframe,
 )
 from castore.cache.transport import cache_staging, check_path
-from castore.errors import CastoreError, EncodingError
+from castore.errors import CastoreError, EncodingError, NotFound
 from castore.fsutil import atomic_write, more_descriptors, read_regular, read_upto, syncfs
 from castore.hashing import Hasher, hash_bytes
 
@@ -119,14 +119,39 @@ def load_tokens(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def add_token(root: Path, scopes: list[str], name: str) -> str:
-    """Make a token with the given scopes ("read", "write"); only its hash is stored.
+    """Make a token with the given scopes ("read", "write"); only its hash is stored."""
+    token = secrets.token_urlsafe(32)
 
-    The read-modify-write of the token file holds ``tokens.lock`` (flock) beside it, and the new
-    file (mode 0600, in a 0700 directory) is renamed into place whole: tokens added at the same
-    time are all kept, and a server reading the file sees the old one or the new one."""
+    def add(known: dict[str, dict[str, Any]]) -> None:
+        known[hash_bytes(token.encode())] = {"name": name, "scopes": sorted(scopes)}
+
+    _edit_tokens(root, add, create=True)
+    return token
+
+
+def remove_tokens(root: Path, which: str) -> list[str]:
+    """Revoke the tokens named `which`, or the one whose hash starts with it (8 hex digits or
+    more); returns the hashes removed. A running server stops taking them at its next request."""
+    gone: list[str] = []
+
+    def remove(known: dict[str, dict[str, Any]]) -> None:
+        for h, entry in list(known.items()):
+            if entry.get("name") == which or (len(which) >= 8 and h.startswith(which.lower())):
+                del known[h]
+                gone.append(h)
+
+    _edit_tokens(root, remove)
+    return gone
+
+
+def _edit_tokens(root: Path, edit: Callable[[dict[str, dict[str, Any]]], None], create: bool = False) -> None:
+    """Change the token file under ``tokens.lock`` (flock) beside it; the new file (mode 0600, in a
+    0700 directory) is renamed into place whole: edits made at the same time are all kept, and a
+    server reading the file sees the old one or the new one."""
     import fcntl  # here, not at the top: only this function takes the lock
 
-    token = secrets.token_urlsafe(32)
+    if not create and not root.is_dir():
+        raise NotFound(f"{root} is not a directory", "name the cache directory that `castore serve` serves")
     path = tokens_file(root)
     lock = path.with_name("tokens.lock")
     try:
@@ -138,11 +163,10 @@ def add_token(root: Path, scopes: list[str], name: str) -> str:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         known = load_tokens(root)
-        known[hash_bytes(token.encode())] = {"name": name, "scopes": sorted(scopes)}
+        edit(known)
         atomic_write(path, (json.dumps(known, indent=2, sort_keys=True) + "\n").encode(), 0o600)
     finally:
         os.close(fd)  # and with it the lock
-    return token
 
 
 class CacheApp:
@@ -223,7 +247,10 @@ class CacheApp:
             raise HttpError(500, "server-error", "the server cannot read its tokens; its operator must "
                             "fix that (its log says how)") from None
         entry = known.get(hash_bytes(token.encode()))
-        granted = set(entry["scopes"]) if entry is not None else set()
+        if entry is None:
+            raise HttpError(401, "unauthorized", "this token is not known here: revoked, mistyped, or made "
+                            "for another cache directory")
+        granted = set(entry["scopes"])
         if "write" in granted:  # a push reads the config and asks what is missing
             granted.add("read")
         if what not in granted:

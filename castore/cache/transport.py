@@ -436,10 +436,16 @@ class HttpTransport:
         message = _server_message(body)
         upload = method in ("PUT", "POST")
         if status in (401, 403):
-            return CastoreError(f"{self.url} refused {'the upload of ' if upload else ''}{path}: HTTP {status}",
-                                f"{'a token was sent, but' if self.token else 'no token was sent:'} this needs one "
-                                f"with {'write' if upload else 'read'} scope, under [tokens] for this URL in "
-                                "castore.toml, or in CASTORE_TOKEN for a cache named by --to or --from")
+            where = ("under [tokens] for this URL in castore.toml, or in CASTORE_TOKEN for a cache named by "
+                     "--to or --from")
+            if status == 401 and self.token:
+                hint = ("the server does not know the token sent (revoked, mistyped, or made by `castore token "
+                        f"add` for another directory): ask its operator for one, and put it {where}")
+            else:
+                hint = (f"{'a token was sent, but' if self.token else 'no token was sent:'} this needs one "
+                        f"with {'write' if upload else 'read'} scope, {where}")
+            return CastoreError(f"{self.url} refused {'the upload of ' if upload else ''}{path}: HTTP {status}"
+                                f"{message}", hint)
         if upload and status in (404, 405, 501):  # nginx: 404 for a new path (try_files), 405 for an old one
             return CastoreError(f"{self.url} takes no uploads (HTTP {status}: a static server?)", _NO_UPLOADS)
         if status == 507:
