@@ -314,13 +314,17 @@ def export(
     Example: castore export result ./out
     """
     from castore.fsutil import copy_sparse, materialize
-    from castore.store import remove_tree
+    from castore.store import DAMAGED, remove_tree
 
     with _store(create=False) as store:
         oid = store.resolve(object_id)
         kind = store.info(oid).kind
         if dest.exists() or dest.is_symlink():
             raise CastoreError(f"{dest} already exists", "export writes only new paths")
+        lost = store.damaged([oid, *(store.info(oid).refs if kind == "image" else ())])
+        if lost:
+            raise StoreError(f"object {sorted(lost)[0]} has lost its file, or it changed size, in the store "
+                             f"at {store.root}", DAMAGED)
         # written beside dest, renamed into place when whole: a failed export leaves nothing
         part = dest.parent / f".{dest.name}.{os.getpid()}.part"
         made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
@@ -629,7 +633,8 @@ def key_generate(
     if out.exists():
         raise CastoreError(f"{out} already exists", "keys are never overwritten; pick another path")
     secret, public = generate(name)
-    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # the key file itself is 0600; its directory stays readable, as castore.toml beside it must be
+    out.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
@@ -760,8 +765,8 @@ def ls(
                     "root": o.id in roots} for o in objs])
             return
         for o in objs:
-            mark = "*" if o.id in roots else " "
-            print(f"{o.id}{mark} {o.kind:5} {_human(o.size):>9}  {names.get(o.id, '')}")
+            mark = "root" if o.id in roots else "    "  # a column of its own: copying the id takes no mark
+            print(f"{o.id}  {o.kind:5} {_human(o.size):>9}  {mark}  {names.get(o.id, '')}")
 
 
 def _human(n: int) -> str:
@@ -846,7 +851,8 @@ def roots(
     """
     with _store(create=False) as store:
         for name in remove or []:
-            if not store.remove_root(name):
+            # an out-link's root is named by its absolute path: take it as typed, relative, too
+            if not store.remove_root(name) and not store.remove_root(os.path.abspath(name)):
                 raise CastoreError(f"there is no root {name!r}", "`castore roots` lists them")
             _err(f"removed root {name}")
         if remove:

@@ -52,11 +52,13 @@ def _origin() -> tuple[str, Path]:
 
 
 def _display(path: str) -> str:
+    """A recipe file as messages name it: relative to the working directory when it is below it,
+    else absolute (../../var/tmp/x.py helps no one)."""
     try:
         rel = os.path.relpath(path)
     except ValueError:
         return path
-    return path if rel.startswith("../..") else rel
+    return path if rel.startswith("..") else rel
 
 
 def _fail(message: str, hint: str | None = None) -> RecipeError:

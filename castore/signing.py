@@ -33,7 +33,7 @@ class PublicKey:
         return f"{self.name}:{base64.b64encode(self.key).decode()}"
 
 
-_SHAPE_HINT = "keys look like lab-1:3q2+7w...; make one with `castore key generate lab-1`"
+_SHAPE_HINT = "keys look like lab-1:3q2+7w...; make one with `castore key generate lab-1 --out FILE`"
 _SECRET_HINT = ("a secret key file holds one line, NAME:BASE64 (the base64 of a 32-byte ed25519 seed), "
                 "as `castore key generate lab-1 --out FILE` writes it")
 

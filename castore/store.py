@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS chunk_lists (
 CREATE INDEX IF NOT EXISTS chunk_lists_blob ON chunk_lists (blob);
 """
 _SMALL = 8 << 20
+DAMAGED = ("run `castore verify --repair`, then realize or pull the object again: the good copy "
+           "replaces the damaged one")
 _NAME = operator.attrgetter("name")
 _LISTED = 20  # stray files named one by one in verify's notes
 

@@ -166,7 +166,9 @@ def test_global_options_may_follow_the_command(argv: str, expected: str) -> None
 
 def test_every_command_that_prints_data_takes_json(tmp_path: Path) -> None:
     key = castore_json("key", "generate", "lab-1", "--out", str(tmp_path / "new" / "dir" / "lab-1.secret"))
-    assert key["public_key"].startswith("lab-1:") and (tmp_path / "new" / "dir").stat().st_mode & 0o777 == 0o700
+    secret = tmp_path / "new" / "dir" / "lab-1.secret"
+    assert key["public_key"].startswith("lab-1:") and secret.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "new" / "dir").stat().st_mode & 0o005  # others read castore.toml kept beside it
     assert castore_json("key", "public", key["secret_key_file"]) == {"public_key": key["public_key"]}
     token = castore_json("token", "add", str(tmp_path / "cache"), "--scope", "write", "--name", "ci")
     assert token["scopes"] == ["write"] and len(token["token"]) > 20

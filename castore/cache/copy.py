@@ -49,7 +49,7 @@ from castore.chunking import Chunk, ChunkParams, cut_file
 from castore.errors import CastoreError, EncodingError, HashMismatch, NotFound, StoreError
 from castore.fsutil import DirectWriter, free_bytes, pwrite_all
 from castore.hashing import Hasher
-from castore.store import LocalStore, store_os_error
+from castore.store import DAMAGED, LocalStore, store_os_error
 
 Progress = Callable[[str], None]
 Meter = Callable[[int, int], None]  # (bytes of chunk data fetched so far, bytes to fetch in all)
@@ -333,8 +333,6 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
     return stats
 
 
-DAMAGED = ("run `castore verify --repair`, then realize or pull the object again: the good copy "
-           "replaces the damaged one")
 _RETRY = ("nothing unverified was added; free space (castore gc also removes partial pulls) and pull again: "
           "what was verified is kept")
 
