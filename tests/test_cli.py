@@ -305,3 +305,18 @@ def test_ctrl_c_says_what_it_left(tmp_path: Path) -> None:
     assert proc.returncode == 130
     assert err.rstrip().endswith("interrupted; the store is unchanged by the step that was running"), err
     assert castore("verify", store=tmp_path / "s").returncode == 0
+
+
+def test_ls_roots_remove_and_export_as_a_new_user_meets_them(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    out = castore_json("realize", "tests/recipes/small.py:layer", "-o", str(tmp_path / "r2"), store=store)
+    line = next(ln for ln in castore("ls", store=store).stdout.splitlines() if ln.startswith(out["id"]))
+    assert line.split()[0] == out["id"] and "root" in line.split()  # the id copies without a mark
+    castore_json("show", line.split()[0], store=store)
+    removed = castore("roots", "--remove", "r2", store=store, cwd=tmp_path)  # as typed, relative
+    assert "removed root r2" in removed.stderr
+    motd = castore_json("add", str(REPO / "tests" / "recipes" / "files" / "hello.txt"), store=store)["id"]
+    (store / "blobs" / motd[:2] / motd).unlink()
+    refused = castore("export", motd, str(tmp_path / "x"), store=store, check=False)
+    assert refused.returncode == 1 and "has lost its file" in refused.stderr and "verify --repair" in refused.stderr
+    assert not (tmp_path / "x").exists()
