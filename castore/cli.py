@@ -483,7 +483,10 @@ def _copy_report(stats: Any, verb: str, as_json: bool) -> None:
     if as_json:
         from dataclasses import asdict
 
-        _emit(asdict(stats))
+        data = asdict(stats)
+        if verb == "would fetch":  # what would be fetched, as the text says it, and marked as a guess
+            data.update(objects=len(stats.ids), dry_run=True)
+        _emit(data)
         return
     if verb == "would fetch":
         print(f"would fetch {_count(len(stats.ids), 'object')} ({stats.present} already there): "

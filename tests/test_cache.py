@@ -536,6 +536,7 @@ def test_pull_fails_over_between_substituters(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "blobs" / oid[:2] / oid).read_bytes() == data
     dry = castore_json("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "c")
     assert dry["chunks_fetched"] > 0 and dry["bytes_on_wire"] == len(data) and dry["chunks_seeded"] == 0
+    assert dry["objects"] == 1 and dry["dry_run"] is True  # as the text says: would fetch 1 object
     again = castore("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "b").stdout
     assert again.startswith("would fetch 0 objects (1 already there): 0 chunks")
     said = castore("pull", oid, "--dry-run", "--from", str(cache.root), store=tmp_path / "c").stdout
