@@ -145,7 +145,8 @@ def realize(
             print(f"{len(todo)} of {len(steps)} steps would run:")
             for s in todo:
                 verb = action(s)
-                print(f"  {verb:10} {s.plan.label:28} {s.plan.builder:14} plan {s.hash[:16]}  ({s.plan.origin})")
+                label = s.plan.label if len(s.plan.label) <= 28 else s.plan.label[:27] + "…"  # the columns stay
+                print(f"  {verb:10} {label:28} {s.plan.builder:14} plan {s.hash[:16]}  ({s.plan.origin})")
             return
         store.clean_stale_staging()  # what a killed add or build left: before the lock it must take alone
         with store.lock("gc", shared=True):  # no gc between the build and its out-link's root
@@ -893,6 +894,10 @@ def log(object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (
             if not plans:
                 raise CastoreError(f"{oid} was not built here (added, or pulled by id): it has no build log")
             candidate = store.logs / f"{plans[-1][0]}.log"
+            came = store.substitution(plans[-1][0])
+            if came is not None and not candidate.exists():
+                raise CastoreError(f"{oid} was substituted from {came[0] or 'a cache'}, not built here: "
+                                   "it has no build log", "the lab that built it keeps the log")
         if not candidate.exists():
             raise CastoreError(f"no log kept for {object_id}")
         sys.stdout.write(candidate.read_text(errors="replace"))

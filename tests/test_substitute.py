@@ -45,6 +45,8 @@ def test_signed_realisation_is_substituted_and_nothing_is_built(tmp_path: Path) 
     assert castore_json("verify", store=tmp_path / "b")["ok"]
     shown = castore_json("show", out["id"], store=tmp_path / "b")
     assert shown["plans"][0]["record"]["builder"] == "squashfs"  # the plan came along
+    log = castore("log", out["id"], store=tmp_path / "b", check=False)
+    assert log.returncode == 1 and "was substituted from" in log.stderr and "not built here" in log.stderr
 
 
 def test_a_substituted_realisation_is_passed_on_with_its_signatures_not_signed_again(tmp_path: Path) -> None:
