@@ -136,7 +136,8 @@ def realize(
 
             if as_json:
                 _emit({"plans": [{"name": s.plan.label, "builder": s.plan.builder, "plan": s.hash,
-                                  "object": s.oid, "action": action(s)} for s in steps]})
+                                  "object": s.oid, "action": action(s)} for s in steps],
+                       "id": steps[-1].oid, "dry_run": True})  # id: null until the last step is present
                 return
             todo = [s for s in steps if s.how in ("build", "substitute")]
             if not todo:

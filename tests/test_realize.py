@@ -24,6 +24,8 @@ def test_second_realize_builds_nothing(tmp_path: Path) -> None:
     assert second["id"] == first["id"] and second["built"] == []
     dry = castore("realize", "tests/recipes/small.py:rootfs", "--dry-run", store=store)
     assert "nothing to do" in dry.stdout
+    dry_json = castore_json("realize", "tests/recipes/small.py:rootfs", "--dry-run", "--json", store=store)
+    assert dry_json["id"] == first["id"] and dry_json["dry_run"] is True
 
 
 def test_dry_run_lists_what_would_run_and_builds_nothing(tmp_path: Path) -> None:
