@@ -581,6 +581,19 @@ def test_gc_removes_a_killed_imports_strays_and_its_list(store: LocalStore) -> N
     assert os.listdir(store.tmp) == [] and store.stray_files() == []
 
 
+def _hold_rows(store: LocalStore, renamed: Any, go: Any) -> None:
+    """Make store's next batch stop between its renames and its rows: it sets `renamed` there and
+    waits for `go` (threading.Event both), as a process racing another would."""
+    real_insert = store._insert
+
+    def insert(rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
+        renamed.set()
+        go.wait(10)
+        real_insert(rows)
+
+    store._insert = insert  # type: ignore[method-assign]
+
+
 def test_a_failed_import_leaves_alone_a_file_another_batch_renamed_over_its_own(tmp_path: Path) -> None:
     """B found A's file at a blob's name, staged its own copy and renamed it over; A then failed,
     before B's row. A must not remove the file: B's row would name nothing."""
@@ -595,15 +608,8 @@ def test_a_failed_import_leaves_alone_a_file_another_batch_renamed_over_its_own(
         b_renamed.wait(10)
         raise StoreError("A fails: a source file changed, Ctrl-C, a full disk")
 
-    real_insert = b._insert
-
-    def b_insert(rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
-        b_renamed.set()
-        a_done.wait(10)
-        real_insert(rows)
-
     a._flush = a_flush  # type: ignore[method-assign]
-    b._insert = b_insert  # type: ignore[method-assign]
+    _hold_rows(b, b_renamed, a_done)
     failed: list[Exception] = []
 
     def import_a() -> None:
@@ -689,15 +695,8 @@ def test_a_failed_flush_leaves_alone_a_copy_renamed_over_the_one_it_renamed_in(t
         b_renamed.wait(10)
         raise a._db_error(sqlite3.OperationalError("database or disk is full"))
 
-    real_insert = b._insert
-
-    def b_insert(rows: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
-        b_renamed.set()
-        a_done.wait(10)
-        real_insert(rows)
-
     a._insert = a_insert  # type: ignore[method-assign]
-    b._insert = b_insert  # type: ignore[method-assign]
+    _hold_rows(b, b_renamed, a_done)
 
     def add_a() -> None:
         with contextlib.suppress(StoreError), a.batch():
@@ -784,7 +783,8 @@ def test_ctrl_c_inside_the_writers_queue_does_not_hang_the_import(store: LocalSt
 
     def enter(self: Any) -> Any:
         cond = self._queue.not_empty
-        real_notify, done = cond.notify, []
+        real_notify = cond.notify
+        done: list[int] = []
 
         def notify(n: int = 1) -> None:
             if threading.current_thread() is threading.main_thread() and cond._waiters and not done:
