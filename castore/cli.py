@@ -855,11 +855,14 @@ def roots(
     Example: castore roots --remove demo-kernel
     """
     with _store(create=False) as store:
+        links = {n for n, _, link in store.roots() if link}
         for name in remove or []:
             # an out-link's root is named by its absolute path: take it as typed, relative, too
-            if not store.remove_root(name) and not store.remove_root(os.path.abspath(name)):
+            named = next((n for n in (name, os.path.abspath(name)) if store.remove_root(n)), None)
+            if named is None:
                 raise CastoreError(f"there is no root {name!r}", "`castore roots` lists them")
-            _err(f"removed root {name}")
+            _err(f"removed root {name}" + ("; the out-link stays, and points at nothing once gc has run"
+                                           if named in links else ""))
         if remove:
             return
         now = [(n, link, o, store.root_object(n, o, link)) for n, o, link in store.roots()]
