@@ -293,7 +293,10 @@ def test_ctrl_c_says_what_it_left(tmp_path: Path) -> None:
                "CASTORE_TEST_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/x",
                "PYTHONFAULTHANDLER": "1"}  # SIGABRT below prints where every thread is
         argv = [CASTORE, "--store", str(tmp_path / "s"), "realize", "tests/recipes/fetching.py:download"]
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        # as a terminal's foreground job has it: a run in the background (`make test &`) inherits
+        # SIGINT ignored, and then castore, like any program, rightly ignores it
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(1.5)  # fetching, waiting for an answer
         proc.send_signal(signal.SIGINT)
         try:
