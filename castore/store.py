@@ -681,6 +681,7 @@ class LocalStore:
         pending = self._pending
         assert pending is not None
         present = self._present({oid for _, oid, _ in group})
+        present -= self.damaged(present)  # written again: the new file replaces the damaged one
         new: dict[str, bytes] = {}
         for index, oid, data in group:
             self._set_blob(entries, index, oid, len(data))

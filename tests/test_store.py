@@ -799,3 +799,13 @@ def test_ctrl_c_inside_the_writers_queue_does_not_hang_the_import(store: LocalSt
     with returns_within(30), pytest.raises(KeyboardInterrupt):
         store.add_dir(src)
     assert not [t for t in threading.enumerate() if t.name == "castore-add-writer"]
+
+
+def test_adding_a_tree_again_replaces_a_damaged_file(store: LocalStore, tmp_path: Path) -> None:
+    src = _small_tree(tmp_path / "src", 3)
+    store.add_dir(src)
+    oid = hash_bytes((src / "f1").read_bytes())
+    store.blob_path(oid).unlink()
+    assert store.verify()[0]
+    store.add_dir(src)
+    assert store.blob_path(oid).read_bytes() == (src / "f1").read_bytes() and store.verify() == ([], [])
