@@ -323,7 +323,7 @@ def export(
         kind = store.info(oid).kind
         if dest.exists() or dest.is_symlink():
             raise CastoreError(f"{dest} already exists", "export writes only new paths")
-        lost = store.damaged([oid, *(store.info(oid).refs if kind == "image" else ())])
+        lost = store.absent([oid, *(store.info(oid).refs if kind == "image" else ())])
         if lost:
             raise StoreError(f"object {sorted(lost)[0]} has lost its file, or it changed size, in the store "
                              f"at {store.root}", DAMAGED)
@@ -576,11 +576,9 @@ def token_list(
 
     Example: castore token list /srv/castore-cache
     """
-    from castore.cache.server import load_tokens
+    from castore.cache.server import cache_dir, load_tokens
 
-    if not directory.is_dir():
-        raise NotFound(f"{directory} is not a directory", "name the cache directory that `castore serve` serves")
-    known = load_tokens(directory)
+    known = load_tokens(cache_dir(directory))
     rows = sorted(({"name": e["name"], "scopes": e["scopes"], "hash": h} for h, e in known.items()),
                   key=lambda r: (r["name"], r["hash"]))
     if as_json:

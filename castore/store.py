@@ -250,17 +250,16 @@ class LocalStore:
     def has(self, oid: str) -> bool:
         return bool(self._q("SELECT 1 FROM objects WHERE id = ?", (oid,)))
 
-    def intact(self, oid: str) -> bool:
-        """The store has the object and its file is there at its size (a stat, not a hash): what a
-        realize or pull takes as present. One whose file went missing or changed size is made or
-        fetched again, and the new file replaces the damaged one."""
-        rows = self._q("SELECT size FROM objects WHERE id = ?", (oid,))
-        return bool(rows) and self._file_ok(oid, rows[0][0])
+    def absent(self, oids: Iterable[str]) -> set[str]:
+        """Those of these objects that realize, pull and add must make or fetch: the store lacks
+        them, or has them with a file missing or of the wrong size (a stat, not a hash), and then
+        the new file replaces the damaged one. One query per 500 ids and a stat each."""
+        ids = set(oids)
+        sizes = self.sizes(ids)
+        return (ids - sizes.keys()) | {oid for oid, size in sizes.items() if not self._file_ok(oid, size)}
 
-    def damaged(self, oids: Iterable[str]) -> set[str]:
-        """Those of these objects the store has whose file is missing or of the wrong size (one
-        query per 500 ids and a stat each)."""
-        return {oid for oid, size in self.sizes(oids).items() if not self._file_ok(oid, size)}
+    def intact(self, oid: str) -> bool:
+        return not self.absent([oid])
 
     def _file_ok(self, oid: str, size: int) -> bool:
         try:
@@ -680,8 +679,8 @@ class LocalStore:
         """
         pending = self._pending
         assert pending is not None
-        present = self._present({oid for _, oid, _ in group})
-        present -= self.damaged(present)  # written again: the new file replaces the damaged one
+        ids = {oid for _, oid, _ in group}
+        present = ids - self.absent(ids)  # a damaged one is written again
         new: dict[str, bytes] = {}
         for index, oid, data in group:
             self._set_blob(entries, index, oid, len(data))
@@ -762,10 +761,8 @@ class LocalStore:
         rows = self._q("SELECT object FROM realisations WHERE plan = ?", (plan_hash,))
         if not rows or not self.intact(rows[0][0]):
             return None
-        oid = str(rows[0][0])
-        if self.info(oid).kind == "image" and not all(self.intact(r) for r in self.info(oid).refs):
-            return None
-        return oid
+        info = self.info(str(rows[0][0]))
+        return None if info.kind == "image" and self.absent(info.refs) else info.id
 
     def record_realisation(self, plan_hash: str, oid: str, record: bytes, name: str,
                            substituted: tuple[str, bytes] | None = None) -> None:

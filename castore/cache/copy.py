@@ -208,10 +208,8 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
     chunking (ObjectRecord.check_chunks) is corrupt.
     """
     records: dict[str, ObjectRecord] = {}
-    ids = set(ids)
-    here = store.sizes(ids)
     # what the store has, down to the last blob of its closure, is fetched only where damaged
-    level = sorted((ids - set(here)) | store.damaged(store.closure(here)))
+    level = sorted(store.absent(store.closure(ids)))
     room = _Room(free_bytes(store.tmp), store.tmp / "pulls")
     while level:
         refs: set[str] = set()
@@ -231,7 +229,7 @@ def fetch_records(store: LocalStore, cache: Transport, ids: Iterable[str], stats
                 records[rec.id] = rec
         for oid in level:
             records[oid].check_chunks(chunking)
-        level = sorted(r for r in refs if r not in records and not store.intact(r))
+        level = sorted(store.absent(r for r in refs if r not in records))
     return records
 
 
@@ -308,7 +306,7 @@ def pull(store: LocalStore, cache: Transport, ids: Iterable[str], *, dry_run: bo
 def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool, progress: Progress,
           meter: Meter | None, kinds: dict[str, str]) -> CopyStats:
     config = cache_config(cache, create=False)
-    stats = CopyStats(present=len([o for o in wanted if store.intact(o)]))
+    stats = CopyStats(present=len(set(wanted) - store.absent(wanted)))
     records = fetch_records(store, cache, wanted, stats, config.chunking)
     for oid, kind in kinds.items():  # a record's kind is the cache's word: its content may say otherwise
         said = records[oid].kind if oid in records else store.kinds_and_sizes([oid]).get(oid, (kind, 0))[0]
@@ -327,8 +325,9 @@ def _pull(store: LocalStore, cache: Transport, wanted: list[str], dry_run: bool,
         stats.bytes_on_wire = sum(lengths[c] for c in need)  # uncompressed chunk data; records left out
         return stats
     with store.lock("pull"):  # one pull at a time writes the partial objects
-        order = [oid for oid in order if not store.intact(oid)]  # a pull we waited for may have added some
-        stats.present = len([o for o in wanted if store.intact(o)])
+        absent = store.absent(order)
+        order = [oid for oid in order if oid in absent]  # a pull we waited for may have added some
+        stats.present = len(set(wanted) - store.absent(wanted))
         _Assembly(store, cache, records, order, stats, progress, meter).run()
     return stats
 

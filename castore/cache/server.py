@@ -144,14 +144,21 @@ def remove_tokens(root: Path, which: str) -> list[str]:
     return gone
 
 
+def cache_dir(root: Path) -> Path:
+    """root, when it is a directory: token commands other than add name an existing cache."""
+    if not root.is_dir():
+        raise NotFound(f"{root} is not a directory", "name the cache directory that `castore serve` serves")
+    return root
+
+
 def _edit_tokens(root: Path, edit: Callable[[dict[str, dict[str, Any]]], None], create: bool = False) -> None:
     """Change the token file under ``tokens.lock`` (flock) beside it; the new file (mode 0600, in a
     0700 directory) is renamed into place whole: edits made at the same time are all kept, and a
     server reading the file sees the old one or the new one."""
     import fcntl  # here, not at the top: only this function takes the lock
 
-    if not create and not root.is_dir():
-        raise NotFound(f"{root} is not a directory", "name the cache directory that `castore serve` serves")
+    if not create:
+        cache_dir(root)
     path = tokens_file(root)
     lock = path.with_name("tokens.lock")
     try:
